@@ -1,0 +1,61 @@
+"""The ``speedrun`` command line: one sub-command per job, each registered by the part that owns it
+(``register(subparsers)`` in ``speedrun.<part>.cli``), so this file stays a dispatcher."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command modules, in the order they are listed by --help
+_PARTS = ["speedrun.train.cli", "speedrun.data.cli", "speedrun.eval.cli", "speedrun.bench"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speedrun", description="Train a GPT the way the NanoGPT speedrun record does.")
+    from speedrun import __version__
+    parser.add_argument("--version", action="version", version=f"speedrun {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _PARTS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that part is not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # errors raised for bad input carry a one-line message naming the file or field
+        if getattr(args, "debug", False) or not _is_user_error(e):
+            raise
+        print(f"speedrun {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(e: Exception) -> bool:
+    from speedrun.config import ConfigError
+    user_errors: tuple = (ConfigError, FileNotFoundError)
+    try:
+        from speedrun.data.shards import ShardError
+        user_errors += (ShardError,)
+    except ImportError:
+        pass
+    return isinstance(e, user_errors) or getattr(e, "user_error", False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
