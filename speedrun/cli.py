@@ -29,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra  # dotted config overrides, e.g. --optim.muon.lr 0.02
+    args._argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

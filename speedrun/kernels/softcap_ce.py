@@ -1,0 +1,306 @@
+"""Fused softcapped cross-entropy: a Triton kernel pair and its plain-PyTorch twin.
+
+Owns the training loss of the head: logits z (T, V) are softcapped to s = cap * sigmoid(z / (cap/4))
+(range (0, cap); 30 * sigmoid(z / 7.5) in the record) and scored with cross-entropy against the
+targets. The twin (`softcapped_cross_entropy_reference`) does exactly what the model does in plain
+PyTorch: softcap in fp32, then `F.cross_entropy`. The kernels do the same maths without ever writing
+fp32 logits to memory:
+
+* forward: one program per row streams the row once in blocks, computes the softcap in fp32
+  registers and accumulates the log-sum-exp; it writes only the per-row loss and lse (fp32, T values).
+* backward: one program per row re-reads the (bf16) logits, recomputes s, and writes the gradient
+  with respect to the *raw* logits in the logits' dtype:
+
+      L = lse(s) - s_t            dL/ds_j = softmax(s)_j - [j == t]
+      s_j = cap * sig(z_j / tau)  ds_j/dz_j = (cap / tau) * sig * (1 - sig)   (= 4 sig (1 - sig), tau = cap/4)
+      dL/dz_j = g * (exp(s_j - lse) - [j == t]) * (cap / tau) * sig_j * (1 - sig_j)
+
+  where g is the incoming gradient (a scalar for reduction "sum", one value per row for "none").
+
+Why the log-sum-exp needs no running maximum: s is bounded by cap, so exp(s - cap) lies in
+(exp(-cap), 1] and the row sum lies in [V exp(-cap), V]: neither overflows nor underflows in fp32
+while cap <= 80, and shifting by a constant bound is as accurate as shifting by the row maximum. For
+larger caps the kernel falls back to the classic online (block max + rescale) log-sum-exp.
+
+`softcapped_cross_entropy(..., kernel="auto")` picks the Triton path for CUDA tensors when Triton
+imports, the twin otherwise; kernel="triton" without CUDA (or Triton) raises. On CPU the Triton path
+runs only under the Triton interpreter (TRITON_INTERPRET=1), which the tests use.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # Triton is optional: CPU installs and tests use the twin.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "softcapped_cross_entropy",
+    "softcapped_cross_entropy_reference",
+    "softcapped_cross_entropy_triton",
+    "softcap",
+]
+
+_REDUCTIONS = ("sum", "none")
+_KERNELS = ("auto", "triton", "torch")
+# Above this cap exp(s - cap) could underflow fp32 for the smallest s; use the online max instead.
+_MAX_FIXED_SHIFT_CAP = 80.0
+_LOG2E = math.log2(math.e)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def softcap(logits: Tensor, cap: float = 30.0) -> Tensor:
+    """cap * sigmoid(z / (cap/4)) in fp32 (float64 stays float64, for gradient checks).
+
+    Equals cap/2 * (tanh(2z/cap) + 1): range (0, cap), slope 1 at z = 0.
+    """
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    return cap * torch.sigmoid(z / (cap / 4.0))
+
+
+def softcapped_cross_entropy_reference(
+    logits: Tensor, targets: Tensor, cap: float = 30.0, reduction: str = "sum", ignore_index: int = -100
+) -> Tensor:
+    """The plain twin: softcap in fp32 with torch ops, then F.cross_entropy. Returns fp32."""
+    _check_args(logits, targets, cap, reduction)
+    return F.cross_entropy(softcap(logits, cap), targets, reduction=reduction, ignore_index=ignore_index)
+
+
+def _check_args(logits: Tensor, targets: Tensor, cap: float, reduction: str) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"softcapped_cross_entropy: logits must be 2-D (T, V), got shape {tuple(logits.shape)}")
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"softcapped_cross_entropy: targets must have shape ({logits.shape[0]},), got {tuple(targets.shape)}"
+        )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"softcapped_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not cap > 0:
+        raise ValueError(f"softcapped_cross_entropy: cap must be > 0, got {cap}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _softcap_ce_forward_kernel(
+        logits_ptr,
+        targets_ptr,
+        loss_ptr,
+        lse_ptr,
+        row_stride,
+        cap,  # fp32
+        neg_inv_tau_log2e,  # -log2(e) / tau: sigmoid(z/tau) = 1 / (1 + 2^(z * this))
+        ignore_index,
+        N_COLS: tl.constexpr,  # constexpr: V is fixed for a run, and the loop bound must be static
+        BLOCK_V: tl.constexpr,
+        FIXED_SHIFT: tl.constexpr,  # cap <= 80: shift by cap instead of tracking the row max
+    ):
+        row = tl.program_id(0).to(tl.int64)  # int64: T * V exceeds 2^31 at the record's sizes
+        row_ptr = logits_ptr + row * row_stride
+        cap_log2e = cap * 1.4426950408889634
+        offsets = tl.arange(0, BLOCK_V)
+        if FIXED_SHIFT:
+            # acc holds sum 2^((s - cap) log2 e) element-wise; one reduction at the end, not per block.
+            acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+            for start in range(0, N_COLS, BLOCK_V):
+                cols = start + offsets
+                mask = cols < N_COLS
+                z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                sig = 1.0 / (1.0 + tl.exp2(z * neg_inv_tau_log2e))
+                e = tl.exp2(cap_log2e * sig - cap_log2e)
+                acc += tl.where(mask, e, 0.0)
+            lse = cap + tl.log(tl.sum(acc, axis=0))
+        else:
+            # Online log-sum-exp: running max m and sum of exp(s - m), rescaled when m grows.
+            m = -float("inf")
+            total = 0.0
+            for start in range(0, N_COLS, BLOCK_V):
+                cols = start + offsets
+                mask = cols < N_COLS
+                z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                sig = 1.0 / (1.0 + tl.exp2(z * neg_inv_tau_log2e))
+                s = tl.where(mask, cap * sig, -float("inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=0))
+                total = total * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(total)
+
+        target = tl.load(targets_ptr + row).to(tl.int64)
+        valid = (target >= 0) & (target < N_COLS)
+        # An out-of-range target (other than ignore_index) reads NaN, so the loss says so loudly
+        # without a host-side check (which would cost a device sync every step).
+        z_t = tl.load(row_ptr + target, mask=valid, other=float("nan")).to(tl.float32)
+        s_t = cap / (1.0 + tl.exp2(z_t * neg_inv_tau_log2e))
+        loss = tl.where(target == ignore_index, 0.0, lse - s_t)
+        tl.store(loss_ptr + row, loss)
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def _softcap_ce_backward_kernel(
+        logits_ptr,
+        grad_ptr,  # may equal logits_ptr (in-place backward): each element is read, then written, by one program
+        targets_ptr,
+        lse_ptr,
+        grad_loss_ptr,
+        grad_loss_stride,  # 0 for reduction "sum" (one scalar), 1 for "none"
+        logits_row_stride,
+        grad_row_stride,
+        cap,
+        neg_inv_tau_log2e,
+        dsdz_scale,  # cap / tau
+        ignore_index,
+        N_COLS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        in_ptr = logits_ptr + row * logits_row_stride
+        out_ptr = grad_ptr + row * grad_row_stride
+        target = tl.load(targets_ptr + row).to(tl.int64)
+        lse_log2e = tl.load(lse_ptr + row) * 1.4426950408889634
+        g = tl.load(grad_loss_ptr + row * grad_loss_stride).to(tl.float32)
+        g = tl.where(target == ignore_index, 0.0, g) * dsdz_scale
+        cap_log2e = cap * 1.4426950408889634
+        offsets = tl.arange(0, BLOCK_V)
+        for start in range(0, N_COLS, BLOCK_V):
+            cols = start + offsets
+            mask = cols < N_COLS
+            z = tl.load(in_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            sig = 1.0 / (1.0 + tl.exp2(z * neg_inv_tau_log2e))
+            p = tl.exp2(cap_log2e * sig - lse_log2e)  # softmax(s)_j = exp(s_j - lse)
+            dlds = tl.where(cols == target, p - 1.0, p)
+            dz = g * dlds * sig * (1.0 - sig)
+            tl.store(out_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps). Small blocks under the interpreter so the tail mask is exercised."""
+    if _interpreting():
+        return 128, 1
+    # 4096 bf16 = 8 KB per block: 16 elements (two 16-byte loads) per thread at 8 warps, and about a
+    # dozen iterations over V = 50304, enough independent loads in flight to stream HBM.
+    return min(4096, triton.next_power_of_2(n_cols)), 8
+
+
+def _require_triton(where: str, tensor: Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(f"{where}: kernel='triton' needs the triton package, which is not importable")
+    if not (tensor.is_cuda or _interpreting()):
+        raise RuntimeError(
+            f"{where}: kernel='triton' needs CUDA tensors (got device {tensor.device}); "
+            "use kernel='torch' or 'auto' on CPU (or set TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)"
+        )
+
+
+class _SoftcappedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, cap: float, reduction: str, ignore_index: int,
+                inplace_backward: bool) -> Tensor:
+        if logits.stride(1) != 1:
+            logits = logits.contiguous()  # the kernels stream rows; columns must be unit-stride
+        targets = targets.contiguous()
+        n_rows, n_cols = logits.shape
+        loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        block_v, num_warps = _launch_config(n_cols)
+        tau = cap / 4.0
+        if n_rows > 0:
+            _softcap_ce_forward_kernel[(n_rows,)](
+                logits, targets, loss, lse, logits.stride(0), float(cap), -_LOG2E / tau, int(ignore_index),
+                N_COLS=n_cols, BLOCK_V=block_v, FIXED_SHIFT=cap <= _MAX_FIXED_SHIFT_CAP, num_warps=num_warps,
+            )
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.cap, ctx.ignore_index, ctx.reduction = float(cap), int(ignore_index), reduction
+        ctx.inplace_backward = inplace_backward
+        ctx.consumed = False
+        return loss.sum() if reduction == "sum" else loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        if ctx.inplace_backward:
+            # The gradient overwrites the logits buffer, so the graph can be walked only once.
+            if ctx.consumed:
+                raise RuntimeError(
+                    "softcapped_cross_entropy(inplace_backward=True): backward ran twice; the first one "
+                    "overwrote the logits with their gradient (use inplace_backward=False with retain_graph)"
+                )
+            ctx.consumed = True
+            grad = logits
+        else:
+            grad = torch.empty_like(logits)
+        n_rows, n_cols = logits.shape
+        grad_loss = grad_loss.to(torch.float32).contiguous()
+        grad_stride = 0 if ctx.reduction == "sum" else 1
+        block_v, num_warps = _launch_config(n_cols)
+        cap = ctx.cap
+        tau = cap / 4.0
+        if n_rows > 0:
+            _softcap_ce_backward_kernel[(n_rows,)](
+                logits, grad, targets, lse, grad_loss, grad_stride, logits.stride(0), grad.stride(0),
+                cap, -_LOG2E / tau, cap / tau, ctx.ignore_index,
+                N_COLS=n_cols, BLOCK_V=block_v, num_warps=num_warps,
+            )
+        return grad, None, None, None, None, None
+
+
+def softcapped_cross_entropy_triton(
+    logits: Tensor, targets: Tensor, cap: float = 30.0, reduction: str = "sum", ignore_index: int = -100,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """The Triton path (no dispatch). See `softcapped_cross_entropy` for the arguments."""
+    _check_args(logits, targets, cap, reduction)
+    _require_triton("softcapped_cross_entropy", logits)
+    if inplace_backward and not logits.is_contiguous():
+        raise ValueError("softcapped_cross_entropy(inplace_backward=True): logits must be contiguous")
+    return _SoftcappedCrossEntropy.apply(logits, targets, float(cap), reduction, int(ignore_index),
+                                         bool(inplace_backward))
+
+
+def softcapped_cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    cap: float = 30.0,
+    reduction: str = "sum",
+    *,
+    ignore_index: int = -100,
+    kernel: str = "auto",
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Cross-entropy of softcapped logits cap * sigmoid(z / (cap/4)) against `targets`.
+
+    logits: (T, V) bf16 / fp16 / fp32 raw head outputs; targets: (T,) int64 (ignore_index rows count 0).
+    reduction: "sum" -> fp32 scalar; "none" -> fp32 (T,) per-token losses.
+    kernel: "auto" (Triton on CUDA when importable, else the twin) | "triton" (error if unavailable) |
+    "torch" (the twin).
+    inplace_backward (Triton path only): the backward writes d loss / d logits into the logits buffer
+    and hands that buffer to autograd as the gradient, saving a T x V allocation (about 3.3 GB at the
+    record's size). Safe when nothing else reads the logits after this loss: the head's matmul saves
+    its inputs (x, W), never its output, so the only reader of the logits in the backward is this
+    kernel, and inside it every element is read and then written by the same program. It is opt-in
+    because it is not safe if the caller keeps using the logits (logging them, a second loss on the
+    same tensor, retain_graph): a second backward raises instead of returning garbage.
+    """
+    if kernel not in _KERNELS:
+        raise ValueError(f"softcapped_cross_entropy: kernel must be one of {_KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        kernel = "triton" if HAS_TRITON and logits.is_cuda else "torch"
+    if kernel == "triton":
+        return softcapped_cross_entropy_triton(logits, targets, cap, reduction, ignore_index, inplace_backward)
+    return softcapped_cross_entropy_reference(logits, targets, cap, reduction, ignore_index)

@@ -1,0 +1,218 @@
+"""``speedrun train``: the product brief's flags, dotted config overrides, and the local multi-process
+launcher (``--distributed --num-gpus N`` starts N workers through torch.distributed's own launcher,
+so nobody has to type torchrun; plain ``torchrun -m speedrun train`` works the same)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from speedrun.config import Config, ConfigError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+DEFAULT_CONFIG = "tiny"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a GPT (default: the tiny recipe on the embedded Shakespeare corpus)",
+        description="Train a GPT. Any config field can be overridden with a dotted flag, e.g. "
+                    "--optim.muon.lr 0.02 --schedule.num_scheduled_steps 500.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_train_arguments(p)
+    p.set_defaults(func=run_train, accepts_overrides=True)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help=f"recipe: a JSON file, or a bundled name ({', '.join(bundled_configs())})")
+    p.add_argument("--cuda", action="store_true", help="run on the GPU; fail if there is none")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    p.add_argument("--data-path", help="train shards: a .bin file, directory or glob (default: embedded corpus)")
+    p.add_argument("--val-data-path", help="validation shards: a .bin file, directory or glob")
+    p.add_argument("--save-path", help="run directory for config, metrics, loss curve and checkpoints "
+                                       "(default: runs/<date>-<time>)")
+    p.add_argument("--resume", metavar="DIR", help="continue exactly from a checkpoint or run directory")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (and always at the end)")
+    p.add_argument("--use-fp8", action="store_true",
+                   help="FP8 lm_head matmul in training (needs an FP8 GPU: compute capability >= 8.9)")
+    p.add_argument("--no-fp8", action="store_true", help="bf16 lm_head even where FP8 is available")
+    p.add_argument("--use-flash-attn", action="store_true",
+                   help="FlashAttention-3/4 varlen kernels instead of FlexAttention (package must be installed)")
+    p.add_argument("--distributed", action="store_true",
+                   help="run data-parallel over local GPUs (all visible ones unless --num-gpus)")
+    p.add_argument("--num-gpus", type=int, metavar="N",
+                   help="number of local worker processes (GPUs; on --cpu, gloo processes)")
+    p.add_argument("--memory-pool", action="store_true",
+                   help="use the expandable-segments CUDA caching allocator (PYTORCH_CUDA_ALLOC_CONF="
+                        "expandable_segments:True): memory grows in place instead of in fixed blocks, "
+                        "which avoids fragmentation when sequence shapes vary")
+    p.add_argument("--micro-batch-tokens", type=int, metavar="T",
+                   help="tokens per forward pass per GPU (recipe: train.sequence_tokens); smaller fits "
+                        "smaller GPUs but changes the document packing, so the trajectory differs slightly")
+    p.add_argument("--no-compile", action="store_true", help="do not torch.compile (slower; for debugging)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def bundled_configs() -> list[str]:
+    try:
+        return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+    except OSError:
+        return []
+
+
+def config_path(name: str) -> str:
+    if os.path.exists(name) or name.endswith(".json") or os.sep in name:
+        return name
+    return os.path.join(CONFIG_DIR, name + ".json")
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """['--optim.muon.lr', '0.02', '--model.smear=false'] -> {'optim.muon.lr': '0.02', 'model.smear': 'false'}"""
+    out, i = {}, 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise ConfigError(f"unrecognized argument '{arg}' (config overrides look like --section.field VALUE)")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(extra):
+                raise ConfigError(f"config override '{arg}' needs a value")
+            key, value = arg[2:], extra[i + 1]
+            i += 2
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def build_config(args) -> Config:
+    cfg = Config.load(config_path(args.config))
+    cfg.override(parse_overrides(getattr(args, "overrides", [])))
+    if args.cuda and args.cpu:
+        raise ConfigError("--cuda and --cpu contradict each other")
+    if args.cuda:
+        cfg.train.device = "cuda"
+    if args.cpu:
+        cfg.train.device = "cpu"
+    if args.data_path:
+        cfg.data.train_path = args.data_path
+    if args.val_data_path:
+        cfg.data.val_path = args.val_data_path
+    if args.save_path:
+        cfg.train.save_path = args.save_path
+    if args.save_every is not None:
+        cfg.train.save_every = args.save_every
+    if args.use_fp8 and args.no_fp8:
+        raise ConfigError("--use-fp8 and --no-fp8 contradict each other")
+    if args.use_fp8:
+        cfg.model.fp8_head = True
+    if args.no_fp8:
+        cfg.model.fp8_head = False
+    if args.use_flash_attn:
+        cfg.model.attention_backend = "flash"
+    if args.memory_pool:
+        cfg.train.memory_pool = True
+    if args.micro_batch_tokens:
+        cfg.train.sequence_tokens = args.micro_batch_tokens
+    if args.no_compile:
+        cfg.train.compile = False
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    return cfg.validate()
+
+
+def run_train(args) -> int:
+    cfg = build_config(args)
+    if args.print_config:
+        import json
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    if cfg.train.memory_pool:
+        # must be set before the first CUDA allocation (and is inherited by launched workers)
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if (args.distributed or (args.num_gpus or 1) > 1) and not under_launcher:
+        return launch_workers(args, cfg)
+    return train_here(args, cfg)
+
+
+def _default_run_dir() -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def launch_workers(args, cfg: Config) -> int:
+    """Re-run this command in N local processes through torch.distributed.run (torchrun's code)."""
+    import torch
+    from torch.distributed.run import parse_args as torchrun_args, run as torchrun
+    on_cpu = cfg.train.device == "cpu"
+    available = 0 if on_cpu else torch.cuda.device_count()
+    n = args.num_gpus or available
+    if n < 1:
+        raise ConfigError("--distributed: no CUDA GPU is visible; pass --cpu --num-gpus N for CPU workers")
+    if not on_cpu and n > available:
+        raise ConfigError(f"--num-gpus {n}: only {available} CUDA GPU(s) are visible")
+    cfg.grad_accum(n)  # fails early with a clear message if the world size does not divide the batch
+    full = list(getattr(args, "_argv", sys.argv[1:]))
+    argv = _strip_launch_flags(full[full.index("train") + 1:])
+    if not args.save_path and not args.resume:
+        argv += ["--save-path", _default_run_dir()]
+    if on_cpu and "--cpu" not in argv:
+        argv.append("--cpu")
+    launch = ["--standalone", f"--nproc_per_node={n}", "--module", "speedrun", "train", *argv]
+    torchrun(torchrun_args(launch))
+    return 0
+
+
+def _run_dir_of(resume: str) -> str:
+    """A resumed run keeps writing into its run directory, also when a checkpoint dir was given."""
+    from speedrun.train.checkpoint import find_checkpoint
+    ckpt = os.path.abspath(find_checkpoint(resume))
+    if os.path.basename(os.path.dirname(ckpt)) == "checkpoints":
+        return os.path.dirname(os.path.dirname(ckpt))
+    return resume
+
+
+def _strip_launch_flags(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--distributed":
+            continue
+        if a == "--num-gpus":
+            skip = True
+            continue
+        if a.startswith("--num-gpus="):
+            continue
+        out.append(a)
+    return out
+
+
+def train_here(args, cfg: Config) -> int:
+    from speedrun.train.distributed import destroy_world, init_world
+    from speedrun.train.trainer import Trainer, resolve_device
+    device = resolve_device(cfg)
+    world = init_world(device)
+    try:
+        if args.use_fp8 and device == "cuda":
+            import torch
+            if torch.cuda.get_device_capability() < (8, 9):
+                raise ConfigError("--use-fp8: this GPU has no FP8 matmul (compute capability < 8.9)")
+        if args.use_fp8 and device != "cuda":
+            raise ConfigError("--use-fp8 needs a CUDA GPU with FP8 support; this run is on the CPU")
+        run_dir = cfg.train.save_path or (_run_dir_of(args.resume) if args.resume else _default_run_dir())
+        if world.world_size > 1 and not cfg.train.save_path and not args.resume:
+            import torch.distributed as dist
+            holder = [run_dir]
+            dist.broadcast_object_list(holder, src=0)
+            run_dir = holder[0]
+        trainer = Trainer(cfg, world, run_dir, resume=args.resume)
+        trainer.run()
+    finally:
+        destroy_world()
+    return 0

@@ -1,0 +1,413 @@
+"""The training loop: build data / model / optimizers from a Config, warm up (compile) untimed and
+restore the state, then run the recipe's steps with gradient accumulation, scheduled lr / momentum /
+windows, timed validation pauses, checkpoints, and guards (NaN, Ctrl-C, data exhaustion).
+
+One code path for every world size: rank r of W runs ``grad_accum = micro_batches / W`` micro-steps
+per optimizer step, and the optimizers average gradients over ranks, so 1 GPU x 8 micro-steps
+follows the 8-GPU trajectory.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+
+from speedrun.config import Config, ConfigError
+from speedrun.train import checkpoint as ckpt
+from speedrun.train.metrics import MetricsLogger, device_peak_flops, flops_per_token, unigram_entropy
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (diverged, data ran out); the message says why and where."""
+    user_error = True
+
+
+@dataclass
+class Summary:
+    steps: int
+    final_val_loss: float | None
+    val_unigram_entropy: float | None
+    train_time_s: float
+    warmup_time_s: float
+    peak_memory_gib: float | None
+    tokens_per_s: float | None
+    run_dir: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve_device(cfg: Config) -> str:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config field 'train.device': cuda was requested but no CUDA GPU is visible "
+                          "(torch.cuda.is_available() is False)")
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return want
+
+
+def resolve_dtype(cfg: Config, device: str) -> torch.dtype:
+    if cfg.train.dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, cfg.train.dtype)
+
+
+def resolve_data(cfg: Config) -> tuple[str, str]:
+    """Train / val shard globs; the embedded corpus when none is configured. Fails before any compile."""
+    from speedrun.data.shards import shard_paths
+    train, val = cfg.data.train_path, cfg.data.val_path
+    if not train or not val:
+        from speedrun.data.embedded import embedded_shards
+        emb_train, emb_val = embedded_shards()
+        train, val = train or emb_train, val or emb_val
+    shard_paths(train)  # raises a one-line ShardError naming the pattern if nothing is there
+    shard_paths(val)
+    return train, val
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world, run_dir: str, resume: str | None = None, stream=None):
+        self.cfg = cfg.validate()
+        self.world = world
+        self.run_dir = run_dir
+        self.device = world.device
+        self.dtype = resolve_dtype(cfg, self.device.type)
+        self.grad_accum = cfg.grad_accum(world.world_size)
+        self.total_steps = cfg.schedule.total_steps
+        self.train_glob, self.val_glob = resolve_data(cfg)
+        self.log = MetricsLogger(run_dir, world.is_main, self.total_steps, stream=stream)
+        self._stop_requested = False
+
+        torch.manual_seed(cfg.train.seed)
+        from speedrun.model import GPT
+        self.model = GPT(cfg.model, dtype=self.dtype).to(self.device)
+        self.model.use_fp8 = self._fp8_wanted()
+        self._broadcast_parameters()
+        from speedrun.optim.build import build_optimizers
+        self.optimizers = build_optimizers(self.model, cfg.optim, world)
+        self.loader = self._train_loader()
+        self.start_step, self.train_time_ms = 0, 0.0
+        if resume:
+            state = ckpt.load_checkpoint(resume, self.model, self.optimizers, world)
+            self._load_pending_grads(ckpt.find_checkpoint(resume))
+            self.loader.load_state_dict(state.loader_state)
+            self.start_step, self.train_time_ms = state.step, state.train_time_ms
+        self.window = None  # (short, long) blocks currently applied to the model
+        self.peak_flops = (device_peak_flops(torch.cuda.get_device_name(self.device))
+                           if self.device.type == "cuda" else None)
+
+    # ---- setup helpers --------------------------------------------------------------------------
+    def _fp8_wanted(self) -> bool:
+        if not self.cfg.model.fp8_head or self.device.type != "cuda":
+            return False
+        return torch.cuda.get_device_capability(self.device) >= (8, 9)
+
+    def _broadcast_parameters(self) -> None:
+        if self.world.world_size > 1:
+            import torch.distributed as dist
+            for p in self.model.parameters():
+                dist.broadcast(p.data, src=0)
+
+    def _train_loader(self):
+        from speedrun.data.loader import TrainLoader
+        c = self.cfg
+        return TrainLoader(self.train_glob, tokens_per_step=c.train.tokens_per_step,
+                           sequence_tokens=c.train.sequence_tokens, world_size=self.world.world_size,
+                           rank=self.world.rank, max_doc_len=c.data.max_doc_len, bos_id=c.data.bos_id,
+                           wrap=c.data.wrap, async_loading=c.data.async_loading, device=str(self.device))
+
+    def _val_loader(self):
+        from speedrun.data.loader import ValLoader
+        c = self.cfg
+        return ValLoader(self.val_glob, num_tokens=c.train.val_tokens,
+                         sequence_tokens=c.train.val_sequence_tokens, world_size=self.world.world_size,
+                         rank=self.world.rank, bos_id=c.data.bos_id, device=str(self.device))
+
+    # ---- windows ----------------------------------------------------------------------------------
+    def apply_window(self, step: int) -> None:
+        """Bring the model's attention windows (and YaRN state) to what ``step`` uses.
+
+        YaRN updates compound over window changes, so on a jump (resume) the changes are replayed
+        from the base frequencies in order.
+        """
+        from speedrun.optim.schedules import window_blocks
+        target = window_blocks(step, self.cfg.schedule)
+        if target == self.window:
+            return
+        if self.window is None or target[1] < self.window[1]:
+            self.model.reset_window()
+            self.window = None
+            for s in range(0, step):  # replay each change before `step`
+                w = window_blocks(s, self.cfg.schedule)
+                if w != self.window:
+                    self.model.set_window(w[1], w[0], update_yarn=True)
+                    self.window = w
+        if target != self.window:
+            self.model.set_window(target[1], target[0], update_yarn=True)
+            self.window = target
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+    def train_step(self, step: int, batches) -> torch.Tensor:
+        """Forward/backward over this rank's micro-batches, then the optimizer step. Returns the
+        mean per-token training loss of this rank as a device tensor (no host sync)."""
+        from speedrun.optim.schedules import lr_multiplier, muon_momentum
+        self.optimizers.begin_step(step)
+        total = torch.zeros((), device=self.device, dtype=torch.float32)
+        for i, batch in enumerate(batches):
+            if i == len(batches) - 1:
+                self.optimizers.before_last_backward()
+            loss = self.model(batch.inputs, batch.targets, batch.cu_seqlens, reduction="sum")
+            (loss / self.grad_accum).backward()
+            total += loss.detach().float()
+        self.optimizers.step(step, lr_multiplier(step, self.cfg.schedule),
+                             muon_momentum(step, self.cfg.optim.muon, self.cfg.schedule))
+        self.optimizers.zero_grad(step)
+        return total / (self.grad_accum * self.cfg.train.sequence_tokens)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        self.model.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for batch in self._val_loader():
+            loss = self.model(batch.inputs, batch.targets, batch.cu_seqlens, reduction="mean")
+            total[0] += loss.double() * batch.targets.numel()
+            total[1] += batch.targets.numel()
+        if self.world.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(total)
+        self.model.train()
+        return float(total[0] / total[1])
+
+    # ---- warm-up ----------------------------------------------------------------------------------
+    def warmup(self) -> float:
+        """Compile every graph the run will need (each window stage, both Adam step kinds, eval)
+        on throwaway batches, then restore model and optimizer state: the warm-up trains nothing."""
+        if not (self.cfg.train.compile and self.device.type == "cuda"):
+            return 0.0
+        t0 = time.perf_counter()
+        self.model.compile_regions()
+        if not self.cfg.train.warmup_compile:
+            return time.perf_counter() - t0
+        model_state = copy.deepcopy(self.model.state_dict())
+        optim_state = copy.deepcopy(self.optimizers.state_dict())
+        from speedrun.optim.schedules import final_window_blocks, window_blocks
+        s = self.cfg.schedule
+        first_steps = sorted({window_blocks(k, s): k for k in range(s.total_steps - 1, -1, -1)}.values())
+        loader = self._train_loader()
+        val_batch = next(iter(self._val_loader()))
+        try:
+            for k in first_steps:
+                self.apply_window(k)
+                for j in range(2):  # an even and an odd step: Muon alone, then Muon + Adam
+                    self.train_step(k + j, loader.next_step())
+                with torch.no_grad():
+                    self.model.eval()
+                    self.model(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens, reduction="mean")
+                    self.model.train()
+            short, long = final_window_blocks(s)
+            self.model.set_window(long, short, update_yarn=False)
+            with torch.no_grad():
+                self.model.eval()
+                self.model(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens, reduction="mean")
+                self.model.train()
+        finally:
+            loader.close()
+        self.model.load_state_dict(model_state)
+        self.optimizers.load_state_dict(optim_state)
+        self.optimizers.zero_grad(1)  # odd step: drop every gradient
+        self.model.reset_window()
+        self.window = None
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save(self, next_step: int, loader_state: dict) -> str:
+        path = ckpt.save_checkpoint(self.run_dir, next_step, self.model, self.optimizers, loader_state,
+                                    self.world, self.train_time_ms, self.cfg.to_dict())
+        # Adam keeps the gradients of even steps to sum them with the next step's: save them too
+        grads = {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None}
+        torch.save(grads, os.path.join(path, f"grads_rank{self.world.rank}.pt"))
+        return path
+
+    def _load_pending_grads(self, path: str) -> None:
+        file = os.path.join(path, f"grads_rank{self.world.rank}.pt")
+        if not os.path.isfile(file):
+            return
+        grads = torch.load(file, map_location=self.device, weights_only=True)
+        for n, p in self.model.named_parameters():
+            p.grad = grads.get(n)
+
+    # ---- the run ---------------------------------------------------------------------------------
+    def _install_sigint(self):
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            self.log.print("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+        try:
+            return signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread (e.g. in tests)
+            return None
+
+    def _stop_agreed(self) -> bool:
+        if self.world.world_size == 1:
+            return self._stop_requested
+        import torch.distributed as dist
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self) -> Summary:
+        cfg, log = self.cfg, self.log
+        tokens_per_step = cfg.train.tokens_per_step
+        if self.world.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            cfg.save(os.path.join(self.run_dir, "config.json"))
+        log.print(f"run dir {self.run_dir} | device {self.device} x{self.world.world_size} | "
+                  f"{self.model.num_params() / 1e6:.1f}M params | grad_accum {self.grad_accum} | "
+                  f"steps {self.start_step}->{self.total_steps} | train {self.train_glob}")
+        warmup_s = self.warmup()
+        if warmup_s:
+            log.print(f"compile + warm-up: {warmup_s:.1f} s (untimed; state restored)")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        previous_handler = self._install_sigint()
+        val_loss = None
+        step = self.start_step
+        last_good = None
+        last_log_time, last_log_step = None, step
+        tokens_per_s = None
+        try:
+            self._sync()
+            while True:
+                last = step == self.total_steps
+                if last or (cfg.train.val_every and step % cfg.train.val_every == 0) or step == self.start_step == 0:
+                    if last:
+                        from speedrun.optim.schedules import final_window_blocks
+                        short, long = final_window_blocks(cfg.schedule)
+                        self.apply_window(step - 1)
+                        self.model.set_window(long, short, update_yarn=False)
+                        self.window = None  # forces a replay if anything runs after this
+                    else:
+                        self.apply_window(step)
+                    val_loss = self.validate()
+                    log.print(f"step {step}/{self.total_steps} val_loss {val_loss:.4f} "
+                              f"train_time {self.train_time_ms / 1e3:.1f}s")
+                    log.log({"step": step, "val_loss": val_loss, "train_time_ms": self.train_time_ms})
+                    log.plot(force=last)
+                if last:
+                    break
+                self.apply_window(step)
+                loader_state = self.loader.state_dict()
+                self._sync()
+                t0 = time.perf_counter()
+                try:
+                    batches = self.loader.next_step()
+                except Exception as e:
+                    if type(e).__name__ == "DataExhaustedError":
+                        raise TrainingError(f"{e} (stopped before step {step}; "
+                                            f"set data.wrap=true to cycle the data)") from None
+                    raise
+                loss = self.train_step(step, batches)
+                step += 1
+                logging_now = step % cfg.train.log_every == 0 or step == self.total_steps
+                if logging_now or self.device.type == "cpu":
+                    self._sync()
+                self.train_time_ms += 1e3 * (time.perf_counter() - t0)
+                if logging_now:
+                    loss_value = self._mean_over_ranks(loss)
+                    if cfg.train.nan_guard and not math.isfinite(loss_value):
+                        where = f"; last good checkpoint: {last_good}" if last_good else ""
+                        raise TrainingError(f"training loss is {loss_value} at step {step - 1}; "
+                                            f"stopped{where}")
+                    now = time.perf_counter()
+                    if last_log_time is None:
+                        ms = self.train_time_ms / max(1, step - self.start_step)
+                    else:
+                        ms = 1e3 * (now - last_log_time) / max(1, step - last_log_step)
+                    last_log_time, last_log_step = now, step
+                    tokens_per_s = tokens_per_step / (ms / 1e3)
+                    mfu = self._mfu(tokens_per_s)
+                    log.progress(step, loss_value, ms, tokens_per_s, mfu)
+                    log.log({"step": step, "train_loss": loss_value, "ms_per_step": ms,
+                             "tokens_per_s": tokens_per_s, "mfu": mfu,
+                             "train_time_ms": self.train_time_ms})
+                    log.plot()
+                save_now = cfg.train.save_every and step % cfg.train.save_every == 0
+                if save_now or self._stop_agreed():
+                    self._sync()
+                    last_good = self.save(step, self.loader.state_dict())
+                    if self._stop_requested:
+                        log.print(f"saved {last_good}; stopping at step {step} on request")
+                        raise KeyboardInterrupt
+                    # checkpoint time is not training time
+                    last_log_time = time.perf_counter() if last_log_time is not None else None
+            last_good = self.save(step, self.loader.state_dict())
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+            self.loader.close()
+        return self._finish(val_loss, warmup_s, tokens_per_s)
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        if self.world.world_size > 1:
+            import torch.distributed as dist
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world.world_size
+        return float(value)
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if not self.peak_flops or self.window is None:
+            return None
+        block = self.cfg.model.block_size
+        fpt = flops_per_token(self.cfg.model, self.window[1] * block, self.window[0] * block)
+        return fpt * tokens_per_s / (self.peak_flops * self.world.world_size)
+
+    def _finish(self, val_loss, warmup_s, tokens_per_s) -> Summary:
+        peak = None
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        entropy = None
+        if self.world.is_main:
+            entropy = self._val_unigram_entropy()
+        summary = Summary(steps=self.total_steps, final_val_loss=val_loss, val_unigram_entropy=entropy,
+                          train_time_s=self.train_time_ms / 1e3, warmup_time_s=warmup_s,
+                          peak_memory_gib=peak, tokens_per_s=tokens_per_s, run_dir=self.run_dir)
+        lines = [f"final val loss {val_loss:.4f}"]
+        if entropy is not None:
+            lines.append(f"unigram entropy of the val tokens {entropy:.4f} "
+                         f"(a model knowing only token frequencies); gap {entropy - val_loss:.3f} nats")
+        lines.append(f"train time {summary.train_time_s:.1f} s | compile+warm-up {warmup_s:.1f} s"
+                     + (f" | peak memory {peak:.2f} GiB" if peak is not None else ""))
+        for line in lines:
+            self.log.print(line)
+        self.log.log({"summary": summary.as_dict()})
+        if self.world.is_main:
+            from speedrun.utils import atomic_write_text
+            import json
+            atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(summary.as_dict(), indent=1))
+        self.log.close()
+        return summary
+
+    def _val_unigram_entropy(self) -> float:
+        import numpy as np
+        from speedrun.data.shards import read_shard, shard_paths
+        need, parts = self.cfg.train.val_tokens, []
+        for path in shard_paths(self.val_glob):
+            tokens = read_shard(path)
+            parts.append(np.asarray(tokens[:need]))
+            need -= len(parts[-1])
+            if need <= 0:
+                break
+        return unigram_entropy(np.concatenate(parts))
