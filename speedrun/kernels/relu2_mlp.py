@@ -43,8 +43,13 @@ _KERNELS = ("auto", "triton", "torch")
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
 
+# Read once at import, like Triton itself: a constant is also what torch.compile traces best.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels in its CPU interpreter (tests): CPU tensors, small tiles."""
+    return _INTERPRET
 
 
 def linear_relu_square_reference(x: Tensor, w_fc: Tensor) -> Tensor:

@@ -59,8 +59,13 @@ _MAX_FIXED_SHIFT_CAP = 80.0
 _LOG2E = math.log2(math.e)
 
 
+# Read once at import, like Triton itself: a constant is also what torch.compile traces best.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels in its CPU interpreter (tests): CPU tensors, small tiles."""
+    return _INTERPRET
 
 
 def softcap(logits: Tensor, cap: float = 30.0) -> Tensor:
@@ -75,7 +80,7 @@ def softcap(logits: Tensor, cap: float = 30.0) -> Tensor:
 def softcapped_cross_entropy_reference(
     logits: Tensor, targets: Tensor, cap: float = 30.0, reduction: str = "sum", ignore_index: int = -100
 ) -> Tensor:
-    """The plain twin: softcap in fp32 with torch ops, then F.cross_entropy. Returns fp32."""
+    """The plain twin: softcap in fp32 with torch ops, then F.cross_entropy. Returns fp32 (float64 for float64)."""
     _check_args(logits, targets, cap, reduction)
     return F.cross_entropy(softcap(logits, cap), targets, reduction=reduction, ignore_index=ignore_index)
 
@@ -172,7 +177,7 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         in_ptr = logits_ptr + row * logits_row_stride
         out_ptr = grad_ptr + row * grad_row_stride
-        target = tl.load(targets_ptr + row).to(tl.int64)
+        target = tl.load(targets_ptr + row).to(tl.int32)  # int32 compares per element (V < 2^31)
         lse_log2e = tl.load(lse_ptr + row) * 1.4426950408889634
         g = tl.load(grad_loss_ptr + row * grad_loss_stride).to(tl.float32)
         g = tl.where(target == ignore_index, 0.0, g) * dsdz_scale
