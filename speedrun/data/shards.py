@@ -39,6 +39,14 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | Sequence[int]) -> 
     with atomic_open(path, "wb") as f:
         f.write(header.tobytes())
         f.write(array.tobytes())
+        if hasattr(os, "fchmod"):  # the temp file is private (0600); a shard gets normal permissions
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _as_token_array(tokens: np.ndarray | Sequence[int], path: str) -> np.ndarray:
@@ -111,7 +119,7 @@ def shard_paths(pattern: str | os.PathLike) -> list[str]:
         return paths
     paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
     if not paths:
-        if glob.has_magic(pattern):
+        if any(c in pattern for c in "*?["):
             raise ShardError(f"{pattern}: no shard files match this pattern")
         raise ShardError(f"{pattern}: no such shard file or directory")
     return paths
