@@ -124,14 +124,15 @@ class _SliceAfterWait:
 
 
 def _supports_reduce_scatter_avg() -> bool:
-    """Whether this backend has reduce_scatter_tensor with AVG (NCCL does; gloo only in recent
-    torch). Probed once with a tiny collective: every rank runs the same torch, so all agree."""
+    """Whether this backend has reduce_scatter_tensor with AVG. NCCL does; gloo does in torch 2.13
+    (checked) but not in every torch we accept, so it is probed once with a tiny collective (every
+    rank runs the same torch, so all agree)."""
     backend = dist.get_backend()
+    if backend == "nccl":
+        return True
     if backend not in _reduce_scatter_ok:
-        w = dist.get_world_size()
         try:
-            dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
-            dist.reduce_scatter_tensor(torch.empty(1, device=dev), torch.zeros(w, device=dev),
+            dist.reduce_scatter_tensor(torch.empty(1), torch.zeros(dist.get_world_size()),
                                        op=dist.ReduceOp.AVG)
             _reduce_scatter_ok[backend] = True
         except (RuntimeError, ValueError, NotImplementedError):

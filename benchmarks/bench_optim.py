@@ -1,0 +1,115 @@
+"""Optimizer step time for the record's parameter set on one CUDA GPU: NorMuon (Polar Express via
+torch vs Triton symmetric kernels), Polar Express alone on the record's stacked shapes, DistAdam.
+
+    python benchmarks/bench_optim.py --out bench_optim.json [--iters 50] [--warmup 10]
+
+Prints a table (median / min ms over iterations, timed with CUDA events after warm-up) and writes the
+numbers, GPU name and versions as JSON. Grads are random normal (never zeros).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from speedrun.config import OptimConfig  # noqa: E402
+from speedrun.optim.build import build_optimizers  # noqa: E402
+from speedrun.optim.polar_express import polar_express  # noqa: E402
+
+
+def _param(shape, label, dtype) -> nn.Parameter:
+    p = nn.Parameter(torch.randn(shape, device="cuda", dtype=torch.float32).mul_(0.02).to(dtype))
+    p.label = label
+    return p
+
+
+class RecordParams(nn.Module):
+    """The record's trainable tensors (reference-spec 1.1): fp32 block matrices, bf16 rest."""
+
+    def __init__(self, dim=768, vocab=50304, layers=11, attn_layers=10, value_embeds=3):
+        super().__init__()
+        bf, f32 = torch.bfloat16, torch.float32
+        self.attn = nn.ParameterList([_param((dim, 4 * dim), "attn", f32) for _ in range(attn_layers)])
+        self.fc = nn.ParameterList([_param((dim, 4 * dim), "mlp_fc", f32) for _ in range(layers)])
+        self.proj = nn.ParameterList([_param((dim, 4 * dim), "mlp_proj", f32) for _ in range(layers)])
+        self.smear = _param((1, 12), "smear_gate", bf)
+        self.gates = nn.ParameterList([_param((6, 12), "attn_gate", bf) for _ in range(attn_layers)])
+        self.embed = _param((vocab, dim), "embed", bf)
+        self.value_embed = nn.ParameterList([_param((vocab, dim), "value_embed", bf) for _ in range(value_embeds)])
+        self.lm_head = _param((vocab, dim), "lm_head", bf)
+        self.scalars = _param((64,), "scalars", f32)
+
+
+def time_ms(fn, iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        out.append(start.elapsed_time(end))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_optim.json")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_optim.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    rows = []
+
+    def record(name, kernel, times):
+        rows.append({"name": name, "kernel": kernel, "median_ms": statistics.median(times), "min_ms": min(times)})
+
+    # Polar Express alone on the shapes NorMuon sees on one GPU
+    for shape in [(40, 768, 768), (22, 768, 3072), (10, 6, 12)]:
+        G = torch.randn(shape, device="cuda")
+        for kernel in ("torch", "triton"):
+            record(f"polar_express {tuple(shape)}", kernel,
+                   time_ms(lambda: polar_express(G, kernel=kernel), args.iters, args.warmup))
+
+    # Full optimizer steps
+    for kernel in ("torch", "triton"):
+        model = RecordParams()
+        cfg = OptimConfig()
+        cfg.muon.kernel = kernel
+        opt = build_optimizers(model, cfg)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        record("NorMuon step (43 params)", kernel,
+               time_ms(lambda: opt.muon.step(lr_mult=1.0, momentum=0.95), args.iters, args.warmup))
+        if kernel == "torch":  # Adam has no kernel choice
+            record("DistAdam step (6 params, 193M)", "-",
+                   time_ms(lambda: opt.adam.step(lr_mult=1.0), args.iters, args.warmup))
+        del model, opt
+        torch.cuda.empty_cache()
+
+    import triton
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton.__version__, "iters": args.iters, "warmup": args.warmup, "results": rows}
+    print(f"GPU: {info['gpu']}  torch {info['torch']}  CUDA {info['cuda']}  triton {info['triton']}")
+    print(f"{'what':<36} {'kernel':<7} {'median ms':>10} {'min ms':>8}")
+    for r in rows:
+        print(f"{r['name']:<36} {r['kernel']:<7} {r['median_ms']:>10.3f} {r['min_ms']:>8.3f}")
+    with open(args.out, "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

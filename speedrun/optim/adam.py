@@ -1,0 +1,143 @@
+"""DistAdam: Adam for embeddings, value embeddings, lm_head and scalars (reference-spec 1.8, 1.12),
+with row-sharded state and communication overlapped with the backward pass.
+
+Per param, on the rank-averaged gradient g of this rank's row shard, t = number of Adam steps taken:
+
+    m <- b1*m + (1-b1)*g ;  v <- b2*v + (1-b2)*g^2           (stored in state_dtype, bf16 in the record)
+    eff_lr = lr * lr_mult * lr_mul
+    p <- p - eff_lr * weight_decay * [mask] * p               (only if weight_decay > 0; cautious mask
+                                                               = sign agreement of update and p)
+    p <- p - eff_lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)
+
+Sharding: rank r owns rows [r*N/W, (r+1)*N/W) of every param (so dim 0 must divide by the world size)
+and keeps Adam state only for them. When ``should_sync`` is set (by the Optimizers bundle, for the last
+backward of a step that updates Adam) a post-accumulate-grad hook launches each gradient's
+reduce-scatter (AVG) as soon as backward has produced it; step() waits per param, updates its shard and
+all-gathers the param. Params whose reduce was not launched from a hook are reduced inside step()
+(same result, no overlap). World size 1: no hooks, no communication, same math.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from speedrun.train.distributed import World, all_gather, reduce_scatter_avg
+
+
+class DistAdam(torch.optim.Optimizer):
+    """Param groups may set lr, betas, eps, weight_decay and lr_mul."""
+
+    def __init__(self, params, lr: float = 0.008, betas: tuple[float, float] = (0.65, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.0, cautious_weight_decay: bool = False,
+                 state_dtype: torch.dtype = torch.bfloat16, world: World | None = None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_mul=1.0)
+        super().__init__(params, defaults)
+        self.cautious = cautious_weight_decay
+        self.state_dtype = state_dtype
+        self.world = world or World()
+        self.should_sync = False          # armed by the bundle for the last backward of a syncing step
+        self._pending: dict[Tensor, tuple[Tensor, object]] = {}
+        W = self.world.world_size
+        for p in self._params():
+            if p.size(0) % W:
+                raise ValueError(f"DistAdam: param {getattr(p, 'label', '?')} of shape {tuple(p.shape)}: "
+                                 f"dim 0 ({p.size(0)}) must be divisible by the world size ({W})")
+            rows = p.size(0) // W
+            self.state[p] = {"step": 0,
+                             "exp_avg": torch.zeros(rows, *p.shape[1:], dtype=state_dtype, device=p.device),
+                             "exp_avg_sq": torch.zeros(rows, *p.shape[1:], dtype=state_dtype, device=p.device)}
+            if W > 1:
+                p.register_post_accumulate_grad_hook(self._launch_reduce)
+
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _shard(self, t: Tensor) -> Tensor:
+        rows = t.size(0) // self.world.world_size
+        return t[self.world.rank * rows:(self.world.rank + 1) * rows]
+
+    def _launch_reduce(self, p: Tensor) -> None:
+        if not self.should_sync or p.grad is None:
+            return
+        shard = p.grad.new_empty(p.size(0) // self.world.world_size, *p.shape[1:])
+        self._pending[p] = (shard, reduce_scatter_avg(shard, p.grad, self.world))
+
+    @torch.no_grad()
+    def step(self, lr_mult: float = 1.0) -> None:
+        """Update every param that has a gradient. Collective when world_size > 1."""
+        W = self.world.world_size
+        gathers = []
+        for group in reversed(self.param_groups):          # roughly the order backward produced grads
+            for p in reversed(group["params"]):
+                if p in self._pending:
+                    grad, handle = self._pending.pop(p)
+                    handle.wait()
+                elif p.grad is None:
+                    continue
+                elif W > 1:                                # not launched from a hook: reduce now
+                    grad = p.grad.new_empty(p.size(0) // W, *p.shape[1:])
+                    reduce_scatter_avg(grad, p.grad, self.world).wait()
+                else:
+                    grad = p.grad
+                shard = self._shard(p)
+                self._update(p, shard, grad, group, lr_mult)
+                if W > 1:
+                    gathers.append(all_gather(p, shard, self.world))
+        for handle in gathers:
+            handle.wait()
+        self._pending.clear()
+        self.should_sync = False
+
+    def _update(self, p: Tensor, shard: Tensor, grad: Tensor, group: dict, lr_mult: float) -> None:
+        b1, b2 = group["betas"]
+        state = self.state[p]
+        state["step"] += 1
+        t = state["step"]
+        g = grad.float()
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.copy_(m.float().lerp_(g, 1 - b1))                 # computed in fp32, stored in state_dtype
+        v.copy_(v.float().lerp_(g.square(), 1 - b2))
+        update = m.float() / (v.float().sqrt() + group["eps"])
+
+        eff_lr = group["lr"] * lr_mult * group["lr_mul"]
+        p32 = shard.float()
+        if group["weight_decay"] > 0:
+            decay = eff_lr * group["weight_decay"] * p32
+            if self.cautious:  # decay only where the Adam step also moves p towards zero
+                decay = decay * (update * p32 >= 0)
+            p32.sub_(decay)
+        p32.sub_(update, alpha=eff_lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t))
+        shard.copy_(p32)
+
+    # ---- state: this rank's row shards only ----------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """{"world_size", "rank", "shapes", "params": [{"step", "exp_avg", "exp_avg_sq"}]} in param
+        order; the moments cover this rank's rows only."""
+        params = self._params()
+        return {"world_size": self.world.world_size, "rank": self.world.rank,
+                "shapes": [list(p.shape) for p in params],
+                "params": [{"step": self.state[p]["step"], "exp_avg": self.state[p]["exp_avg"].clone(),
+                            "exp_avg_sq": self.state[p]["exp_avg_sq"].clone()} for p in params]}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = self._params()
+        shapes = [list(p.shape) for p in params]
+        if state.get("shapes") != shapes or state.get("world_size") != self.world.world_size \
+                or state.get("rank") != self.world.rank:
+            raise ValueError(f"DistAdam state was saved by rank {state.get('rank')} of world size "
+                             f"{state.get('world_size')} for params {state.get('shapes')}; this is rank "
+                             f"{self.world.rank} of {self.world.world_size} with {shapes}")
+        for p, s in zip(params, state["params"]):
+            self.state[p]["step"] = int(s["step"])
+            self.state[p]["exp_avg"].copy_(s["exp_avg"])
+            self.state[p]["exp_avg_sq"].copy_(s["exp_avg_sq"])
+
+    def reset(self) -> None:
+        for p in self._params():
+            st = self.state[p]
+            st["step"] = 0
+            st["exp_avg"].zero_()
+            st["exp_avg_sq"].zero_()

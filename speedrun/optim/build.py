@@ -1,0 +1,139 @@
+"""Partition a model's parameters by ``param.label`` into NorMuon and DistAdam, and the ``Optimizers``
+bundle the trainer drives (step timing rules, every-other-step Adam, zeroing, per-rank state).
+
+Step protocol per optimizer step ``step`` (0-based), used by the trainer:
+
+    opt.begin_step(step)
+    for each micro-batch:  (before the last one's backward: opt.before_last_backward())  backward
+    opt.step(step, lr_multiplier(step, ...), muon_momentum(step, ...))
+    opt.zero_grad(step)
+
+With ``adam.every_other_step`` Adam steps only on odd steps (1, 3, 5, ...) with the gradients of
+that step and the previous one summed (their grads are not zeroed on even steps); NorMuon steps and
+is zeroed every step.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from speedrun.config import OptimConfig
+from speedrun.optim.adam import DistAdam
+from speedrun.optim.muon import NorMuon
+from speedrun.train.distributed import World
+
+MUON_LABELS = ("attn", "mlp_fc", "mlp_proj", "smear_gate", "attn_gate")
+ADAM_LR_MUL = {"embed": "embed_lr_mul", "value_embed": "value_embed_lr_mul", "lm_head": "head_lr_mul",
+               "scalars": "scalar_lr_mul"}   # label -> AdamConfig field
+
+STATE_FORMAT = "speedrun.optim/1"
+
+
+class Optimizers:
+    """The two optimizers and the rules of when each steps. Either may be None (no such params)."""
+
+    def __init__(self, muon: NorMuon | None, adam: DistAdam | None, every_other_step: bool = True,
+                 world: World | None = None):
+        self.muon, self.adam = muon, adam
+        self.every_other_step = every_other_step
+        self.world = world or World()
+        self._step = 0
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.muon, self.adam) if o is not None]
+
+    def adam_steps_at(self, step: int) -> bool:
+        return not self.every_other_step or step % 2 == 1
+
+    def begin_step(self, step: int) -> None:
+        """Call before the micro-steps of ``step``; Adam's hooks stay disarmed until the last one."""
+        self._step = step
+        if self.adam is not None:
+            self.adam.should_sync = False
+
+    def before_last_backward(self) -> None:
+        """Call right before the last micro-step's backward: on a step where Adam updates, its
+        gradient reduce-scatters are then launched from hooks as backward produces each gradient."""
+        if self.adam is not None:
+            self.adam.should_sync = self.adam_steps_at(self._step)
+
+    def step(self, step: int, lr_mult: float, momentum: float) -> None:
+        if self.muon is not None:
+            self.muon.step(lr_mult=lr_mult, momentum=momentum)
+        if self.adam is not None and self.adam_steps_at(step):
+            self.adam.step(lr_mult=lr_mult)
+
+    def zero_grad(self, step: int) -> None:
+        """NorMuon grads every step; Adam grads only after a step where Adam updated."""
+        if self.muon is not None:
+            self.muon.zero_grad(set_to_none=True)
+        if self.adam is not None and self.adam_steps_at(step):
+            self.adam.zero_grad(set_to_none=True)
+
+    def reset(self) -> None:
+        """Zero all optimizer state (after an untimed warm-up that must not train)."""
+        for o in self.optimizers:
+            o.reset()
+
+    def state_dict(self) -> dict:
+        """This rank's shard of the optimizer state:
+        {"format": STATE_FORMAT, "rank", "world_size", "muon": NorMuon.state_dict() | None,
+         "adam": DistAdam.state_dict() | None}. Tensors only where state lives on this rank, so the
+        trainer saves one file per rank (e.g. optim_rank{r}.pt) and each rank loads its own file;
+        resuming needs the same world size (a clear error otherwise)."""
+        return {"format": STATE_FORMAT, "rank": self.world.rank, "world_size": self.world.world_size,
+                "muon": self.muon.state_dict() if self.muon is not None else None,
+                "adam": self.adam.state_dict() if self.adam is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"optimizer state format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        if (state["rank"], state["world_size"]) != (self.world.rank, self.world.world_size):
+            raise ValueError(f"optimizer state is rank {state['rank']} of world size {state['world_size']}; "
+                             f"this process is rank {self.world.rank} of {self.world.world_size} (resume "
+                             f"with the same world size, each rank loading its own file)")
+        for name, opt in (("muon", self.muon), ("adam", self.adam)):
+            if (opt is None) != (state[name] is None):
+                raise ValueError(f"optimizer state {'has' if state[name] is not None else 'lacks'} "
+                                 f"{name} state but this model {'lacks' if opt is None else 'has'} {name} params")
+            if opt is not None:
+                opt.load_state_dict(state[name])
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig, world: World | None = None) -> Optimizers:
+    """NorMuon for labels attn/mlp_fc/mlp_proj/smear_gate/attn_gate, DistAdam for embed/value_embed/
+    lm_head/scalars (lr_mul from AdamConfig). Every trainable param must carry a known label."""
+    world = world or World()
+    mc, ac = cfg.muon, cfg.adam
+    muon_groups: dict[str, list] = {}
+    adam_groups: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        label = getattr(p, "label", None)
+        if label in MUON_LABELS:
+            muon_groups.setdefault(label, []).append(p)
+        elif label in ADAM_LR_MUL:
+            if p.size(0) % world.world_size:
+                raise ValueError(f"parameter '{name}' ({label}, shape {tuple(p.shape)}): dim 0 must be "
+                                 f"divisible by the world size {world.world_size} (Adam shards rows)")
+            adam_groups.setdefault(label, []).append(p)
+        else:
+            raise ValueError(f"parameter '{name}' has label {label!r}; expected one of "
+                             f"{', '.join(MUON_LABELS + tuple(ADAM_LR_MUL))}")
+
+    muon = None
+    if muon_groups:
+        groups = [{"params": ps, "lr_mul": mc.c_fc_lr_mul if label == "mlp_fc" else 1.0}
+                  for label, ps in muon_groups.items()]
+        muon = NorMuon(groups, lr=mc.lr, weight_decay=mc.weight_decay, momentum=mc.momentum,
+                       beta2=mc.beta2, nesterov=mc.nesterov, normalize=mc.normalize,
+                       cautious_weight_decay=mc.cautious_weight_decay, kernel=mc.kernel, world=world)
+    adam = None
+    if adam_groups:
+        groups = [{"params": ps, "lr_mul": getattr(ac, ADAM_LR_MUL[label])} for label, ps in adam_groups.items()]
+        adam = DistAdam(groups, lr=ac.lr, betas=(ac.beta1, ac.beta2), eps=ac.eps,
+                        weight_decay=ac.weight_decay, cautious_weight_decay=ac.cautious_weight_decay,
+                        state_dtype=getattr(torch, ac.state_dtype), world=world)
+    return Optimizers(muon, adam, every_other_step=ac.every_other_step, world=world)

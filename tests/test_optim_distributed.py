@@ -1,0 +1,140 @@
+"""Sharded optimizers over 2 gloo processes == the same recipe in 1 process; init_world's env rules.
+
+The 1-process run accumulates 4 micro-batches per step; each of the 2 ranks accumulates its 2 of the
+same 4 (the optimizers average over ranks). Gradients have small integer entries so both runs see
+bitwise equal averaged gradients, and the bucket sizes need padding on 2 ranks (7 matrices of one
+shape, 1 smear gate, 3 attention gates).
+"""
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from optim_helpers import FakeModel, integer_sources
+from speedrun.config import OptimConfig, ScheduleConfig
+from speedrun.optim.build import build_optimizers
+from speedrun.optim.schedules import lr_multiplier
+from speedrun.train import distributed
+from speedrun.train.distributed import World, destroy_world, init_world
+
+STEPS, SOURCES = 4, 4
+SCHED = ScheduleConfig(num_scheduled_steps=4, num_extension_steps=0)
+
+
+def _train(world: World) -> tuple[dict, list[int]]:
+    """Run STEPS optimizer steps; returns final params and how many Adam grads hooks reduced."""
+    torch.manual_seed(0)
+    model = FakeModel()
+    cfg = OptimConfig()
+    cfg.muon.kernel = "torch"
+    cfg.adam.weight_decay, cfg.adam.cautious_weight_decay = 0.1, True   # exercise every path
+    opt = build_optimizers(model, cfg, world)
+    accum = SOURCES // world.world_size
+    hooked = []
+    for step in range(STEPS):
+        sources = integer_sources(model, step, SOURCES)[world.rank * accum:(world.rank + 1) * accum]
+        opt.begin_step(step)
+        for i, src in enumerate(sources):
+            if i == accum - 1:
+                opt.before_last_backward()
+            loss = sum((p.float() * src[n]).sum() for n, p in model.named_parameters()) / accum
+            loss.backward()
+        hooked.append(len(opt.adam._pending))
+        opt.step(step, lr_multiplier(step, SCHED), 0.9)
+        opt.zero_grad(step)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, hooked
+
+
+def _helpers(world: World) -> list[float]:
+    """reduce_scatter_avg then all_gather of [0,1,2,3] + 10*rank: the mean, so AVG and not SUM."""
+    shard, gathered = torch.empty(2), torch.empty(4)
+    distributed.reduce_scatter_avg(shard, torch.arange(4.0) + 10 * world.rank, world).wait()
+    distributed.all_gather(gathered, shard, world).wait()
+    return gathered.tolist()
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    world = init_world("cpu")
+    try:
+        assert world.backend == "gloo" and world.world_size == 2
+        native, hooked = _train(world)
+        gathered = [_helpers(world)]
+        distributed._reduce_scatter_ok["gloo"] = False       # the all-reduce fallback path
+        fallback, _ = _train(world)
+        gathered.append(_helpers(world))
+        mean = world.all_reduce_mean(float(rank))
+        world.barrier()
+        torch.save({"native": native, "fallback": fallback, "hooked": hooked, "mean": mean,
+                    "gathered": gathered},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        destroy_world()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + 120
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2-process run did not finish in 120 s")
+    single, _ = _train(World())
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for res in results:
+        assert res["mean"] == 0.5
+        assert res["gathered"] == [[5.0, 6.0, 7.0, 8.0]] * 2
+        assert res["hooked"] == [0, 5, 0, 5]   # Adam's 5 grads reduced from hooks on odd steps only
+        for variant in ("native", "fallback"):
+            for name, p in single.items():
+                atol = 1e-6 if p.dtype == torch.float32 else 0.0   # bf16: the same rounding
+                torch.testing.assert_close(res[variant][name], p, atol=atol, rtol=0,
+                                           msg=lambda m: f"{variant} {name}: {m}")
+    for name in single:   # every rank holds the same full params
+        assert torch.equal(results[0]["native"][name], results[1]["native"][name])
+
+
+def test_init_world_without_env_is_single_process(monkeypatch):
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(v, raising=False)
+    w = init_world("cpu")
+    assert (w.rank, w.world_size, w.backend, w.is_main) == (0, 1, None, True)
+    assert w.all_reduce_mean(3.5) == 3.5
+    w.barrier()
+
+
+def test_init_world_half_set_env_is_an_error(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(RuntimeError, match="WORLD_SIZE, LOCAL_RANK missing"):
+        init_world("cpu")
+
+
+def test_init_world_size_one_and_missing_master(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    w = init_world("cpu")
+    assert w.world_size == 1 and w.backend is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        init_world("cpu")
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(RuntimeError, match="integers"):
+        init_world("cpu")

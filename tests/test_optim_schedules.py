@@ -1,0 +1,56 @@
+"""Schedules against the record's numbers (reference-spec 1.5, 1.9)."""
+import pytest
+
+from speedrun.config import MuonConfig, ScheduleConfig
+from speedrun.optim.schedules import (batch_size_multiplier, final_window_blocks, lr_multiplier,
+                                      muon_momentum, window_blocks)
+
+S, M = ScheduleConfig(), MuonConfig()
+
+
+@pytest.mark.parametrize("step,expected", [
+    (0, 1.0), (1092, 1.0),                                 # flat while step/2185 < 0.5
+    (1093, 1 - 0.9 * (1 - (1 - 1093 / 2185) / 0.5)),       # first decayed step: 0.99959
+    (1500, 0.1 + 0.9 * (1 - 1500 / 2185) / 0.5),           # 0.66384
+    (2184, 0.1 + 0.9 * (1 - 2184 / 2185) / 0.5),           # 0.10082
+    (2185, 0.1 + 0.9 * 0.0001 / 0.5),                      # x clamped to 0.9999: 0.10018
+    (2224, 0.1 + 0.9 * 0.0001 / 0.5),                      # flat through the extension
+])
+def test_lr_multiplier(step, expected):
+    assert lr_multiplier(step, S) == pytest.approx(expected, abs=1e-12)
+
+
+def test_lr_multiplier_values_and_shape():
+    assert lr_multiplier(1093, S) == pytest.approx(0.99959, abs=1e-5)
+    assert lr_multiplier(2185, S) == pytest.approx(0.10018, abs=1e-5)
+    values = [lr_multiplier(s, S) for s in range(S.total_steps)]
+    assert all(a >= b for a, b in zip(values, values[1:]))           # never increases
+    assert lr_multiplier(100, ScheduleConfig(cooldown_frac=0.0)) == 1.0
+
+
+@pytest.mark.parametrize("step,expected", [
+    (0, 0.85), (150, 0.90), (300, 0.95), (1000, 0.95), (2175, 0.95),
+    (2200, 0.90), (2224, 0.95 - 0.1 * 49 / 50), (2225, 0.85),
+])
+def test_muon_momentum(step, expected):
+    assert muon_momentum(step, M, S) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("step,expected", [
+    (0, (1, 3)), (728, (1, 3)), (729, (3, 7)), (1456, (3, 7)), (1457, (5, 11)), (2184, (5, 11)),
+    (2185, (6, 13)), (2224, (6, 13)),
+])
+def test_window_blocks(step, expected):
+    assert window_blocks(step, S) == expected
+
+
+def test_window_stage_boundaries_match_float_formula():
+    for step in range(S.num_scheduled_steps):
+        assert window_blocks(step, S)[1] == S.window_stages[int(3 * (step / 2185))]
+
+
+def test_final_window_and_batch_hook():
+    assert final_window_blocks(S) == (6, 20)
+    assert final_window_blocks(ScheduleConfig(num_extension_steps=0)) == (5, 20)
+    assert window_blocks(0, ScheduleConfig(window_stages=[1], short_window_ratio=0.5)) == (1, 1)
+    assert all(batch_size_multiplier(s, S) == 1.0 for s in (0, 1000, 2224))
