@@ -1,0 +1,283 @@
+"""Causal self-attention over packed documents with a sliding window (reference-spec 1.4), and the
+attention backends behind one function, ``attend``.
+
+Owns:
+- ``DocInfo`` / ``AttnWindow``: what a batch's documents and a window size mean for the kernels,
+  built once per batch (and per window size) on the device, shared by every layer;
+- ``attend(q, k, v, doc, window, scale, backend)`` with three backends:
+  ``flex``  FlexAttention with a block mask computed from document boundaries + causal + window
+            (block-level math on (T/128)^2 entries, never a T x T dense mask);
+  ``flash`` FlashAttention-3 (``flash_attn_interface``) or -4 (``flash_attn.cute``) varlen kernels
+            with a left window, when one is importable;
+  ``sdpa``  the plain twin: an explicit dense boolean mask and ``scaled_dot_product_attention``;
+            for CPU and for tests only (O(T^2) memory).
+- ``CausalSelfAttention``: q/k/v projection, QK RMS-norm, rotary, value-embedding mixing,
+  attention, per-head sigmoid gate, output projection.
+
+Mask semantics (same for all backends): query i sees key j iff doc(i) == doc(j), j <= i and
+i - j <= window_tokens (FlashAttention's window_size=(window_tokens, 0): window_tokens keys back plus
+the query itself).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from speedrun.model.rotary import apply_rotary
+
+FLEX_BLOCK_SIZE = 128     # FlexAttention tile (tokens); the kernels on the GPU are tuned for 128
+UNBOUNDED_WINDOW = 1 << 30  # "no window" (int32-safe)
+BACKENDS = ("auto", "flex", "flash", "sdpa")
+
+
+# ------------------------------------------------------------------------------------------------
+# per-batch / per-window mask data
+# ------------------------------------------------------------------------------------------------
+class DocInfo(NamedTuple):
+    """Documents of one packed batch (tensors live on the batch's device).
+
+    doc_ids: (T,) int32, non-decreasing document index of each token. Tokens before the first
+    document start (a validation segment that begins mid-document) form their own document (-1).
+    cu_seqlens: (n+1,) int32 starting with 0 and ending with T (repeats allowed), for flash.
+    max_seqlen: bound on the longest document, for flash's launch grid (Python int)."""
+    doc_ids: Tensor
+    cu_seqlens: Tensor
+    max_seqlen: int
+    backend: str
+
+
+class AttnWindow(NamedTuple):
+    """One window size for one batch, shared by every layer that uses it.
+
+    window: () int32 tensor (window in tokens) read by the flex mask_mod and the sdpa mask. It is a
+    tensor so that compiled code does not specialize on its value (no recompile on window change).
+    window_tokens: the same as a Python int, only for flash (its kernel takes an int); -1 otherwise
+    so that flex/sdpa graphs never see the value.
+    kv_num_blocks ... full_kv_indices: FlexAttention block-sparsity (flex only; None otherwise)."""
+    window: Tensor
+    window_tokens: int
+    block_size: int
+    kv_num_blocks: Tensor | None = None
+    kv_indices: Tensor | None = None
+    full_kv_num_blocks: Tensor | None = None
+    full_kv_indices: Tensor | None = None
+
+
+@functools.cache
+def flash_attn_func():
+    """The importable FlashAttention varlen function (FA3 first, then FA4), or None."""
+    try:
+        from flash_attn_interface import flash_attn_varlen_func  # FlashAttention-3 (Hopper)
+        return flash_attn_varlen_func
+    except ImportError:
+        pass
+    try:
+        from flash_attn.cute import flash_attn_varlen_func  # FlashAttention-4 (CuTe DSL)
+        return flash_attn_varlen_func
+    except ImportError:
+        return None
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """'auto' -> flex on CUDA, sdpa elsewhere. An explicit 'flash' without the package is an error
+    (never a silent fallback when the user asked for it)."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if name == "flash":
+        if device.type != "cuda":
+            raise RuntimeError("attention backend 'flash' needs a CUDA device")
+        if flash_attn_func() is None:
+            raise RuntimeError(
+                "attention backend 'flash' requested but no FlashAttention package is importable: "
+                "install FlashAttention-3 (module 'flash_attn_interface', built from the "
+                "flash-attention repo's hopper/ folder) or FlashAttention-4 (pip package "
+                "'flash-attn-4', module 'flash_attn.cute'), or use model.attention_backend=flex")
+    return name
+
+
+def build_doc_info(cu_seqlens: Tensor | None, num_tokens: int, device: torch.device, backend: str,
+                   max_seqlen: int | None = None) -> DocInfo:
+    """Document ids from cu_seqlens (document starts, then T, padded with T) without host syncs:
+    doc(t) = (number of starts <= t) - 1, a searchsorted on the device."""
+    if cu_seqlens is None:
+        doc_ids = torch.zeros(num_tokens, dtype=torch.int32, device=device)
+        # [0, T] made by a kernel, not copied from the host (a host copy can stall the stream)
+        cu = torch.arange(2, dtype=torch.int32, device=device) * num_tokens
+    else:
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        positions = torch.arange(num_tokens, dtype=torch.int32, device=device)
+        doc_ids = (torch.searchsorted(cu_seqlens, positions, right=True) - 1).to(torch.int32)
+        # a leading 0 makes cu_seqlens valid for flash even when the first start is not 0
+        # (an extra empty document when it is)
+        cu = F.pad(cu_seqlens, (1, 0)) if backend == "flash" else cu_seqlens
+    return DocInfo(doc_ids, cu, num_tokens if max_seqlen is None else min(max_seqlen, num_tokens),
+                   backend)
+
+
+def flex_block_tensors(doc_ids: Tensor, window: Tensor, block_size: int
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """FlexAttention block sparsity for doc & causal & window, from block-level math only.
+
+    For query block a and key block b (tokens [aB, aB+B) and [bB, bB+B)):
+      some pair allowed  <=> b <= a, (a-b)B - (B-1) <= W, lo(a) <= hi(b)   (documents overlap)
+      every pair allowed <=> b <  a, (a-b)B + (B-1) <= W, lo(a) == hi(a) == lo(b) == hi(b)
+    where lo/hi are the first/last document id in a block (doc ids are non-decreasing). Partial
+    blocks are evaluated by the mask_mod; full blocks skip it. Costs O((T/B)^2) small int ops."""
+    T = doc_ids.numel()
+    n = -(-T // block_size)
+    # pad with a document id larger than any real one: padded keys never match a real query
+    padded = F.pad(doc_ids, (0, n * block_size - T), value=UNBOUNDED_WINDOW).view(n, block_size)
+    lo, hi = padded[:, 0], padded[:, -1]
+    idx = torch.arange(n, device=doc_ids.device, dtype=torch.int32)
+    dist = (idx[:, None] - idx[None, :]) * block_size          # (a - b) * B
+    causal = dist >= 0
+    any_ok = causal & (dist - (block_size - 1) <= window) & (lo[:, None] <= hi[None, :])
+    single = lo == hi
+    full = (dist > 0) & (dist + (block_size - 1) <= window) & \
+        single[:, None] & single[None, :] & (lo[:, None] == lo[None, :])
+    partial = any_ok & ~full
+
+    def to_kv(m: Tensor) -> tuple[Tensor, Tensor]:
+        num = m.sum(dim=-1, dtype=torch.int32)
+        # listed blocks first (stable: ascending block order among them)
+        order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True)
+        return num[None, None].contiguous(), order.to(torch.int32)[None, None].contiguous()
+
+    kv_num, kv_idx = to_kv(partial)
+    full_num, full_idx = to_kv(full)
+    return kv_num, kv_idx, full_num, full_idx
+
+
+def build_window(doc: DocInfo, window: Tensor, window_tokens: int,
+                 block_size: int = FLEX_BLOCK_SIZE) -> AttnWindow:
+    """The AttnWindow of one window size for one batch (flex block sparsity computed here, once)."""
+    if doc.backend == "flex":
+        return AttnWindow(window, -1, block_size, *flex_block_tensors(doc.doc_ids, window, block_size))
+    return AttnWindow(window, window_tokens if doc.backend == "flash" else -1, block_size)
+
+
+def dense_mask(doc_ids: Tensor, window: Tensor | int) -> Tensor:
+    """(T, T) boolean mask: same document, causal, within the window. O(T^2): twin/tests only."""
+    pos = torch.arange(doc_ids.numel(), device=doc_ids.device)
+    delta = pos[:, None] - pos[None, :]
+    return (doc_ids[:, None] == doc_ids[None, :]) & (delta >= 0) & (delta <= window)
+
+
+# ------------------------------------------------------------------------------------------------
+# the one attention function
+# ------------------------------------------------------------------------------------------------
+def _flex_attend(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor, window: AttnWindow) -> Tensor:
+    """FlexAttention on (T, H, D) inputs; the BlockMask is assembled here from tensors only.
+
+    Assembling it inside the (compiled) caller rather than passing a BlockMask object in keeps the
+    compiled regions' inputs plain tensors: a mask_mod closure created per batch outside would be
+    a new Python object each time, which compiled code may guard on (= recompiles)."""
+    T = q.shape[0]
+    win = window.window
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc_ids[q_idx] == doc_ids[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx <= win)
+
+    block_mask = BlockMask.from_kv_blocks(
+        window.kv_num_blocks, window.kv_indices, window.full_kv_num_blocks, window.full_kv_indices,
+        BLOCK_SIZE=window.block_size, mask_mod=mask_mod, seq_lengths=(T, T))
+    # (1, H, T, D) contiguous: each head's tile is one contiguous slab for the kernel; in a
+    # compiled region the copy fuses into the producers (norm / rotary / value mixing)
+    qh, kh, vh = (t.unsqueeze(0).transpose(1, 2).contiguous() for t in (q, k, v))
+    out = flex_attention(qh, kh, vh, block_mask=block_mask, scale=1.0)
+    return out.squeeze(0).transpose(0, 1)
+
+
+@functools.cache
+def _compiled_flex():
+    # Outside a compiled region, FlexAttention must still run through its fused kernel: the eager
+    # fallback materializes H x T x T scores (25 GB at T=32K). Tensors-only inputs: no recompiles.
+    return torch.compile(_flex_attend, dynamic=False, fullgraph=True)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, doc: DocInfo, window: AttnWindow,
+           scale: Tensor | float, backend: str) -> Tensor:
+    """softmax(scale * q k^T + mask) v for q, k, v of shape (T, H, D); returns (T, H, D).
+
+    ``scale`` may be a 0-d tensor (the YaRN-rescaled attn_scale): it is then folded into q, and the
+    kernels run with scale 1, so a changing scale never reaches a kernel argument (no recompile)."""
+    if isinstance(scale, Tensor):
+        q = q * scale
+        scale = 1.0
+    elif scale != 1.0:
+        q = q * scale
+    if backend == "flex":
+        fn = _flex_attend
+        if q.is_cuda and not torch.compiler.is_compiling():
+            fn = _compiled_flex()
+        return fn(q, k, v, doc.doc_ids, window)
+    if backend == "flash":
+        func = flash_attn_func()
+        if func is None:
+            resolve_backend("flash", q.device)   # raises the explanatory error
+        left = -1 if window.window_tokens >= doc.max_seqlen else window.window_tokens
+        out = func(q, k, v, cu_seqlens_q=doc.cu_seqlens, cu_seqlens_k=doc.cu_seqlens,
+                   max_seqlen_q=doc.max_seqlen, max_seqlen_k=doc.max_seqlen,
+                   softmax_scale=1.0, causal=True, window_size=(left, 0))
+        return out[0] if isinstance(out, tuple) else out
+    if backend == "sdpa":
+        mask = dense_mask(doc.doc_ids, window.window)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             attn_mask=mask, scale=1.0)
+        return out.transpose(0, 1)
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the layer
+# ------------------------------------------------------------------------------------------------
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CausalSelfAttention(nn.Module):
+    """q, k, v = rmsnorm(x) W{q,k,v}^T; QK-norm; rotary; v <- l0 v + l1 ve; attention; per-head
+    sigmoid gate read from the first gate_dim dims of the (normed) input; output projection.
+
+    ``qkvo`` (label "attn") is ONE fp32 parameter of shape (dim, 4*dim) whose memory is four
+    stacked dim x dim matrices [Wq, Wk, Wv, Wo] in nn.Linear (out, in) form (``view(4, dim, dim)``),
+    so the optimizer can stack it with the MLP matrices of the same shape."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, *, qk_norm: bool, rotary: bool,
+                 attn_gate: bool, gate_dim: int, dtype: torch.dtype):
+        super().__init__()
+        assert num_heads * head_dim == dim, "num_heads * head_dim must equal model_dim"
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+        self.qk_norm, self.rotary, self.gate_dim = qk_norm, rotary, gate_dim
+        self.qkvo = nn.Parameter(torch.empty(dim, 4 * dim))
+        self.qkvo.label = "attn"
+        self.gate = None
+        if attn_gate:
+            self.gate = nn.Linear(gate_dim, num_heads, bias=False, dtype=dtype)
+            self.gate.weight.label = "attn_gate"
+
+    def forward(self, x: Tensor, ve: Tensor | None, value_lambdas: Tensor | None,
+                cos: Tensor | None, sin: Tensor | None, attn_scale: Tensor | float,
+                doc: DocInfo, window: AttnWindow) -> Tensor:
+        T, H, D = x.shape[0], self.num_heads, self.head_dim
+        w = self.qkvo.to(x.dtype).view(4, self.dim, self.dim)   # one cast per use
+        q, k, v = F.linear(x, w[:3].flatten(0, 1)).view(T, 3 * H, D).chunk(3, dim=1)
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        if self.rotary:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if value_lambdas is not None:
+            v = value_lambdas[0] * v
+            if ve is not None:
+                v = v + value_lambdas[1] * ve.view(T, H, D)
+        y = attend(q, k, v, doc, window, attn_scale, doc.backend)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x[:, :self.gate_dim])).unsqueeze(-1)
+        return F.linear(y.reshape(T, self.dim), w[3])

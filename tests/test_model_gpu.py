@@ -1,0 +1,103 @@
+"""GPU tests of the model (skipped without CUDA): the attention backends agree in bf16 (flex,
+sdpa twin, flash when importable), forward and backward; the regionally compiled record model
+agrees with the eager twin and does not recompile when windows change.
+
+Run on the GPU machine: python -m pytest tests/test_model_gpu.py tests/test_model_fp8.py -m gpu -q
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speedrun.config import ModelConfig
+from speedrun.model import GPT
+from speedrun.model import attention as A
+
+pytestmark = pytest.mark.gpu
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def packed_docs(T, mean_len, device, seed=0, pad_to=128):
+    """cu_seqlens of random documents (lengths ~ exponential, mean mean_len), padded with T."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = (torch.empty(pad_to).exponential_(1 / mean_len, generator=g).long() + 1).clamp(max=2048)
+    starts = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), lengths]), 0)
+    starts = starts[starts < T][:pad_to - 1]
+    cu = torch.cat([starts, torch.full((pad_to - starts.numel(),), T)])
+    return cu.to(torch.int32).to(device)
+
+
+def run_backend(backend, q, k, v, cu, window_tokens, scale):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    doc = A.build_doc_info(cu, q.shape[0], q.device, backend)
+    win = A.build_window(doc, torch.tensor(window_tokens, dtype=torch.int32, device=q.device), window_tokens)
+    out = A.attend(q, k, v, doc, win, scale, backend)
+    g = torch.randn(out.shape, dtype=out.dtype, device=out.device,
+                    generator=torch.Generator(device=out.device).manual_seed(5))
+    out.backward(g)
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("window_tokens", [128, 384, 896, 1408])
+def test_backends_agree_bf16(window_tokens):
+    dev = torch.device("cuda")
+    T, H, D = 8192, 6, 128
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (F.rms_norm(torch.randn(T, H, D, device=dev, generator=g), (D,)).bfloat16() for _ in range(3))
+    cu = packed_docs(T, 700, dev)
+    scale = torch.tensor(0.12, device=dev)
+    backends = ["sdpa", "flex"] + (["flash"] if A.flash_attn_func() is not None else [])
+    results = {b: run_backend(b, q, k, v, cu, window_tokens, scale) for b in backends}
+    ref = results["sdpa"]
+    for b in backends[1:]:
+        for got, want, name in zip(results[b], ref, ("out", "dq", "dk", "dv")):
+            assert rel(got, want) < 2e-2, f"{b} {name} window {window_tokens}: rel {rel(got, want)}"
+
+
+def test_flash_requested_but_missing_is_clear():
+    if A.flash_attn_func() is not None:
+        pytest.skip("a FlashAttention package is installed")
+    with pytest.raises(RuntimeError, match="flash_attn_interface"):
+        A.resolve_backend("flash", torch.device("cuda"))
+
+
+def test_compiled_record_model_matches_eager_and_never_recompiles():
+    """Record config in bf16, T=16384: compiled regions (flex) vs eager twin (sdpa), then window
+    changes through every stage with no new graphs."""
+    torch._dynamo.reset()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    model = GPT(cfg, torch.bfloat16).to(dev)
+    with torch.no_grad():   # non-zero outputs so every path carries signal
+        for p in model.parameters():
+            if p.label in ("lm_head", "mlp_proj", "attn_gate", "smear_gate"):
+                p.normal_(0, 0.02)
+    T = 16384
+    g = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, 50256, (T,), device=dev, generator=g, dtype=torch.int32)
+    targets = torch.randint(0, 50256, (T,), device=dev, generator=g)
+    cu = packed_docs(T, 700, dev)
+    model.set_window(3, 1)
+    model.set_window(7, 3)
+
+    cfg.attention_backend = "sdpa"
+    with torch.no_grad():
+        eager = model(ids, targets, cu, reduction="mean")
+    cfg.attention_backend = "flex"
+    model.compile_regions()
+    with torch.no_grad():
+        compiled = model(ids, targets, cu, reduction="mean")
+    assert abs(compiled.item() - eager.item()) < 2e-2 * eager.item()
+
+    from torch._dynamo.utils import counters
+    model.train()
+    model(ids, targets, cu).backward()
+    graphs = counters["stats"]["unique_graphs"]
+    for long in (11, 13):
+        model.set_window(long, long // 2)
+        model(ids, targets, cu).backward()
+    assert counters["stats"]["unique_graphs"] == graphs, "window change recompiled"
+    torch._dynamo.reset()
