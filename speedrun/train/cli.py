@@ -158,7 +158,8 @@ def launch_workers(args, cfg: Config) -> int:
     cfg.grad_accum(n)  # fails early with a clear message if the world size does not divide the batch
     full = list(getattr(args, "_argv", sys.argv[1:]))
     argv = _strip_launch_flags(full[full.index("train") + 1:])
-    if not args.save_path and not args.resume:
+    if not cfg.train.save_path and not args.resume:
+        # every worker must write into the same run directory, so fix its name here
         argv += ["--save-path", _default_run_dir()]
     if on_cpu and "--cpu" not in argv:
         argv.append("--cpu")

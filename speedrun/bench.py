@@ -1,0 +1,228 @@
+"""``speedrun bench``: measure a recipe's training step on this machine.
+
+For each attention-window stage of the schedule it runs a short timed window of real optimizer steps
+(synthetic documents unless ``--data-path`` is given) and prints one table: ms/step, tokens/s, MFU,
+peak memory, and the split of a step into forward / backward / optimizer / data wait. It also reports
+the cold start (process start to first timed step, empty compile cache) and, with ``--warm-start``,
+the start of a second process that finds the compile cache on disk. ``--profile`` writes a torch
+profiler trace and a CUDA memory snapshot into the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+PROCESS_START = time.perf_counter()
+
+
+def register(subparsers) -> None:
+    from speedrun.train.cli import add_train_arguments
+    p = subparsers.add_parser("bench", help="time the training step of a recipe at every window stage",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_train_arguments(p)
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per window stage")
+    p.add_argument("--skip-steps", type=int, default=2, help="untimed steps per stage before timing")
+    p.add_argument("--profile", action="store_true",
+                   help="write a torch profiler trace (trace.json) and a CUDA memory snapshot "
+                        "(memory_snapshot.pickle, open in pytorch.org/memory_viz) into the run directory")
+    p.add_argument("--warm-start", action="store_true",
+                   help="afterwards, time the start of a second process that reuses the compile cache")
+    p.add_argument("--cache-dir", help="inductor compile cache (default: a fresh one, so the start is cold)")
+    p.add_argument("--out", help="also write the results as JSON to this file")
+    p.add_argument("--start-only", action="store_true", help=argparse.SUPPRESS)  # used by --warm-start
+    p.set_defaults(func=run_bench, accepts_overrides=True, config="record_124m")
+
+
+def synthetic_shards(directory: str, num_tokens: int, vocab: int, bos_id: int, seed: int = 0) -> tuple[str, str]:
+    """Random documents (Zipf-like token ids, geometric lengths, mean ~800 tokens) as train/val shards.
+    Never zeros: timing on constant data can flatter the kernels."""
+    import numpy as np
+    from speedrun.data.shards import write_shard
+    rng = np.random.default_rng(seed)
+    tokens = np.minimum(rng.zipf(1.2, size=num_tokens), vocab - 1).astype(np.int64)
+    tokens = (tokens * 7919) % (bos_id - 1) + 1 if bos_id < vocab else tokens
+    doc_starts = np.cumsum(rng.geometric(1 / 800, size=num_tokens // 200))
+    tokens[doc_starts[doc_starts < num_tokens]] = bos_id
+    tokens[0] = bos_id
+    train = os.path.join(directory, "synthetic_train_000001.bin")
+    val = os.path.join(directory, "synthetic_val_000000.bin")
+    write_shard(train, tokens.astype(np.uint16))
+    write_shard(val, tokens[: num_tokens // 4].astype(np.uint16))
+    return train, val
+
+
+def run_bench(args) -> int:
+    import torch
+    from speedrun.train.cli import build_config
+    cfg = build_config(args)
+    if cfg.train.memory_pool:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="speedrun-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    run_dir = cfg.train.save_path or tempfile.mkdtemp(prefix="speedrun-bench-")
+    os.makedirs(run_dir, exist_ok=True)
+    if not cfg.data.train_path:
+        steps_needed = len(cfg.schedule.window_stages) * (args.steps + args.skip_steps + 2) + 16
+        n = max(cfg.train.tokens_per_step * steps_needed, cfg.train.val_tokens) + cfg.train.tokens_per_step
+        cfg.data.train_path, cfg.data.val_path = synthetic_shards(
+            run_dir, int(n * 1.1), cfg.model.padded_vocab_size, cfg.data.bos_id)
+    cfg.data.wrap = True
+
+    from speedrun.train.distributed import init_world
+    from speedrun.train.trainer import Trainer, resolve_device
+    world = init_world(resolve_device(cfg))
+    trainer = Trainer(cfg, world, run_dir)
+    device = trainer.device
+    warmup_s = trainer.warmup()
+    batches = trainer.loader.next_step()
+    trainer.apply_window(0)
+    trainer.train_step(0, batches)
+    _sync(device)
+    start_s = time.perf_counter() - PROCESS_START
+    if args.start_only:
+        print(json.dumps({"start_to_first_step_s": start_s, "compile_warmup_s": warmup_s}))
+        return 0
+
+    from speedrun.optim.schedules import window_blocks
+    from speedrun.train.metrics import flops_per_token
+    sched = cfg.schedule
+    stage_steps = sorted({window_blocks(k, sched): k for k in range(sched.total_steps - 1, -1, -1)}.values())
+    rows = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for first in stage_steps:
+        trainer.apply_window(first)
+        short, long = trainer.window
+        for k in range(args.skip_steps):
+            trainer.train_step(first + k, trainer.loader.next_step())
+        split = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        _sync(device)
+        t0 = time.perf_counter()
+        for k in range(args.steps):
+            _timed_step(trainer, first + args.skip_steps + k, split)
+        _sync(device)
+        ms = 1e3 * (time.perf_counter() - t0) / args.steps
+        tokens_per_s = cfg.train.tokens_per_step / (ms / 1e3)
+        block = cfg.model.block_size
+        fpt = flops_per_token(cfg.model, long * block, short * block)
+        mfu = fpt * tokens_per_s / trainer.peak_flops / world.world_size if trainer.peak_flops else None
+        rows.append({"window_long": long, "window_short": short, "ms_per_step": ms,
+                     "tokens_per_s": tokens_per_s, "mfu": mfu,
+                     **{f"{k}_ms": v / args.steps for k, v in split.items()}})
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    mean_tps = sum(r["tokens_per_s"] for r in rows) / len(rows)
+    # schedule-weighted average: each stage runs for its share of the steps
+    weights = [sum(1 for k in range(sched.total_steps) if window_blocks(k, sched) == (r["window_short"], r["window_long"]))
+               for r in rows]
+    sched_ms = sum(w * r["ms_per_step"] for w, r in zip(weights, rows)) / sum(weights)
+    result = {"config": args.config, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "world_size": world.world_size, "grad_accum": trainer.grad_accum,
+              "tokens_per_step": cfg.train.tokens_per_step, "stages": rows,
+              "schedule_avg_tokens_per_s": cfg.train.tokens_per_step / (sched_ms / 1e3),
+              "mean_stage_tokens_per_s": mean_tps, "peak_memory_gib": peak,
+              "compile_warmup_s": warmup_s, "cold_start_to_first_step_s": start_s,
+              "torch": torch.__version__}
+    if args.profile:
+        result.update(_profile(trainer, stage_steps[-1] + args.skip_steps + args.steps, run_dir))
+    if args.warm_start:
+        result["warm_start_to_first_step_s"] = _warm_start(args, cache)
+    if world.is_main:
+        _print_table(result)
+        if args.out:
+            from speedrun.utils import atomic_write_text
+            atomic_write_text(args.out, json.dumps(result, indent=1))
+    return 0
+
+
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_step(trainer, step: int, split: dict) -> None:
+    """One optimizer step with the phases timed by host clock around device syncs.
+
+    Syncing between phases costs a little throughput; the ms/step column comes from the same loop,
+    so it is a slight underestimate of the free-running speed (the trainer never syncs inside a step).
+    """
+    from speedrun.optim.schedules import lr_multiplier, muon_momentum
+    dev, cfg = trainer.device, trainer.cfg
+    t = time.perf_counter()
+    batches = trainer.loader.next_step()
+    _sync(dev)
+    split["data"] += 1e3 * (time.perf_counter() - t)
+    trainer.optimizers.begin_step(step)
+    for i, batch in enumerate(batches):
+        if i == len(batches) - 1:
+            trainer.optimizers.before_last_backward()
+        t = time.perf_counter()
+        loss = trainer.model(batch.inputs, batch.targets, batch.cu_seqlens, reduction="sum")
+        _sync(dev)
+        split["forward"] += 1e3 * (time.perf_counter() - t)
+        t = time.perf_counter()
+        (loss / trainer.grad_accum).backward()
+        _sync(dev)
+        split["backward"] += 1e3 * (time.perf_counter() - t)
+    t = time.perf_counter()
+    trainer.optimizers.step(step, lr_multiplier(step, cfg.schedule),
+                            muon_momentum(step, cfg.optim.muon, cfg.schedule))
+    trainer.optimizers.zero_grad(step)
+    _sync(dev)
+    split["optimizer"] += 1e3 * (time.perf_counter() - t)
+
+
+def _profile(trainer, step: int, run_dir: str) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    out = {}
+    if trainer.device.type == "cuda":
+        torch.cuda.memory._record_memory_history(max_entries=200000)
+    with profile(activities=activities) as prof:
+        for k in range(2):
+            trainer.train_step(step + k, trainer.loader.next_step())
+        _sync(trainer.device)
+    trace = os.path.join(run_dir, "trace.json")
+    prof.export_chrome_trace(trace)
+    out["profile_trace"] = trace
+    if trainer.device.type == "cuda":
+        snap = os.path.join(run_dir, "memory_snapshot.pickle")
+        torch.cuda.memory._dump_snapshot(snap)
+        torch.cuda.memory._record_memory_history(enabled=None)
+        out["memory_snapshot"] = snap
+    return out
+
+
+def _warm_start(args, cache: str) -> float:
+    argv = [a for a in args._argv if a not in ("--warm-start", "--profile")]
+    if "--cache-dir" not in argv:
+        argv += ["--cache-dir", cache]
+    argv += ["--start-only"]
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "speedrun", *argv], capture_output=True, text=True,
+                          env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+    if proc.returncode != 0:
+        raise RuntimeError(f"warm-start run failed:\n{proc.stderr[-2000:]}")
+    reported = json.loads(proc.stdout.strip().splitlines()[-1])["start_to_first_step_s"]
+    return max(reported, 0.0) if reported else time.perf_counter() - t
+
+
+def _print_table(r: dict) -> None:
+    print(f"\n{r['config']} on {r['device']} x{r['world_size']} (grad_accum {r['grad_accum']}), "
+          f"{r['tokens_per_step']} tokens/step, torch {r['torch']}")
+    head = f"{'window':>8} {'ms/step':>9} {'tok/s':>10} {'MFU':>6} {'data':>7} {'fwd':>7} {'bwd':>7} {'optim':>7}"
+    print(head)
+    for s in r["stages"]:
+        mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "-"
+        print(f"{s['window_short']:>3}/{s['window_long']:<4} {s['ms_per_step']:9.1f} {s['tokens_per_s'] / 1e3:9.1f}k "
+              f"{mfu:>6} {s['data_ms']:7.1f} {s['forward_ms']:7.1f} {s['backward_ms']:7.1f} {s['optimizer_ms']:7.1f}")
+    print(f"schedule-weighted: {r['schedule_avg_tokens_per_s'] / 1e3:.1f}k tok/s | peak memory "
+          f"{r['peak_memory_gib'] if r['peak_memory_gib'] is None else round(r['peak_memory_gib'], 2)} GiB | "
+          f"compile+warm-up {r['compile_warmup_s']:.1f} s | cold start to first step {r['cold_start_to_first_step_s']:.1f} s"
+          + (f" | warm start {r['warm_start_to_first_step_s']:.1f} s" if "warm_start_to_first_step_s" in r else ""))
