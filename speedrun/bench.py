@@ -67,7 +67,7 @@ def run_bench(args) -> int:
     run_dir = cfg.train.save_path or tempfile.mkdtemp(prefix="speedrun-bench-")
     os.makedirs(run_dir, exist_ok=True)
     if not cfg.data.train_path:
-        steps_needed = len(cfg.schedule.window_stages) * (args.steps + args.skip_steps + 2) + 16
+        steps_needed = (len(cfg.schedule.window_stages) + 1) * (args.steps + args.skip_steps + 5) + 16
         n = max(cfg.train.tokens_per_step * steps_needed, cfg.train.val_tokens) + cfg.train.tokens_per_step
         cfg.data.train_path, cfg.data.val_path = synthetic_shards(
             run_dir, int(n * 1.1), cfg.model.padded_vocab_size, cfg.data.bos_id)
@@ -100,20 +100,25 @@ def run_bench(args) -> int:
         short, long = trainer.window
         for k in range(args.skip_steps):
             trainer.train_step(first + k, trainer.loader.next_step())
-        split = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        # ms/step from free-running steps (no syncs inside, as in training) ...
         _sync(device)
         t0 = time.perf_counter()
         for k in range(args.steps):
-            _timed_step(trainer, first + args.skip_steps + k, split)
+            trainer.train_step(first + args.skip_steps + k, trainer.loader.next_step())
         _sync(device)
         ms = 1e3 * (time.perf_counter() - t0) / args.steps
+        # ... then the phase split from a few more steps with a sync after each phase
+        split = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        split_steps = max(1, min(3, args.steps))
+        for k in range(split_steps):
+            _timed_step(trainer, first + args.skip_steps + args.steps + k, split)
         tokens_per_s = cfg.train.tokens_per_step / (ms / 1e3)
         block = cfg.model.block_size
         fpt = flops_per_token(cfg.model, long * block, short * block)
         mfu = fpt * tokens_per_s / trainer.peak_flops / world.world_size if trainer.peak_flops else None
         rows.append({"window_long": long, "window_short": short, "ms_per_step": ms,
                      "tokens_per_s": tokens_per_s, "mfu": mfu,
-                     **{f"{k}_ms": v / args.steps for k, v in split.items()}})
+                     **{f"{k}_ms": v / split_steps for k, v in split.items()}})
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     mean_tps = sum(r["tokens_per_s"] for r in rows) / len(rows)
     # schedule-weighted average: each stage runs for its share of the steps
@@ -148,8 +153,8 @@ def _sync(device) -> None:
 def _timed_step(trainer, step: int, split: dict) -> None:
     """One optimizer step with the phases timed by host clock around device syncs.
 
-    Syncing between phases costs a little throughput; the ms/step column comes from the same loop,
-    so it is a slight underestimate of the free-running speed (the trainer never syncs inside a step).
+    Syncing between phases costs a little throughput, so these steps only give the split; ms/step
+    comes from free-running steps (the trainer never syncs inside a step).
     """
     from speedrun.optim.schedules import lr_multiplier, muon_momentum
     dev, cfg = trainer.device, trainer.cfg
