@@ -26,7 +26,7 @@ for part in $parts; do
         kernels) step bench_kernels 90 python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json" ;;
         model)   step bench_model 150 python3 benchmarks/bench_model.py --out "$out/bench_model.json" ;;
         optim)   step bench_optim 90 python3 benchmarks/bench_optim.py --out "$out/bench_optim.json" ;;
-        bench)   step bench 330 python3 -m speedrun bench --config record_124m --warm-start \
+        bench)   step bench ${BENCH_LIMIT:-330} python3 -m speedrun bench --config record_124m --warm-start \
                      --out "$out/bench.json" ;;
         *) echo "unknown part $part" ;;
     esac

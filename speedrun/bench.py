@@ -38,11 +38,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_bench, accepts_overrides=True, config="record_124m")
 
 
-def synthetic_shards(directory: str, num_tokens: int, vocab: int, bos_id: int, seed: int = 0) -> tuple[str, str]:
+def synthetic_shards(directory: str, num_tokens: int, vocab: int, bos_id: int, seed: int = 0,
+                     num_val_tokens: int | None = None) -> tuple[str, str]:
     """Random documents (Zipf-like token ids, geometric lengths, mean ~800 tokens) as train/val shards.
     Never zeros: timing on constant data can flatter the kernels."""
     import numpy as np
     from speedrun.data.shards import write_shard
+    num_val = num_val_tokens or num_tokens // 4
+    num_tokens += num_val  # the val shard is a separate stretch of the same stream
     rng = np.random.default_rng(seed)
     tokens = np.minimum(rng.zipf(1.2, size=num_tokens), vocab - 1).astype(np.int64)
     tokens = (tokens * 7919) % (bos_id - 1) + 1 if bos_id < vocab else tokens
@@ -51,8 +54,9 @@ def synthetic_shards(directory: str, num_tokens: int, vocab: int, bos_id: int, s
     tokens[0] = bos_id
     train = os.path.join(directory, "synthetic_train_000001.bin")
     val = os.path.join(directory, "synthetic_val_000000.bin")
-    write_shard(train, tokens.astype(np.uint16))
-    write_shard(val, tokens[: num_tokens // 4].astype(np.uint16))
+    tokens[num_val] = bos_id
+    write_shard(train, tokens[num_val:].astype(np.uint16))
+    write_shard(val, tokens[:num_val].astype(np.uint16))
     return train, val
 
 
@@ -68,9 +72,10 @@ def run_bench(args) -> int:
     os.makedirs(run_dir, exist_ok=True)
     if not cfg.data.train_path:
         steps_needed = (len(cfg.schedule.window_stages) + 1) * (args.steps + args.skip_steps + 5) + 16
-        n = max(cfg.train.tokens_per_step * steps_needed, cfg.train.val_tokens) + cfg.train.tokens_per_step
+        n = cfg.train.tokens_per_step * (steps_needed + 1)
         cfg.data.train_path, cfg.data.val_path = synthetic_shards(
-            run_dir, int(n * 1.1), cfg.model.padded_vocab_size, cfg.data.bos_id)
+            run_dir, int(n * 1.1), cfg.model.padded_vocab_size, cfg.data.bos_id,
+            num_val_tokens=cfg.train.val_tokens + cfg.train.val_sequence_tokens)
     cfg.data.wrap = True
 
     from speedrun.train.distributed import init_world

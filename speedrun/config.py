@@ -166,6 +166,8 @@ class TrainConfig:
     dtype: str = "auto"                # activation dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     memory_pool: bool = False          # expandable-segments CUDA allocator (less fragmentation)
     nan_guard: bool = True
+    max_steps: int = 0                 # stop after this many steps (0 = the whole schedule); the
+    #                                    schedules stay the full recipe's, so a short run is its prefix
 
 
 @dataclass
@@ -232,6 +234,7 @@ class Config:
         _check(len(s.window_stages) > 0 and all(w > 0 for w in s.window_stages),
                "schedule.window_stages", "a non-empty list of positive window sizes (blocks)")
         _check(t.device in ("auto", "cpu", "cuda"), "train.device", "one of auto, cpu, cuda")
+        _check(t.max_steps >= 0, "train.max_steps", ">= 0 (0 = the whole schedule)")
         _check(t.val_every >= 0 and t.save_every >= 0 and t.log_every >= 1, "train.val_every",
                "val_every >= 0, save_every >= 0, log_every >= 1")
         return self

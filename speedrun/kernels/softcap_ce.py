@@ -119,6 +119,9 @@ if HAS_TRITON:
     ):
         row = tl.program_id(0).to(tl.int64)  # int64: T * V exceeds 2^31 at the record's sizes
         row_ptr = logits_ptr + row * row_stride
+        # torch.compile passes Python floats as fp64 scalars; keep the loop-carried sums in fp32
+        cap = tl.cast(cap, tl.float32)
+        neg_inv_tau_log2e = tl.cast(neg_inv_tau_log2e, tl.float32)
         cap_log2e = cap * 1.4426950408889634
         offsets = tl.arange(0, BLOCK_V)
         if FIXED_SHIFT:
@@ -176,6 +179,9 @@ if HAS_TRITON:
     ):
         row = tl.program_id(0).to(tl.int64)
         in_ptr = logits_ptr + row * logits_row_stride
+        cap = tl.cast(cap, tl.float32)  # fp64 under torch.compile, as in the forward
+        neg_inv_tau_log2e = tl.cast(neg_inv_tau_log2e, tl.float32)
+        dsdz_scale = tl.cast(dsdz_scale, tl.float32)
         out_ptr = grad_ptr + row * grad_row_stride
         target = tl.load(targets_ptr + row).to(tl.int32)  # int32 compares per element (V < 2^31)
         lse_log2e = tl.load(lse_ptr + row) * 1.4426950408889634

@@ -80,6 +80,8 @@ class Trainer:
         self.dtype = resolve_dtype(cfg, self.device.type)
         self.grad_accum = cfg.grad_accum(world.world_size)
         self.total_steps = cfg.schedule.total_steps
+        # where this run stops: the schedule's end unless train.max_steps cuts it short
+        self.end_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         self.train_glob, self.val_glob = resolve_data(cfg)
         self.log = MetricsLogger(run_dir, world.is_main, self.total_steps, stream=stream)
         self._stop_requested = False
@@ -290,9 +292,9 @@ class Trainer:
         try:
             self._sync()
             while True:
-                last = step == self.total_steps
+                last = step >= self.end_step
                 if last or (cfg.train.val_every and step % cfg.train.val_every == 0) or step == self.start_step == 0:
-                    if last:
+                    if last and step == self.total_steps:
                         from speedrun.optim.schedules import final_window_blocks
                         short, long = final_window_blocks(cfg.schedule)
                         self.apply_window(step - 1)
@@ -320,7 +322,7 @@ class Trainer:
                     raise
                 loss = self.train_step(step, batches)
                 step += 1
-                logging_now = step % cfg.train.log_every == 0 or step == self.total_steps
+                logging_now = step % cfg.train.log_every == 0 or step == self.end_step
                 if logging_now or self.device.type == "cpu":
                     self._sync()
                 self.train_time_ms += 1e3 * (time.perf_counter() - t0)
@@ -381,7 +383,7 @@ class Trainer:
         entropy = None
         if self.world.is_main:
             entropy = self._val_unigram_entropy()
-        summary = Summary(steps=self.total_steps, final_val_loss=val_loss, val_unigram_entropy=entropy,
+        summary = Summary(steps=self.end_step, final_val_loss=val_loss, val_unigram_entropy=entropy,
                           train_time_s=self.train_time_ms / 1e3, warmup_time_s=warmup_s,
                           peak_memory_gib=peak, tokens_per_s=tokens_per_s, run_dir=self.run_dir)
         lines = [f"final val loss {val_loss:.4f}"]
