@@ -185,3 +185,18 @@ def test_ctrl_c_saves_a_checkpoint_then_exits(shards, tmp_path):
     assert proc.returncode == 130, "".join(seen) + out
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest.startswith("step_") and "saved" in out
+
+
+def test_max_steps_runs_a_prefix_of_the_recipe(full_run, shards, tmp_path):
+    """train.max_steps stops early with the full recipe's schedules: the losses are the full run's."""
+    run_dir, _ = full_run
+    cfg = micro_config(*shards, tmp_path)
+    cfg.train.max_steps = 5
+    summary = run_trainer(cfg)
+    full_train, _ = train_losses(run_dir)
+    short_train, short_val = train_losses(tmp_path)
+    assert sorted(short_train) == [1, 2, 3, 4, 5]
+    for step, loss in short_train.items():
+        assert loss == pytest.approx(full_train[step], rel=1e-6, abs=1e-6), step
+    assert 5 in short_val and summary.steps == 5
+    assert os.path.exists(os.path.join(tmp_path, "checkpoints", "step_000005", "meta.json"))

@@ -1,0 +1,33 @@
+"""`speedrun bench` on CPU: one row per window stage of the schedule, consistent figures, JSON out."""
+import json
+
+import pytest
+
+from speedrun.cli import main
+from test_train import micro_config
+
+
+def test_bench_reports_every_window_stage(tmp_path, capsys):
+    cfg = micro_config("", "", tmp_path / "run")  # no data: bench makes synthetic shards
+    cfg.data.train_path = cfg.data.val_path = ""
+    config_file = tmp_path / "micro.json"
+    cfg.save(str(config_file))
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--config", str(config_file), "--cpu", "--steps", "2", "--skip-steps", "1",
+               "--out", str(out), "--profile"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    # window stages [2, 4] then the extension window 6 (blocks of 16 tokens): three rows
+    assert [(r["window_short"], r["window_long"]) for r in result["stages"]] == [(1, 2), (2, 4), (3, 6)]
+    for row in result["stages"]:
+        assert row["tokens_per_s"] == pytest.approx(512 / (row["ms_per_step"] / 1e3))
+        assert row["forward_ms"] > 0 and row["backward_ms"] > 0 and row["optimizer_ms"] > 0
+    # the schedule average weights the stages by their step counts, so it lies within their range
+    rates = [r["tokens_per_s"] for r in result["stages"]]
+    assert min(rates) <= result["schedule_avg_tokens_per_s"] <= max(rates)
+    assert result["grad_accum"] == 2 and result["world_size"] == 1
+    assert result["cold_start_to_first_step_s"] > 0
+    trace = json.loads(open(result["profile_trace"]).read())
+    assert trace["traceEvents"], "profiler trace is empty"
+    printed = capsys.readouterr().out
+    assert "schedule-weighted" in printed and "ms/step" in printed
