@@ -64,6 +64,8 @@ class ModelConfig:
     zero_init_outputs: bool = True     # zero-init attention/MLP output projections and lm_head
     fp8_head: bool = True              # FP8 lm_head matmul in training on GPUs that support it
     attention_backend: str = "auto"    # auto | flex | flash | sdpa
+    fused_loss: bool = True            # training loss through the Triton softcapped cross-entropy on
+    #                                    CUDA (no fp32 logits); the plain softcap + F.cross_entropy else
 
     @property
     def padded_vocab_size(self) -> int:

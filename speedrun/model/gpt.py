@@ -24,6 +24,7 @@ from speedrun.config import ModelConfig
 from speedrun.model.attention import (FLEX_BLOCK_SIZE, UNBOUNDED_WINDOW, AttnWindow,
                                       CausalSelfAttention, DocInfo, build_doc_info, build_window,
                                       resolve_backend, rms_norm)
+from speedrun.kernels.softcap_ce import softcapped_cross_entropy
 from speedrun.model.fp8 import fp8_active, head_matmul, linear_head
 from speedrun.model.rotary import Rotary
 
@@ -314,6 +315,9 @@ class GPT(nn.Module):
         (bf16 on GPU, as the record), FP8 head matmul when use_fp8. Per-token losses are summed in
         fp32 so the returned value is precise (gradients are those of the plain sum)."""
         logits = head_matmul(self._final(x, backout), self.lm_head.weight, use_fp8)
+        if self.cfg.fused_loss and self.cfg.logit_softcap and logits.is_cuda:
+            # one pass over the bf16 logits forward, one backward; softcap computed in fp32 inside
+            return softcapped_cross_entropy(logits, targets, self.cfg.logit_softcap, "sum", kernel="triton")
         logits = softcap(logits, self.cfg.logit_softcap)
         return F.cross_entropy(logits, targets, reduction="none").float().sum()
 

@@ -190,7 +190,7 @@ class Trainer:
     def warmup(self) -> float:
         """Compile every graph the run will need (each window stage, both Adam step kinds, eval)
         on throwaway batches, then restore model and optimizer state: the warm-up trains nothing."""
-        if not (self.cfg.train.compile and self.device.type == "cuda"):
+        if not self.cfg.train.compile:
             return 0.0
         t0 = time.perf_counter()
         self.model.compile_regions()
@@ -225,7 +225,7 @@ class Trainer:
         self.optimizers.zero_grad(1)  # odd step: drop every gradient
         self.model.reset_window()
         self.window = None
-        torch.cuda.synchronize(self.device)
+        self._sync()
         return time.perf_counter() - t0
 
     # ---- checkpoints --------------------------------------------------------------------------
