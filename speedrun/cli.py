@@ -60,6 +60,11 @@ def _is_user_error(e: Exception) -> bool:
         user_errors += (ShardError,)
     except ImportError:
         pass
+    try:  # a missing / incomplete checkpoint given to train --resume or to an eval command
+        from speedrun.train.checkpoint import CheckpointError
+        user_errors += (CheckpointError,)
+    except ImportError:
+        pass
     return isinstance(e, user_errors) or getattr(e, "user_error", False)
 
 

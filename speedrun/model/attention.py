@@ -266,8 +266,21 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, ve: Tensor | None, value_lambdas: Tensor | None,
                 cos: Tensor | None, sin: Tensor | None, attn_scale: Tensor | float,
                 doc: DocInfo, window: AttnWindow) -> Tensor:
+        w = self.weights(x.dtype)
+        q, k, v = self.project(x, w, ve, value_lambdas, cos, sin)
+        y = attend(q, k, v, doc, window, attn_scale, doc.backend)
+        return self.output(x, w, y)
+
+    # forward in three pieces, so the KV-cache decoder (kv_cache.py) runs the same math around
+    # its own attention over cached keys
+    def weights(self, dtype: torch.dtype) -> Tensor:
+        """[Wq, Wk, Wv, Wo] as (4, dim, dim) in the activation dtype: one cast per forward."""
+        return self.qkvo.to(dtype).view(4, self.dim, self.dim)
+
+    def project(self, x: Tensor, w: Tensor, ve: Tensor | None, value_lambdas: Tensor | None,
+                cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (T, H, D) of the normed input x: projection, QK-norm, rotary, value mixing."""
         T, H, D = x.shape[0], self.num_heads, self.head_dim
-        w = self.qkvo.to(x.dtype).view(4, self.dim, self.dim)   # one cast per use
         q, k, v = F.linear(x, w[:3].flatten(0, 1)).view(T, 3 * H, D).chunk(3, dim=1)
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
@@ -277,7 +290,10 @@ class CausalSelfAttention(nn.Module):
             v = value_lambdas[0] * v
             if ve is not None:
                 v = v + value_lambdas[1] * ve.view(T, H, D)
-        y = attend(q, k, v, doc, window, attn_scale, doc.backend)
+        return q, k, v
+
+    def output(self, x: Tensor, w: Tensor, y: Tensor) -> Tensor:
+        """Per-head sigmoid gate (read from the normed input x), then the output projection."""
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x[:, :self.gate_dim])).unsqueeze(-1)
-        return F.linear(y.reshape(T, self.dim), w[3])
+        return F.linear(y.reshape(x.shape[0], self.dim), w[3])

@@ -82,13 +82,15 @@ class Rotary(nn.Module):
         self.freqs.mul_(s + ramp * (1 - s))
         self.attn_scale.mul_(1 + YARN_SCALE_SLOPE * math.log(new_blocks / old_blocks))
 
-    def cos_sin(self, num_tokens: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos/sin tables (T, D/2) for positions 0..T-1 (absolute offsets in the packed buffer),
-        computed in fp32 then cast to the activation dtype.
+    def cos_sin(self, num_tokens: int, dtype: torch.dtype, start: int = 0) -> tuple[Tensor, Tensor]:
+        """cos/sin tables (T, D/2) for positions start..start+T-1 (absolute offsets in the packed
+        buffer; start > 0 for the KV-cache decoder), computed in fp32 then cast to the activation
+        dtype.
 
         Computed per forward from the frequency buffer instead of kept as a 262144-row table:
         T x D/2 elements is a few microseconds of work, and there is no derived table to keep in
         sync with the frequencies after a YaRN update or a checkpoint load."""
-        positions = torch.arange(num_tokens, device=self.freqs.device, dtype=torch.float32)
+        positions = torch.arange(start, start + num_tokens, device=self.freqs.device,
+                                 dtype=torch.float32)
         angles = torch.outer(positions, self.freqs)
         return angles.cos().to(dtype), angles.sin().to(dtype)

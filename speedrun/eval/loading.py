@@ -1,0 +1,108 @@
+"""Load a trained model for evaluation: from a checkpoint directory, a run directory (its latest
+checkpoint) or an exported model directory (``speedrun export``), onto a device, in eval mode, with
+the attention windows and YaRN state that the trainer's validation uses at that point.
+
+Why windows need care: a checkpoint stores weights only (no buffers), but the rotary frequencies and
+attention scale were rescaled by YaRN at every window change during training. They are rebuilt by
+replaying the schedule's window changes, exactly as the trainer does on resume; a finished run then
+gets the final validation's longer window without a YaRN update (reference-spec 1.5).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from speedrun.config import Config, ModelConfig
+from speedrun.model import GPT
+
+
+class EvalError(ValueError):
+    """Bad input to an eval command (model path, data file, flags); the message is one line."""
+    user_error = True
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    config: Config | None      # the training config (None for an export without one)
+    step: int | None           # optimizer steps the weights were trained for
+    source: str                # the checkpoint or export directory actually read
+
+    def describe(self) -> str:
+        return self.source + (f" (step {self.step})" if self.step is not None else "")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name}: no CUDA GPU is visible")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16 activations on CUDA (as training and validation run), fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("bfloat16", "float32"):
+        raise EvalError(f"--dtype {name}: expected auto, bfloat16 or float32")
+    return getattr(torch, name)
+
+
+def eval_model_config(model_cfg: ModelConfig) -> ModelConfig:
+    """The model config for inference: the attention backend is chosen for this machine ('auto':
+    flex on CUDA, sdpa on CPU). All backends compute the same function; a run trained with
+    FlashAttention must still load where FlashAttention is not installed."""
+    import dataclasses
+    return dataclasses.replace(model_cfg, attention_backend="auto")
+
+
+def apply_eval_windows(model: GPT, schedule, step: int) -> None:
+    """Windows + YaRN state of the trainer's validation for a model trained ``step`` steps.
+
+    Mid-run (step < total steps): the windows of step ``step``, reached by replaying every window
+    change of steps 0..step with YaRN updates (Trainer.apply_window). Finished run: the last
+    training step's windows, then the final validation window without a YaRN update."""
+    from speedrun.optim.schedules import final_window_blocks, window_blocks
+    total = schedule.total_steps
+    last = min(step, total - 1)
+    model.reset_window()
+    current = None
+    for s in range(0, last + 1):
+        w = window_blocks(s, schedule)
+        if w != current:
+            model.set_window(w[1], w[0], update_yarn=True)
+            current = w
+    if step >= total:
+        short, long = final_window_blocks(schedule)
+        model.set_window(long, short, update_yarn=False)
+
+
+def load_model(path: str, device: str | torch.device = "auto", dtype: str = "auto") -> LoadedModel:
+    """A ready model (eval mode, eval windows) from a checkpoint, run or export directory."""
+    from speedrun.eval.export import is_export_dir, load_export
+    if not os.path.exists(path):
+        raise EvalError(f"{path}: no such checkpoint, run or export directory")
+    device = resolve_device(device) if isinstance(device, str) else device
+    torch_dtype = resolve_dtype(dtype, device)
+    if is_export_dir(path):
+        return load_export(path, device, torch_dtype)
+    return load_checkpoint_model(path, device, torch_dtype)
+
+
+def load_checkpoint_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from speedrun.train.checkpoint import find_checkpoint, load_model_weights, read_meta
+    ckpt = find_checkpoint(path)
+    meta = read_meta(ckpt)
+    if not isinstance(meta.get("config"), dict):
+        raise EvalError(f"{ckpt}/meta.json: no training config recorded")
+    cfg = Config.from_dict(meta["config"], source=f"{ckpt}/meta.json")
+    model = GPT(eval_model_config(cfg.model), dtype=dtype).to(device)
+    load_model_weights(model, ckpt)
+    step = int(meta.get("step", cfg.schedule.total_steps))
+    apply_eval_windows(model, cfg.schedule, step)
+    model.eval()
+    return LoadedModel(model, cfg, step, ckpt)
