@@ -55,7 +55,9 @@ def save_checkpoint(run_dir: str, step: int, model, optimizers, loader_state: di
     torch.save(_rng_state(), os.path.join(staging, f"rng_rank{world.rank}.pt"))
     if world.is_main:
         from safetensors.torch import save_file
-        save_file(_plain_state_dict(model), os.path.join(staging, "model.safetensors"))
+        path = os.path.join(staging, "model.safetensors")
+        save_file(_plain_state_dict(model), path)
+        os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; a checkpoint is a normal file
         meta = {"step": step, "world_size": world.world_size, "train_time_ms": train_time_ms,
                 "loader": loader_state, "config": config, "saved_at": time.time(),
                 "python_rng": list(_python_rng_state()), **(extra or {})}
@@ -124,6 +126,12 @@ def load_checkpoint(path: str, model, optimizers, world) -> Resumed:
     random.setstate(_as_python_state(meta["python_rng"]))
     return Resumed(step=int(meta["step"]), train_time_ms=float(meta["train_time_ms"]),
                    loader_state=meta["loader"], meta=meta)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _plain_state_dict(model) -> dict:
