@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (| head)
+        sys.stderr.close()
+        return 1
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # errors raised for bad input carry a one-line message naming the file or field
         if getattr(args, "debug", False) or not _is_user_error(e):

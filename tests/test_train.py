@@ -204,3 +204,13 @@ def test_max_steps_runs_a_prefix_of_the_recipe(full_run, shards, tmp_path):
         assert loss == pytest.approx(full_train[step], rel=1e-6, abs=1e-6), step
     assert 5 in short_val and summary.steps == 5
     assert os.path.exists(os.path.join(tmp_path, "checkpoints", "step_000005", "meta.json"))
+
+
+def test_flash_attention_on_cpu_is_a_one_line_error(shards, tmp_path, capsys):
+    from speedrun.cli import main
+    cfg = micro_config(*shards, tmp_path / "run")
+    config_file = tmp_path / "micro.json"
+    cfg.save(str(config_file))
+    assert main(["train", "--config", str(config_file), "--cpu", "--use-flash-attn"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a CUDA device" in err[0] and "--use-flash-attn" in err[0], err

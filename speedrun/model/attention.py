@@ -83,6 +83,11 @@ def flash_attn_func():
         return None
 
 
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested attention backend cannot run here (a user error, printed in one line)."""
+    user_error = True
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """'auto' -> flex on CUDA, sdpa elsewhere. An explicit 'flash' without the package is an error
     (never a silent fallback when the user asked for it)."""
@@ -92,9 +97,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
         return "flex" if device.type == "cuda" else "sdpa"
     if name == "flash":
         if device.type != "cuda":
-            raise RuntimeError("attention backend 'flash' needs a CUDA device")
+            raise BackendUnavailable("model.attention_backend 'flash' (--use-flash-attn) needs a CUDA "
+                                     "device; this run is on the CPU")
         if flash_attn_func() is None:
-            raise RuntimeError(
+            raise BackendUnavailable(
                 "attention backend 'flash' requested but no FlashAttention package is importable: "
                 "install FlashAttention-3 (module 'flash_attn_interface', built from the "
                 "flash-attention repo's hopper/ folder) or FlashAttention-4 (pip package "
