@@ -5,6 +5,8 @@ import struct
 import numpy as np
 import pytest
 
+from speedrun.utils import current_umask
+
 from speedrun.data.shards import (HEADER_BYTES, MAGIC, VERSION, ShardError, read_header, read_shard,
                                   shard_paths, write_shard)
 
@@ -77,6 +79,7 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
         write_shard(path, [1, 70000])       # a failed write keeps the old file intact
     assert read_shard(path).tolist() == TOKENS
     assert sorted(os.listdir(tmp_path)) == ["a.bin"]
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~current_umask()  # normal file, not mkstemp's 0600
 
 
 @pytest.mark.parametrize("tokens, expected", [

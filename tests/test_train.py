@@ -12,6 +12,7 @@ import torch
 
 from speedrun.config import Config
 from speedrun.train.distributed import init_world
+from speedrun.utils import current_umask
 
 VOCAB, BOS = 256, 255
 
@@ -91,9 +92,7 @@ def test_run_learns_and_writes_its_outputs(full_run):
                  "checkpoints/step_000003/model.safetensors", "checkpoints/step_000008/meta.json"):
         assert os.path.exists(os.path.join(run_dir, name)), name
     weights = os.path.join(run_dir, "checkpoints/step_000008/model.safetensors")
-    umask = os.umask(0)
-    os.umask(umask)
-    assert os.stat(weights).st_mode & 0o777 == 0o666 & ~umask  # a normal file, not 0600
+    assert os.stat(weights).st_mode & 0o777 == 0o666 & ~current_umask()  # a normal file, not 0600
     assert summary.final_val_loss == pytest.approx(val[8])
     assert summary.val_unigram_entropy > 0
 

@@ -27,6 +27,7 @@ import tempfile
 import numpy as np
 
 from speedrun.data.shards import ShardError, read_header, write_shard
+from speedrun.utils import current_umask
 
 CORPUS = "shakespeare-v1"        # bump when the preparation below changes: old caches are rebuilt
 PREFIX = "shakespeare"
@@ -74,9 +75,7 @@ def _ensure(cache_dir) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{CORPUS}.tmp-", dir=parent)
     try:
         build(tmp)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; the cache is ordinary data
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the cache is ordinary data
         _install(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

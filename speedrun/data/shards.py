@@ -39,14 +39,6 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | Sequence[int]) -> 
     with atomic_open(path, "wb") as f:
         f.write(header.tobytes())
         f.write(array.tobytes())
-        if hasattr(os, "fchmod"):  # the temp file is private (0600); a shard gets normal permissions
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _as_token_array(tokens: np.ndarray | Sequence[int], path: str) -> np.ndarray:

@@ -67,10 +67,8 @@ def export_model(path: str, out: str) -> str:
     os.makedirs(staging)
     try:
         save_file(state, os.path.join(staging, WEIGHTS), metadata={"format": FORMAT})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(os.path.join(staging, WEIGHTS), 0o666 & ~umask)   # safetensors leaves it private
-        from speedrun.utils import atomic_write_text
+        from speedrun.utils import atomic_write_text, current_umask
+        os.chmod(os.path.join(staging, WEIGHTS), 0o666 & ~current_umask())  # safetensors leaves it private
         atomic_write_text(os.path.join(staging, CONFIG), json.dumps(config, indent=1) + "\n")
         atomic_write_text(os.path.join(staging, TOKENIZER),
                           json.dumps(config["tokenizer"], indent=1) + "\n")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from speedrun.utils import atomic_write_text
+from speedrun.utils import atomic_write_text, current_umask
 
 
 class CheckpointError(ValueError):
@@ -57,7 +57,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizers, loader_state: di
         from safetensors.torch import save_file
         path = os.path.join(staging, "model.safetensors")
         save_file(_plain_state_dict(model), path)
-        os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; a checkpoint is a normal file
+        os.chmod(path, 0o666 & ~current_umask())  # safetensors writes 0600; a checkpoint is a normal file
         meta = {"step": step, "world_size": world.world_size, "train_time_ms": train_time_ms,
                 "loader": loader_state, "config": config, "saved_at": time.time(),
                 "python_rng": list(_python_rng_state()), **(extra or {})}
@@ -126,12 +126,6 @@ def load_checkpoint(path: str, model, optimizers, world) -> Resumed:
     random.setstate(_as_python_state(meta["python_rng"]))
     return Resumed(step=int(meta["step"]), train_time_ms=float(meta["train_time_ms"]),
                    loader_state=meta["loader"], meta=meta)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _plain_state_dict(model) -> dict:
