@@ -18,7 +18,6 @@ import tempfile
 import time
 
 PROCESS_START = time.perf_counter()
-IMPORTED = PROCESS_START
 
 
 def register(subparsers) -> None:
@@ -63,8 +62,7 @@ def synthetic_shards(directory: str, num_tokens: int, vocab: int, bos_id: int, s
 
 def run_bench(args) -> int:
     import torch
-    global IMPORTED
-    IMPORTED = time.perf_counter()
+    import_s = time.perf_counter() - PROCESS_START
     from speedrun.train.cli import build_config
     cfg = build_config(args)
     if cfg.train.memory_pool:
@@ -97,17 +95,16 @@ def run_bench(args) -> int:
     start_s = time.perf_counter() - PROCESS_START - data_s
     if args.start_only:
         print(json.dumps({"start_to_first_step_s": start_s, "compile_warmup_s": warmup_s,
-                          "import_s": IMPORTED - PROCESS_START}))
+                          "import_s": import_s}))
         return 0
 
-    from speedrun.optim.schedules import window_blocks
+    from speedrun.optim.schedules import window_stages
     from speedrun.train.metrics import flops_per_token
-    sched = cfg.schedule
-    stage_steps = sorted({window_blocks(k, sched): k for k in range(sched.total_steps - 1, -1, -1)}.values())
+    stages = window_stages(cfg.schedule)
     rows = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for first in stage_steps:
+    for first, _ in stages.values():
         trainer.apply_window(first)
         short, long = trainer.window
         for k in range(args.skip_steps):
@@ -134,8 +131,7 @@ def run_bench(args) -> int:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     mean_tps = sum(r["tokens_per_s"] for r in rows) / len(rows)
     # schedule-weighted average: each stage runs for its share of the steps
-    weights = [sum(1 for k in range(sched.total_steps) if window_blocks(k, sched) == (r["window_short"], r["window_long"]))
-               for r in rows]
+    weights = [count for _, count in stages.values()]
     sched_ms = sum(w * r["ms_per_step"] for w, r in zip(weights, rows)) / sum(weights)
     result = {"config": args.config, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "world_size": world.world_size, "grad_accum": trainer.grad_accum,
@@ -145,7 +141,8 @@ def run_bench(args) -> int:
               "compile_warmup_s": warmup_s, "cold_start_to_first_step_s": start_s,
               "torch": torch.__version__}
     if args.profile:
-        result.update(_profile(trainer, stage_steps[-1] + args.skip_steps + args.steps, run_dir))
+        last_first = list(stages.values())[-1][0]
+        result.update(_profile(trainer, last_first + args.skip_steps + args.steps, run_dir))
     try:  # where the compile time went (dynamo tracing, AOT autograd, inductor), per phase
         from torch._dynamo.utils import compile_times
         result["compile_times"] = compile_times(repr="str", aggregate=True)
@@ -168,35 +165,23 @@ def _sync(device) -> None:
 
 
 def _timed_step(trainer, step: int, split: dict) -> None:
-    """One optimizer step with the phases timed by host clock around device syncs.
+    """The trainer's own step with the phases timed by host clock around device syncs.
 
     Syncing between phases costs a little throughput, so these steps only give the split; ms/step
     comes from free-running steps (the trainer never syncs inside a step).
     """
-    from speedrun.optim.schedules import lr_multiplier, muon_momentum
-    dev, cfg = trainer.device, trainer.cfg
-    t = time.perf_counter()
+    last = time.perf_counter()
+
+    def mark(phase: str) -> None:
+        nonlocal last
+        _sync(trainer.device)
+        now = time.perf_counter()
+        split[phase] += 1e3 * (now - last)
+        last = now
+
     batches = trainer.loader.next_step()
-    _sync(dev)
-    split["data"] += 1e3 * (time.perf_counter() - t)
-    trainer.optimizers.begin_step(step)
-    for i, batch in enumerate(batches):
-        if i == len(batches) - 1:
-            trainer.optimizers.before_last_backward()
-        t = time.perf_counter()
-        loss = trainer.model(batch.inputs, batch.targets, batch.cu_seqlens, reduction="sum")
-        _sync(dev)
-        split["forward"] += 1e3 * (time.perf_counter() - t)
-        t = time.perf_counter()
-        (loss / trainer.grad_accum).backward()
-        _sync(dev)
-        split["backward"] += 1e3 * (time.perf_counter() - t)
-    t = time.perf_counter()
-    trainer.optimizers.step(step, lr_multiplier(step, cfg.schedule),
-                            muon_momentum(step, cfg.optim.muon, cfg.schedule))
-    trainer.optimizers.zero_grad(step)
-    _sync(dev)
-    split["optimizer"] += 1e3 * (time.perf_counter() - t)
+    mark("data")
+    trainer.train_step(step, batches, mark=mark)
 
 
 def _profile(trainer, step: int, run_dir: str) -> dict:

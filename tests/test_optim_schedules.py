@@ -2,7 +2,7 @@
 import pytest
 
 from speedrun.config import MuonConfig, ScheduleConfig
-from speedrun.optim.schedules import (batch_size_multiplier, final_window_blocks, lr_multiplier,
+from speedrun.optim.schedules import (batch_size_multiplier, final_window_blocks, lr_multiplier, window_stages,
                                       muon_momentum, window_blocks)
 
 S, M = ScheduleConfig(), MuonConfig()
@@ -47,6 +47,12 @@ def test_window_blocks(step, expected):
 def test_window_stage_boundaries_match_float_formula():
     for step in range(S.num_scheduled_steps):
         assert window_blocks(step, S)[1] == S.window_stages[int(3 * (step / 2185))]
+
+
+def test_window_stages_of_the_record():
+    stages = window_stages(ScheduleConfig())
+    assert stages == {(1, 3): (0, 729), (3, 7): (729, 728), (5, 11): (1457, 728), (6, 13): (2185, 40)}
+    assert list(stages) == [(1, 3), (3, 7), (5, 11), (6, 13)]   # in step order
 
 
 def test_final_window_and_batch_hook():

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speedrun.config import ModelConfig
+from speedrun.kernels.softcap_ce import softcapped_cross_entropy
 from speedrun.model.attention import (FLEX_BLOCK_SIZE, UNBOUNDED_WINDOW, AttnWindow,
                                       CausalSelfAttention, DocInfo, build_doc_info, build_window,
                                       resolve_backend, rms_norm)
-from speedrun.kernels.softcap_ce import softcapped_cross_entropy
 from speedrun.model.fp8 import fp8_active, head_matmul, linear_head
 from speedrun.model.rotary import Rotary
 
@@ -383,6 +383,11 @@ class GPT(nn.Module):
         counted = (targets != -100).sum()   # cross_entropy's ignore_index: mean over real targets
         return losses.sum() / counted.clamp_min(1)
 
+    def window_tokens(self, layer: int) -> int:
+        """The attention window of ``layer`` in tokens under the current window config."""
+        blocks = self.long_blocks if layer in self.cfg.long_window_layers else self.short_blocks
+        return UNBOUNDED_WINDOW if blocks is None else blocks * self.cfg.block_size
+
     def _windows(self, doc: DocInfo) -> list[AttnWindow | None]:
         """Per layer: its window's mask data, built once per window size for this batch."""
         cfg, built = self.cfg, {}
@@ -393,9 +398,7 @@ class GPT(nn.Module):
                 continue
             long = i in cfg.long_window_layers
             if long not in built:
-                blocks = self.long_blocks if long else self.short_blocks
-                tokens = UNBOUNDED_WINDOW if blocks is None else blocks * cfg.block_size
                 built[long] = build_window(doc, self.window_long if long else self.window_short,
-                                           tokens, self.flex_block_size)
+                                           self.window_tokens(i), self.flex_block_size)
             out.append(built[long])
         return out

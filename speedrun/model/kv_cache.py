@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from speedrun.model.attention import UNBOUNDED_WINDOW, rms_norm
+from speedrun.model.attention import rms_norm
 from speedrun.model.gpt import GPT
 
 
@@ -41,12 +41,6 @@ class KVDecoder:
 
     def reset(self) -> None:
         self.length, self.last_embedding = 0, None
-
-    def window_tokens(self, layer: int) -> int:
-        """The layer's window in tokens under the model's current window config."""
-        m = self.model
-        blocks = m.long_blocks if layer in m.cfg.long_window_layers else m.short_blocks
-        return UNBOUNDED_WINDOW if blocks is None else blocks * m.cfg.block_size
 
     @torch.no_grad()
     def forward(self, ids: Tensor) -> Tensor:
@@ -104,7 +98,7 @@ class KVDecoder:
         self.keys[layer][start:end] = k
         self.values[layer][start:end] = v
         # only keys inside the first query's window can be seen: attend over that slice
-        window = self.window_tokens(layer)
+        window = self.model.window_tokens(layer)
         lo = max(0, start - window)
         keys, values = self.keys[layer][lo:end], self.values[layer][lo:end]
         query_pos = torch.arange(start, end, device=x.device)[:, None]

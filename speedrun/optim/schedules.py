@@ -58,6 +58,18 @@ def window_blocks(step: int, sched: ScheduleConfig) -> tuple[int, int]:
     return _short(long, sched), long
 
 
+def window_stages(sched: ScheduleConfig) -> dict[tuple[int, int], tuple[int, int]]:
+    """Every distinct (short, long) window of the training steps -> (first step, number of steps),
+    in step order. Record: (1, 3) -> (0, 729), (3, 7) -> (729, 728), (5, 11) -> (1457, 728),
+    (6, 13) -> (2185, 40)."""
+    stages: dict[tuple[int, int], tuple[int, int]] = {}
+    for step in range(sched.total_steps):
+        window = window_blocks(step, sched)
+        first, count = stages.get(window, (step, 0))
+        stages[window] = (first, count + 1)
+    return stages
+
+
 def final_window_blocks(sched: ScheduleConfig) -> tuple[int, int]:
     """(short, long) for the final validation only: the long window grows to final_val_window and
     the short window stays that of the last training step (record: (6, 20)). The model must not

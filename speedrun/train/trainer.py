@@ -155,9 +155,11 @@ class Trainer:
             self.window = target
 
     # ---- one optimizer step ---------------------------------------------------------------------
-    def train_step(self, step: int, batches) -> torch.Tensor:
+    def train_step(self, step: int, batches, mark=None) -> torch.Tensor:
         """Forward/backward over this rank's micro-batches, then the optimizer step. Returns the
-        mean per-token training loss of this rank as a device tensor (no host sync)."""
+        mean per-token training loss of this rank as a device tensor (no host sync).
+        ``mark(phase)``, if given, is called as each phase ends ("forward", "backward" per
+        micro-batch, then "optimizer"): ``speedrun bench`` times the phases with it."""
         from speedrun.optim.schedules import lr_multiplier, muon_momentum
         self.optimizers.begin_step(step)
         total = torch.zeros((), device=self.device, dtype=torch.float32)
@@ -165,11 +167,17 @@ class Trainer:
             if i == len(batches) - 1:
                 self.optimizers.before_last_backward()
             loss = self.model(batch.inputs, batch.targets, batch.cu_seqlens, reduction="sum")
+            if mark:
+                mark("forward")
             (loss / self.grad_accum).backward()
+            if mark:
+                mark("backward")
             total += loss.detach().float()
         self.optimizers.step(step, lr_multiplier(step, self.cfg.schedule),
                              muon_momentum(step, self.cfg.optim.muon, self.cfg.schedule))
         self.optimizers.zero_grad(step)
+        if mark:
+            mark("optimizer")
         return total / (self.grad_accum * self.cfg.train.sequence_tokens)
 
     @torch.no_grad()
@@ -198,9 +206,9 @@ class Trainer:
             return time.perf_counter() - t0
         model_state = copy.deepcopy(self.model.state_dict())
         optim_state = copy.deepcopy(self.optimizers.state_dict())
-        from speedrun.optim.schedules import final_window_blocks, window_blocks
+        from speedrun.optim.schedules import final_window_blocks, window_stages
         s = self.cfg.schedule
-        first_steps = sorted({window_blocks(k, s): k for k in range(s.total_steps - 1, -1, -1)}.values())
+        first_steps = [first for first, _ in window_stages(s).values()]
         loader = self._train_loader()
         val_batch = next(iter(self._val_loader()))
         try:
