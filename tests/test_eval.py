@@ -20,6 +20,7 @@ from speedrun.eval.generate import TextStream, filter_logits, generate
 from speedrun.eval.loading import EvalError, apply_eval_windows, load_model
 from speedrun.model import GPT
 from speedrun.model.kv_cache import KVDecoder
+from test_model_gpt import randomized as randomize_parameters
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hellaswag_tiny.jsonl")
 
@@ -36,18 +37,8 @@ def tiny_cfg(**kw) -> ModelConfig:
 
 
 def randomized(model: GPT, seed: int = 0) -> GPT:
-    """Random values for the zero-initialized parts (gates, outputs, head) and the scalars, so that
-    every path of the forward carries signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.label in ("attn_gate", "smear_gate"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif p.label in ("lm_head", "attn", "mlp_proj"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            elif p.label == "scalars":
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
+    """The model tests' randomization (every path carries signal), larger outputs, in eval mode."""
+    return randomize_parameters(model, seed, scale=0.1).eval()
 
 
 def model_with_windows(cfg=None, seed=0) -> GPT:

@@ -30,7 +30,7 @@ def small_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def randomized(model: GPT, seed=0) -> GPT:
+def randomized(model: GPT, seed=0, scale=0.05) -> GPT:
     """Give the zero-initialized parts (gates, outputs, head) and the scalars random values so
     every path of the forward carries signal."""
     g = torch.Generator().manual_seed(seed)
@@ -39,7 +39,7 @@ def randomized(model: GPT, seed=0) -> GPT:
             if p.label in ("attn_gate", "smear_gate"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif p.label in ("lm_head", "attn", "mlp_proj"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
             elif p.label == "scalars":
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
     return model
