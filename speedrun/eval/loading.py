@@ -66,16 +66,10 @@ def apply_eval_windows(model: GPT, schedule, step: int) -> None:
     Mid-run (step < total steps): the windows of step ``step``, reached by replaying every window
     change of steps 0..step with YaRN updates (Trainer.apply_window). Finished run: the last
     training step's windows, then the final validation window without a YaRN update."""
-    from speedrun.optim.schedules import final_window_blocks, window_blocks
+    from speedrun.optim.schedules import final_window_blocks
+    from speedrun.train.trainer import replay_windows
     total = schedule.total_steps
-    last = min(step, total - 1)
-    model.reset_window()
-    current = None
-    for s in range(0, last + 1):
-        w = window_blocks(s, schedule)
-        if w != current:
-            model.set_window(w[1], w[0], update_yarn=True)
-            current = w
+    replay_windows(model, schedule, min(step, total - 1))
     if step >= total:
         short, long = final_window_blocks(schedule)
         model.set_window(long, short, update_yarn=False)

@@ -30,6 +30,19 @@ def default_val_pattern(config) -> str:
 
 
 @torch.no_grad()
+def loss_sum_and_count(model, batches, device) -> torch.Tensor:
+    """(summed per-token loss, token count) over val batches, float64 on ``device``: each chunk's
+    mean loss (fp32, as the model's eval path gives it) weighted by its tokens. The trainer's
+    validation and ``speedrun eval val`` both use this, so their numbers agree."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        loss = model(batch.inputs, batch.targets, batch.cu_seqlens, reduction="mean")
+        total[0] += loss.double() * batch.targets.numel()
+        total[1] += batch.targets.numel()
+    return total
+
+
+@torch.no_grad()
 def evaluate_val(model, pattern: str, num_tokens: int, sequence_tokens: int,
                  bos_id: int = 50256) -> ValResult:
     from speedrun.data.loader import ValLoader
@@ -40,8 +53,5 @@ def evaluate_val(model, pattern: str, num_tokens: int, sequence_tokens: int,
     t0 = time.perf_counter()
     loader = ValLoader(pattern, num_tokens=num_tokens, sequence_tokens=sequence_tokens,
                        bos_id=bos_id, device=str(device))
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in loader:
-        loss = model(batch.inputs, batch.targets, batch.cu_seqlens, reduction="mean")
-        total += loss.double() * batch.targets.numel()
-    return ValResult(float(total) / num_tokens, num_tokens, pattern, time.perf_counter() - t0)
+    total = loss_sum_and_count(model, loader, device)
+    return ValResult(float(total[0] / total[1]), num_tokens, pattern, time.perf_counter() - t0)

@@ -71,6 +71,20 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
     return train, val
 
 
+def replay_windows(model, schedule, step: int) -> tuple[int, int]:
+    """Reset the model's windows and YaRN state, then apply every window change of steps 0..step
+    in order (YaRN updates compound, so a jump must replay them). Returns step's (short, long)."""
+    from speedrun.optim.schedules import window_stages
+    model.reset_window()
+    current = None
+    for window, (first, _) in window_stages(schedule).items():
+        if first > step:
+            break
+        model.set_window(window[1], window[0], update_yarn=True)
+        current = window
+    return current
+
+
 class Trainer:
     def __init__(self, cfg: Config, world, run_dir: str, resume: str | None = None, stream=None):
         self.cfg = cfg.validate()
@@ -143,14 +157,8 @@ class Trainer:
         if target == self.window:
             return
         if self.window is None or target[1] < self.window[1]:
-            self.model.reset_window()
-            self.window = None
-            for s in range(0, step):  # replay each change before `step`
-                w = window_blocks(s, self.cfg.schedule)
-                if w != self.window:
-                    self.model.set_window(w[1], w[0], update_yarn=True)
-                    self.window = w
-        if target != self.window:
+            self.window = replay_windows(self.model, self.cfg.schedule, step)
+        else:
             self.model.set_window(target[1], target[0], update_yarn=True)
             self.window = target
 
@@ -182,12 +190,9 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float:
+        from speedrun.eval.val import loss_sum_and_count
         self.model.eval()
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for batch in self._val_loader():
-            loss = self.model(batch.inputs, batch.targets, batch.cu_seqlens, reduction="mean")
-            total[0] += loss.double() * batch.targets.numel()
-            total[1] += batch.targets.numel()
+        total = loss_sum_and_count(self.model, self._val_loader(), self.device)
         if self.world.world_size > 1:
             import torch.distributed as dist
             dist.all_reduce(total)
