@@ -10,6 +10,7 @@ half export that looks complete). ``load_exported`` (``speedrun.load``) rebuilds
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -54,7 +55,7 @@ def export_model(path: str, out: str) -> str:
     cfg = model.cfg
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "model": _as_dict(cfg),
+        "model": dataclasses.asdict(cfg),
         "window": {"long_blocks": model.long_blocks, "short_blocks": model.short_blocks,
                    "yarn_blocks": getattr(model, "_yarn_blocks", model.long_blocks)},
         "tokenizer": tokenizer_reference(cfg.vocab_size),
@@ -77,11 +78,6 @@ def export_model(path: str, out: str) -> str:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-def _as_dict(model_cfg) -> dict:
-    import dataclasses
-    return dataclasses.asdict(model_cfg)
 
 
 def _check_target(out: str) -> None:
