@@ -33,6 +33,9 @@ from speedrun.model.rotary import apply_rotary
 FLEX_BLOCK_SIZE = 128     # FlexAttention tile (tokens); the kernels on the GPU are tuned for 128
 UNBOUNDED_WINDOW = 1 << 30  # "no window" (int32-safe)
 BACKENDS = ("auto", "flex", "flash", "sdpa")
+# FlexAttention kernel options (tile sizes, ...); None = torch's defaults. benchmarks/bench_flex.py
+# sweeps candidates.
+FLEX_KERNEL_OPTIONS: dict | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,7 +200,7 @@ def _flex_attend(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor, window: AttnW
     # (1, H, T, D) contiguous: each head's tile is one contiguous slab for the kernel; in a
     # compiled region the copy fuses into the producers (norm / rotary / value mixing)
     qh, kh, vh = (t.unsqueeze(0).transpose(1, 2).contiguous() for t in (q, k, v))
-    out = flex_attention(qh, kh, vh, block_mask=block_mask, scale=1.0)
+    out = flex_attention(qh, kh, vh, block_mask=block_mask, scale=1.0, kernel_options=FLEX_KERNEL_OPTIONS)
     return out.squeeze(0).transpose(0, 1)
 
 

@@ -115,6 +115,7 @@ class Trainer:
             self.loader.load_state_dict(state.loader_state)
             self.start_step, self.train_time_ms = state.step, state.train_time_ms
         self.window = None  # (short, long) blocks currently applied to the model
+        self.warmup_phases: dict[str, float] = {}
         self.peak_flops = (device_peak_flops(torch.cuda.get_device_name(self.device))
                            if self.device.type == "cuda" else None)
 
@@ -216,21 +217,34 @@ class Trainer:
         first_steps = [first for first, _ in window_stages(s).values()]
         loader = self._train_loader()
         val_batch = next(iter(self._val_loader()))
+        phases = self.warmup_phases = {"compile_regions": time.perf_counter() - t0}
+        last = time.perf_counter()
+
+        def done(name: str) -> None:  # seconds per warm-up phase (synced), for `speedrun bench`
+            nonlocal last
+            self._sync()
+            now = time.perf_counter()
+            phases[name] = now - last
+            last = now
+
         try:
             for k in first_steps:
                 self.apply_window(k)
                 for j in range(2):  # an even and an odd step: Muon alone, then Muon + Adam
                     self.train_step(k + j, loader.next_step())
+                    done(f"step{k + j}")
                 with torch.no_grad():
                     self.model.eval()
                     self.model(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens, reduction="mean")
                     self.model.train()
+                done(f"eval{k}")
             short, long = final_window_blocks(s)
             self.model.set_window(long, short, update_yarn=False)
             with torch.no_grad():
                 self.model.eval()
                 self.model(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens, reduction="mean")
                 self.model.train()
+            done("eval_final")
         finally:
             loader.close()
         self.model.load_state_dict(model_state)

@@ -1,0 +1,116 @@
+"""Sweep FlexAttention kernel options for the record's attention (T=32768 packed tokens, 6 heads of
+128, documents + causal + sliding window) and time forward and forward+backward of each.
+
+Owns the numbers behind ``attention.FLEX_KERNEL_OPTIONS``: each candidate is compiled once (the
+window is a tensor, so one compile serves every window), then timed with triton.testing.do_bench at
+a short and a long window of each schedule stage. Documents are synthetic, geometric lengths with
+mean 800 tokens capped at 2,048 (the recipe's max_doc_len), like ``speedrun bench``'s data.
+
+    python benchmarks/bench_flex.py --out bench_flex.json [--configs default,rows_safe,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from speedrun.model import attention  # noqa: E402
+
+# name -> kernel_options (None: torch's defaults)
+CANDIDATES: dict[str, dict | None] = {
+    "default": None,
+    "rows_safe": {"ROWS_GUARANTEED_SAFE": True},
+    "fwd128x128w8s2": {"ROWS_GUARANTEED_SAFE": True, "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128,
+                       "fwd_num_warps": 8, "fwd_num_stages": 2},
+    "fwd128x64w8s3": {"ROWS_GUARANTEED_SAFE": True, "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64,
+                      "fwd_num_warps": 8, "fwd_num_stages": 3},
+    "fwd64x128w4s3": {"ROWS_GUARANTEED_SAFE": True, "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128,
+                      "fwd_num_warps": 4, "fwd_num_stages": 3},
+    "bwd64x64w4s3": {"ROWS_GUARANTEED_SAFE": True, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64,
+                     "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3},
+    "bwd32x128w4s3": {"ROWS_GUARANTEED_SAFE": True, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128,
+                      "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32, "bwd_num_warps": 4, "bwd_num_stages": 3},
+    "bwd64x128w8s2": {"ROWS_GUARANTEED_SAFE": True, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128,
+                      "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64, "bwd_num_warps": 8, "bwd_num_stages": 2},
+    "bwd64x128w4s3": {"ROWS_GUARANTEED_SAFE": True, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128,
+                      "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3},
+}
+STAGES = [(1, 3), (3, 7), (5, 11), (6, 13)]   # (short, long) windows in 128-token blocks
+
+
+def doc_ids(T: int, device, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    lengths = torch.distributions.Geometric(probs=torch.tensor(1 / 800)).sample((T // 50,)).long() + 1
+    lengths = lengths.clamp_max(2048)
+    starts = torch.cumsum(lengths, 0)
+    ids = torch.zeros(T, dtype=torch.int32)
+    ids[starts[starts < T]] = 1
+    return torch.cumsum(ids, 0).to(torch.int32).to(device)
+
+
+def run(names: list[str], T: int, H: int, D: int) -> list[dict]:
+    import triton.testing
+    dev = torch.device("cuda")
+    docs = doc_ids(T, dev)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(T, H, D, device=dev, dtype=torch.bfloat16)
+    rows = []
+    for name in names:
+        attention.FLEX_KERNEL_OPTIONS = CANDIDATES[name]
+        torch._dynamo.reset()
+        fn = torch.compile(attention._flex_attend, dynamic=False, fullgraph=True)
+        row = {"name": name, "options": CANDIDATES[name]}
+        try:
+            t0 = time.perf_counter()
+            w = torch.tensor(3 * 128, dtype=torch.int32, device=dev)
+            win = attention.build_window(attention.DocInfo(docs, None, T, "flex"), w, -1)
+            fn(q, k, v, docs, win).backward(grad_out)
+            torch.cuda.synchronize()
+            row["compile_s"] = time.perf_counter() - t0
+            fwd = bwd = 0.0
+            for short, long in STAGES:
+                for blocks, layers in ((short, 8), (long, 2)):   # 8 short-window, 2 long-window layers
+                    w.fill_(blocks * 128)
+                    win = attention.build_window(attention.DocInfo(docs, None, T, "flex"), w, -1)
+                    with torch.no_grad():
+                        f = triton.testing.do_bench(lambda: fn(q, k, v, docs, win), warmup=5, rep=40)
+                    fb = triton.testing.do_bench(lambda: fn(q, k, v, docs, win).backward(grad_out),
+                                                 warmup=5, rep=40, grad_to_none=[q, k, v])
+                    row[f"{short}/{long}:{blocks}:fwd_ms"] = f
+                    row[f"{short}/{long}:{blocks}:fwdbwd_ms"] = fb
+                    fwd += layers * f / len(STAGES)
+                    bwd += layers * (fb - f) / len(STAGES)
+            # per 32768-token micro-batch, all 10 attention layers, averaged over the four stages
+            row["fwd_ms_per_microbatch"], row["bwd_ms_per_microbatch"] = fwd, bwd
+            out = fn(q, k, v, docs, win)
+            row["checksum"] = float(out.float().abs().mean())   # equal across configs
+        except Exception as e:  # a config the kernel rejects (shared memory, divisibility)
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                          if ":" not in k}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default=",".join(CANDIDATES))
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    rows = run(a.configs.split(","), a.tokens, 6, 128)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
