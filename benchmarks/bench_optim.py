@@ -1,7 +1,7 @@
 """Optimizer step time for the record's parameter set on one CUDA GPU: NorMuon (Polar Express via
 torch vs Triton symmetric kernels), Polar Express alone on the record's stacked shapes, DistAdam.
 
-    python benchmarks/bench_optim.py --out bench_optim.json [--iters 50] [--warmup 10]
+    python benchmarks/bench_optim.py --out bench_optim.json [--iters 50] [--warmup 10] [--autotune]
 
 Prints a table (median / min ms over iterations, timed with CUDA events after warm-up) and writes the
 numbers, GPU name and versions as JSON. Grads are random normal (never zeros).
@@ -13,6 +13,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 from torch import nn
@@ -67,21 +68,36 @@ def main() -> None:
     ap.add_argument("--out", default="bench_optim.json")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--autotune", action="store_true",
+                    help="autotune the symmetric kernels over all candidates and print the picks")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_optim.py needs a CUDA GPU")
+    from speedrun.kernels import symmetric_matmul
+    symmetric_matmul.AUTOTUNE = args.autotune
     torch.manual_seed(0)
     rows = []
 
-    def record(name, kernel, times):
-        rows.append({"name": name, "kernel": kernel, "median_ms": statistics.median(times), "min_ms": min(times)})
+    def record(name, kernel, times, **extra):
+        rows.append({"name": name, "kernel": kernel, "median_ms": statistics.median(times), "min_ms": min(times),
+                     **extra})
 
-    # Polar Express alone on the shapes NorMuon sees on one GPU
+    # Polar Express alone on the shapes NorMuon sees on one GPU; the first call's wall time includes
+    # the kernels' JIT compile (and autotuning with --autotune): part of a cold start
     for shape in [(40, 768, 768), (22, 768, 3072), (10, 6, 12)]:
         G = torch.randn(shape, device="cuda")
         for kernel in ("torch", "triton"):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            polar_express(G, kernel=kernel)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
             record(f"polar_express {tuple(shape)}", kernel,
-                   time_ms(lambda: polar_express(G, kernel=kernel), args.iters, args.warmup))
+                   time_ms(lambda: polar_express(G, kernel=kernel), args.iters, args.warmup), first_call_s=first)
+    if args.autotune:
+        picks = {str(k): str(v) for k, v in symmetric_matmul._symmetric_autotuned.cache.items()}
+        print("autotune picks (M, K, HAS_ADD, ...):", json.dumps(picks, indent=1))
+        rows.append({"name": "autotune picks", "picks": picks})
 
     # Full optimizer steps
     for kernel in ("torch", "triton"):
@@ -93,9 +109,9 @@ def main() -> None:
             p.grad = torch.randn_like(p)
         record("NorMuon step (43 params)", kernel,
                time_ms(lambda: opt.muon.step(lr_mult=1.0, momentum=0.95), args.iters, args.warmup))
-        if kernel == "torch":  # Adam has no kernel choice
-            record("DistAdam step (6 params, 193M)", "-",
-                   time_ms(lambda: opt.adam.step(lr_mult=1.0), args.iters, args.warmup))
+        opt.adam.kernel = kernel  # fused update kernel vs its torch twin
+        record("DistAdam step (6 params, 193M)", kernel,
+               time_ms(lambda: opt.adam.step(lr_mult=1.0), args.iters, args.warmup))
         del model, opt
         torch.cuda.empty_cache()
 
@@ -105,7 +121,9 @@ def main() -> None:
     print(f"GPU: {info['gpu']}  torch {info['torch']}  CUDA {info['cuda']}  triton {info['triton']}")
     print(f"{'what':<36} {'kernel':<7} {'median ms':>10} {'min ms':>8}")
     for r in rows:
-        print(f"{r['name']:<36} {r['kernel']:<7} {r['median_ms']:>10.3f} {r['min_ms']:>8.3f}")
+        if "median_ms" in r:
+            first = f" first call {r['first_call_s']:.2f} s" if "first_call_s" in r else ""
+            print(f"{r['name']:<36} {r['kernel']:<7} {r['median_ms']:>10.3f} {r['min_ms']:>8.3f}{first}")
     with open(args.out, "w") as f:
         json.dump(info, f, indent=2)
     print(f"wrote {args.out}")

@@ -90,6 +90,8 @@ def run_bench(args) -> int:
     setup_s = time.perf_counter() - t_setup  # process group, model, optimizers, loader
     device = trainer.device
     warmup_s = trainer.warmup()
+    from torch._dynamo.utils import counters
+    graphs_after_warmup = counters["stats"]["unique_graphs"]
     batches = trainer.loader.next_step()
     trainer.apply_window(0)
     trainer.train_step(0, batches)
@@ -97,7 +99,8 @@ def run_bench(args) -> int:
     start_s = time.perf_counter() - PROCESS_START - data_s
     if args.start_only:
         print(json.dumps({"start_to_first_step_s": start_s, "compile_warmup_s": warmup_s,
-                          "import_s": import_s, "setup_s": setup_s, "warmup_phases_s": trainer.warmup_phases}))
+                          "import_s": import_s, "setup_s": setup_s, "setup_phases_s": trainer.setup_phases,
+                          "warmup_phases_s": trainer.warmup_phases}))
         return 0
 
     from speedrun.optim.schedules import window_stages
@@ -141,6 +144,9 @@ def run_bench(args) -> int:
               "schedule_avg_tokens_per_s": cfg.train.tokens_per_step / (sched_ms / 1e3),
               "mean_stage_tokens_per_s": mean_tps, "peak_memory_gib": peak,
               "compile_warmup_s": warmup_s, "warmup_phases_s": trainer.warmup_phases,
+              "setup_phases_s": trainer.setup_phases,
+              # graphs compiled after the warm-up (0 = the warm-up covered every stage)
+              "graphs_compiled_after_warmup": counters["stats"]["unique_graphs"] - graphs_after_warmup,
               "import_s": import_s, "setup_s": setup_s,
               "cold_start_to_first_step_s": start_s,
               "torch": torch.__version__}
@@ -212,17 +218,38 @@ def _profile(trainer, step: int, run_dir: str) -> dict:
     out["profile_trace"] = trace
     # the kernels that eat the time, readable without a trace viewer
     sort_key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort_key, row_limit=40, max_name_column_width=90)
+    table = prof.key_averages().table(sort_by=sort_key, row_limit=80, max_name_column_width=90)
     top = os.path.join(run_dir, "profile_top.txt")
     with open(top, "w") as f:
         f.write(table)
     out["profile_top"] = top
+    if trainer.device.type == "cuda":
+        out["gpu_busy_fraction"] = _busy_fraction(prof)
     if trainer.device.type == "cuda":
         snap = os.path.join(run_dir, "memory_snapshot.pickle")
         torch.cuda.memory._dump_snapshot(snap)
         torch.cuda.memory._record_memory_history(enabled=None)
         out["memory_snapshot"] = snap
     return out
+
+
+def _busy_fraction(prof) -> float | None:
+    """Share of the profiled wall span in which some GPU kernel or copy runs (union of device
+    intervals): near 1 = the GPU never waits for the host."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if getattr(e, "device_type", None) is not None and e.device_type.name == "CUDA"
+                   and e.time_range.end > e.time_range.start)
+    if not spans:
+        return None
+    busy, (cur_s, cur_e) = 0, spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    return busy / (spans[-1][1] - spans[0][0])
 
 
 def _warm_start(args, cache: str) -> dict:
@@ -255,3 +282,7 @@ def _print_table(r: dict) -> None:
           f"{r['peak_memory_gib'] if r['peak_memory_gib'] is None else round(r['peak_memory_gib'], 2)} GiB | "
           f"compile+warm-up {r['compile_warmup_s']:.1f} s | cold start to first step {r['cold_start_to_first_step_s']:.1f} s"
           + (f" | warm start {r['warm_start_to_first_step_s']:.1f} s" if "warm_start_to_first_step_s" in r else ""))
+    extra = [f"graphs compiled after warm-up: {r['graphs_compiled_after_warmup']}"]
+    if r.get("gpu_busy_fraction") is not None:
+        extra.append(f"GPU busy {100 * r['gpu_busy_fraction']:.1f}% of the profiled steps")
+    print(" | ".join(extra))

@@ -116,6 +116,7 @@ class AdamConfig:
     scalar_lr_mul: float = 5.0
     every_other_step: bool = True      # step on odd steps with the summed gradients of two steps
     state_dtype: str = "bfloat16"      # bfloat16 | float32
+    kernel: str = "auto"               # auto | triton | torch  (the fused update or its twin)
 
 
 @dataclass
@@ -160,7 +161,7 @@ class TrainConfig:
     val_every: int = 250               # validate every N steps (and at step 0 and the end); 0 = only at the end
     seed: int = 0
     compile: bool = True               # torch.compile (regional: one block at a time) on CUDA
-    warmup_compile: bool = True        # untimed warm-up over every window stage, then state restored
+    warmup_compile: bool = True        # untimed warm-up (compiles every graph), then state restored
     save_every: int = 0                # checkpoint every N steps (0 = only at the end)
     save_path: str = ""                # run directory ("" = runs/<timestamp>)
     log_every: int = 1
@@ -215,6 +216,8 @@ class Config:
                "one of auto, flex, flash, sdpa")
         _check(m.logit_softcap >= 0, "model.logit_softcap", ">= 0 (0 disables)")
         _check(self.optim.muon.kernel in ("auto", "triton", "torch"), "optim.muon.kernel",
+               "one of auto, triton, torch")
+        _check(self.optim.adam.kernel in ("auto", "triton", "torch"), "optim.adam.kernel",
                "one of auto, triton, torch")
         _check(self.optim.adam.state_dtype in ("bfloat16", "float32"), "optim.adam.state_dtype",
                "bfloat16 or float32")

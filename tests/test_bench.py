@@ -27,6 +27,8 @@ def test_bench_reports_every_window_stage(tmp_path, capsys):
     assert min(rates) <= result["schedule_avg_tokens_per_s"] <= max(rates)
     assert result["grad_accum"] == 2 and result["world_size"] == 1
     assert result["cold_start_to_first_step_s"] > 0
+    assert set(result["setup_phases_s"]) == {"model", "optimizers", "loader"}
+    assert result["graphs_compiled_after_warmup"] == 0
     trace = json.loads(open(result["profile_trace"]).read())
     assert trace["traceEvents"], "profiler trace is empty"
     printed = capsys.readouterr().out

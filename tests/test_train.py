@@ -213,3 +213,38 @@ def test_flash_attention_on_cpu_is_a_one_line_error(shards, tmp_path, capsys):
     assert main(["train", "--config", str(config_file), "--cpu", "--use-flash-attn"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs a CUDA device" in err[0] and "--use-flash-attn" in err[0], err
+
+
+def test_warmup_compiles_everything_once(shards, tmp_path, monkeypatch):
+    """After the warm-up (first window stage only, for flex/sdpa), no later window stage, Adam step
+    kind, validation or the final validation window triggers another dynamo compile: windows and
+    YaRN state are tensors, so the warm-up's graphs serve the whole run."""
+    from torch._dynamo.utils import counters
+
+    from speedrun.model.gpt import GPT
+    from speedrun.optim.schedules import final_window_blocks, window_stages
+    from speedrun.train.trainer import Trainer
+    original = GPT.compile_regions
+    # the eager backend: dynamo's tracing and guards (what decides recompiles), no codegen
+    monkeypatch.setattr(GPT, "compile_regions", lambda self, **kw: original(self, backend="eager", **kw))
+    torch._dynamo.reset()
+    cfg = micro_config(*shards, tmp_path)
+    cfg.train.compile = True
+    trainer = Trainer(cfg, init_world("cpu"), str(tmp_path))
+    trainer.warmup()
+    assert set(k for k in trainer.warmup_phases if k.startswith("step")) >= {"step0_forward", "step1"}
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0
+    stages = window_stages(cfg.schedule)
+    assert len(stages) >= 3
+    for first, _ in stages.values():
+        trainer.apply_window(first)
+        for k in range(2):
+            trainer.train_step(first + k, trainer.loader.next_step())
+        trainer.validate()
+    short, long = final_window_blocks(cfg.schedule)
+    trainer.model.set_window(long, short, update_yarn=False)
+    trainer.validate()
+    trainer.loader.close()
+    assert counters["stats"]["unique_graphs"] == compiled
+    torch._dynamo.reset()

@@ -33,15 +33,21 @@ def ba_plus_caa_reference(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
     return torch.baddbmm(A, A, A, beta=b, alpha=c) if A.dim() == 3 else b * A + c * (A @ A)
 
 
+# (BLOCK, BLOCK_K, num_warps, num_stages) candidates. Autotuning them all at the first optimizer
+# step costs seconds of start time per (M, K, HAS_ADD) key, so the kernel runs one fixed config
+# (DEFAULT_CONFIG) unless AUTOTUNE is set (benchmarks/bench_optim.py --autotune, to re-pick it).
+CANDIDATES = [(64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3)]
+DEFAULT_CONFIG = (128, 64, 8, 3)
+AUTOTUNE = False
+
+
 def _configs() -> list[triton.Config]:
     if _INTERPRET:  # the interpreter runs every config; one small one keeps the CPU tests quick
         return [triton.Config({"BLOCK": 16, "BLOCK_K": 16}, num_warps=1)]
     return [triton.Config({"BLOCK": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 4, 4),
-                                 (64, 128, 4, 3), (128, 128, 8, 3)]]
+            for bm, bk, w, s in CANDIDATES]
 
 
-@triton.autotune(configs=_configs(), key=["M", "K", "HAS_ADD"])
 @triton.jit
 def _symmetric_kernel(X, A, Out, M, K: tl.constexpr, alpha, beta,
                       sxb, sxm, sxk, sab, sam, san, sob, som, son,
@@ -82,12 +88,20 @@ def _symmetric_kernel(X, A, Out, M, K: tl.constexpr, alpha, beta,
                  mask=(cols[:, None] < M) & (rows[None, :] < M))
 
 
+_symmetric_autotuned = triton.autotune(configs=_configs(), key=["M", "K", "HAS_ADD"])(_symmetric_kernel)
+
+
 def _launch(X: torch.Tensor, A: torch.Tensor | None, out: torch.Tensor, alpha: float, beta: float) -> None:
     B, M, K = X.shape
     add = A if A is not None else X  # unused pointer when HAS_ADD is false
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK"]) * (triton.cdiv(M, meta["BLOCK"]) + 1) // 2, B)
-    _symmetric_kernel[grid](X, add, out, M, K, alpha, beta,
-                            *X.stride(), *add.stride(), *out.stride(), HAS_ADD=A is not None)
+    args = (X, add, out, M, K, alpha, beta, *X.stride(), *add.stride(), *out.stride())
+    if AUTOTUNE or _INTERPRET:
+        _symmetric_autotuned[grid](*args, HAS_ADD=A is not None)
+        return
+    block, block_k, warps, stages = DEFAULT_CONFIG
+    _symmetric_kernel[grid](*args, HAS_ADD=A is not None, BLOCK=block, BLOCK_K=block_k,
+                            num_warps=warps, num_stages=stages)
 
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:

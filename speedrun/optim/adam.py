@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor
 
+from speedrun.kernels.adam_update import adam_update_
 from speedrun.train.distributed import World, all_gather, reduce_scatter_avg
 
 
@@ -31,11 +32,13 @@ class DistAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.008, betas: tuple[float, float] = (0.65, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.0, cautious_weight_decay: bool = False,
-                 state_dtype: torch.dtype = torch.bfloat16, world: World | None = None):
+                 state_dtype: torch.dtype = torch.bfloat16, world: World | None = None,
+                 kernel: str = "auto"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_mul=1.0)
         super().__init__(params, defaults)
         self.cautious = cautious_weight_decay
         self.state_dtype = state_dtype
+        self.kernel = kernel              # auto | triton | torch: the fused update or its twin
         self.world = world or World()
         self.should_sync = False          # armed by the bundle for the last backward of a syncing step
         self._pending: dict[Tensor, tuple[Tensor, object]] = {}
@@ -95,21 +98,11 @@ class DistAdam(torch.optim.Optimizer):
         state = self.state[p]
         state["step"] += 1
         t = state["step"]
-        g = grad.float()
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.copy_(m.float().lerp_(g, 1 - b1))                 # computed in fp32, stored in state_dtype
-        v.copy_(v.float().lerp_(g.square(), 1 - b2))
-        update = m.float() / (v.float().sqrt() + group["eps"])
-
         eff_lr = group["lr"] * lr_mult * group["lr_mul"]
-        p32 = shard.float()
-        if group["weight_decay"] > 0:
-            decay = eff_lr * group["weight_decay"] * p32
-            if self.cautious:  # decay only where the Adam step also moves p towards zero
-                decay = decay * (update * p32 >= 0)
-            p32.sub_(decay)
-        p32.sub_(update, alpha=eff_lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t))
-        shard.copy_(p32)
+        # one pass over p, g, m, v (kernels/adam_update.py; its twin is the plain torch update)
+        adam_update_(shard, grad, state["exp_avg"], state["exp_avg_sq"], b1=b1, b2=b2, eps=group["eps"],
+                     step_size=eff_lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t),
+                     lr_wd=eff_lr * group["weight_decay"], cautious=self.cautious, kernel=self.kernel)
 
     # ---- state: this rank's row shards only ----------------------------------------------------
 

@@ -100,14 +100,28 @@ class Trainer:
         self.log = MetricsLogger(run_dir, world.is_main, self.total_steps, stream=stream)
         self._stop_requested = False
 
+        t = time.perf_counter()
+        phases = self.setup_phases = {}   # seconds per setup phase, for `speedrun bench`
+
+        def done(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            phases[name], t = now - t, now
+
         torch.manual_seed(cfg.train.seed)
         from speedrun.model import GPT
-        self.model = GPT(cfg.model, dtype=self.dtype).to(self.device)
+        # built on the device: initializing 190M parameters there takes milliseconds, on the host
+        # seconds (CUDA draws its init from the CUDA generator, seeded by manual_seed above)
+        with torch.device(self.device):
+            self.model = GPT(cfg.model, dtype=self.dtype)
         self.model.use_fp8 = self._fp8_wanted()
         self._broadcast_parameters()
+        done("model")
         from speedrun.optim.build import build_optimizers
         self.optimizers = build_optimizers(self.model, cfg.optim, world)
+        done("optimizers")
         self.loader = self._train_loader()
+        done("loader")
         self.start_step, self.train_time_ms = 0, 0.0
         if resume:
             state = ckpt.load_checkpoint(resume, self.model, self.optimizers, world)
@@ -202,8 +216,9 @@ class Trainer:
 
     # ---- warm-up ----------------------------------------------------------------------------------
     def warmup(self) -> float:
-        """Compile every graph the run will need (each window stage, both Adam step kinds, eval)
-        on throwaway batches, then restore model and optimizer state: the warm-up trains nothing."""
+        """Compile every graph the run will need (both Adam step kinds, eval; each window stage
+        where windows are kernel arguments) on throwaway batches, then restore model and optimizer
+        state: the warm-up trains nothing."""
         if not self.cfg.train.compile:
             return 0.0
         t0 = time.perf_counter()
@@ -212,9 +227,16 @@ class Trainer:
             return time.perf_counter() - t0
         model_state = copy.deepcopy(self.model.state_dict())
         optim_state = copy.deepcopy(self.optimizers.state_dict())
+        from speedrun.model.attention import resolve_backend
         from speedrun.optim.schedules import final_window_blocks, window_stages
         s = self.cfg.schedule
         first_steps = [first for first, _ in window_stages(s).values()]
+        # flex and sdpa read window sizes and YaRN state from tensors, so every window stage runs
+        # the graphs compiled for the first one (tests/test_train.py checks that nothing recompiles);
+        # flash takes the window as a kernel argument: one graph per stage, warm each up
+        every_stage = resolve_backend(self.cfg.model.attention_backend, self.device) == "flash"
+        if not every_stage:
+            first_steps = first_steps[:1]
         loader = self._train_loader()
         val_batch = next(iter(self._val_loader()))
         phases = self.warmup_phases = {"compile_regions": time.perf_counter() - t0}
@@ -224,27 +246,31 @@ class Trainer:
             nonlocal last
             self._sync()
             now = time.perf_counter()
-            phases[name] = now - last
+            phases[name] = phases.get(name, 0.0) + now - last
             last = now
+
+        def first_step(phase: str) -> None:  # step 0: first forward / backward (the compiles), rest
+            done(f"step0_{phase}" + ("_rest" if f"step0_{phase}" in phases else ""))
 
         try:
             for k in first_steps:
                 self.apply_window(k)
                 for j in range(2):  # an even and an odd step: Muon alone, then Muon + Adam
-                    self.train_step(k + j, loader.next_step())
+                    self.train_step(k + j, loader.next_step(), mark=first_step if k + j == 0 else None)
                     done(f"step{k + j}")
                 with torch.no_grad():
                     self.model.eval()
                     self.model(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens, reduction="mean")
                     self.model.train()
                 done(f"eval{k}")
-            short, long = final_window_blocks(s)
-            self.model.set_window(long, short, update_yarn=False)
-            with torch.no_grad():
-                self.model.eval()
-                self.model(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens, reduction="mean")
-                self.model.train()
-            done("eval_final")
+            if every_stage:
+                short, long = final_window_blocks(s)
+                self.model.set_window(long, short, update_yarn=False)
+                with torch.no_grad():
+                    self.model.eval()
+                    self.model(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens, reduction="mean")
+                    self.model.train()
+                done("eval_final")
         finally:
             loader.close()
         self.model.load_state_dict(model_state)
