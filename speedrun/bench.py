@@ -100,7 +100,7 @@ def run_bench(args) -> int:
     if args.start_only:
         print(json.dumps({"start_to_first_step_s": start_s, "compile_warmup_s": warmup_s,
                           "import_s": import_s, "setup_s": setup_s, "setup_phases_s": trainer.setup_phases,
-                          "warmup_phases_s": trainer.warmup_phases}))
+                          "warmup_phases_s": trainer.warmup_phases, "compile_cache": _cache_counters()}))
         return 0
 
     from speedrun.optim.schedules import window_stages
@@ -144,7 +144,7 @@ def run_bench(args) -> int:
               "schedule_avg_tokens_per_s": cfg.train.tokens_per_step / (sched_ms / 1e3),
               "mean_stage_tokens_per_s": mean_tps, "peak_memory_gib": peak,
               "compile_warmup_s": warmup_s, "warmup_phases_s": trainer.warmup_phases,
-              "setup_phases_s": trainer.setup_phases,
+              "setup_phases_s": trainer.setup_phases, "compile_cache": _cache_counters(),
               # graphs compiled after the warm-up (0 = the warm-up covered every stage)
               "graphs_compiled_after_warmup": counters["stats"]["unique_graphs"] - graphs_after_warmup,
               "import_s": import_s, "setup_s": setup_s,
@@ -231,6 +231,14 @@ def _profile(trainer, step: int, run_dir: str) -> dict:
         torch.cuda.memory._record_memory_history(enabled=None)
         out["memory_snapshot"] = snap
     return out
+
+
+def _cache_counters() -> dict:
+    """Inductor / AOTAutograd compile-cache hits and misses of this process (a warm start should
+    show hits only)."""
+    from torch._dynamo.utils import counters
+    return {f"{group}.{k}": v for group in ("inductor", "aot_autograd") for k, v in counters[group].items()
+            if "cache" in k or "bypass" in k}
 
 
 def _busy_fraction(prof) -> float | None:
