@@ -54,7 +54,7 @@ def adam_update_reference(p: Tensor, g: Tensor, m: Tensor, v: Tensor, b1: float,
 if HAS_TRITON:
 
     @triton.jit
-    def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, b1, b2, eps, step_size, lr_wd,
+    def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, w1, w2, eps, step_size, lr_wd,
                      HAS_WD: tl.constexpr, CAUTIOUS: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -62,14 +62,16 @@ if HAS_TRITON:
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        # lerp(a, b, w) = a + w (b - a), as torch computes it for w < 0.5 (1-b1 = 0.35, 1-b2 = 0.05)
-        m = m + (1.0 - b1) * (g - m)
-        v = v + (1.0 - b2) * (g * g - v)
+        # lerp(a, b, w) = a + w (b - a), as torch computes it for w < 0.5 (w1 = 1-b1 = 0.35,
+        # w2 = 1-b2 = 0.05, both rounded from doubles as torch rounds its lerp weight)
+        m = m + w1 * (g - m)
+        v = v + w2 * (g * g - v)
         m = m.to(m_ptr.dtype.element_ty)
         v = v.to(v_ptr.dtype.element_ty)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
-        u = m.to(tl.float32) / (tl.sqrt_rn(v.to(tl.float32)) + eps)
+        # IEEE-rounded sqrt and division, as torch's (Triton's plain `/` is an approximate division)
+        u = tl.div_rn(m.to(tl.float32), tl.sqrt_rn(v.to(tl.float32)) + eps)
         if HAS_WD:
             decay = lr_wd * p
             if CAUTIOUS:
@@ -102,6 +104,6 @@ def adam_update_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, b1: float, b2: f
     n = p.numel()
     block = 256 if _INTERPRET else 2048
     if n:
-        _adam_kernel[(triton.cdiv(n, block),)](p, g, m, v, n, float(b1), float(b2), float(eps),
+        _adam_kernel[(triton.cdiv(n, block),)](p, g, m, v, n, 1.0 - b1, 1.0 - b2, float(eps),
                                                float(step_size), float(lr_wd), HAS_WD=lr_wd > 0,
                                                CAUTIOUS=bool(cautious), BLOCK=block, num_warps=8)
