@@ -3,12 +3,14 @@
 Owns the numbers behind the kernels' speed claims: at the record's sizes it times
   * softcapped cross-entropy, logits 32768 x 50304 bf16, forward and forward+backward;
   * linear + ReLU², x 32768 x 768 bf16 @ W 768 x 3072 (fp32 master weight), forward and forward+backward;
+  * the FP8 head + softcapped CE, x 32768 x 768 -> 50304: the fused op (kernels/fp8_head_ce.py) vs the
+    unfused pipeline it replaces (fp8_mm + the Triton CE), eager and torch.compile (fullgraph);
 each as: the Triton kernel, the eager twin, torch.compile of the twin (and the CE kernel with its
 in-place backward). Times are medians of triton.testing.do_bench after a warm-up (which also runs
 Triton's autotuning and torch.compile). Prints one table (ms, speedup, achieved TB/s or TFLOP/s, peak
 memory, relative error vs the twin) and writes JSON to --out.
 
-    python benchmarks/bench_kernels.py --out bench_kernels.json [--sweep-ce] [--no-compile]
+    python benchmarks/bench_kernels.py --out bench_kernels.json [--sweep-ce] [--sweep-fp8-ce] [--no-compile]
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from speedrun.kernels import relu2_mlp, softcap_ce  # noqa: E402
+from speedrun.kernels import fp8_head_ce, relu2_mlp, softcap_ce  # noqa: E402
 from speedrun.kernels.relu2_mlp import linear_relu_square, linear_relu_square_reference  # noqa: E402
 from speedrun.kernels.softcap_ce import (  # noqa: E402
     softcapped_cross_entropy,
@@ -128,6 +130,75 @@ def sweep_ce(tokens: int, vocab: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------
+# FP8 lm_head + softcapped cross-entropy
+# ------------------------------------------------------------------------------------------------
+def _fp8_head_inputs(tokens: int, dim: int, vocab: int):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.nn.functional.rms_norm(torch.randn(tokens, dim, device="cuda", generator=gen), (dim,))
+    w = torch.randn(vocab, dim, device="cuda", generator=gen) * 0.02
+    t = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
+    return x.bfloat16().requires_grad_(), w.bfloat16().requires_grad_(), t
+
+
+def bench_fp8_head_ce(tokens: int, dim: int, vocab: int, compile_twin: bool) -> list[dict]:
+    """Fused op vs the unfused pipeline; "twin (torch.compile)" is what the compiled model ran before."""
+    x, w, t = _fp8_head_inputs(tokens, dim, vocab)
+
+    def fused(xx, ww, tt):
+        return fp8_head_ce.fp8_head_softcap_ce(xx, ww, tt, kernel="fused")
+
+    variants: dict[str, Callable] = {"fused": fused, "twin (eager)": fp8_head_ce.fp8_head_softcap_ce_reference}
+    if compile_twin:
+        variants["fused (torch.compile)"] = torch.compile(fused, dynamic=False, fullgraph=True)
+        variants["twin (torch.compile)"] = torch.compile(fp8_head_ce.fp8_head_softcap_ce_reference,
+                                                         dynamic=False, fullgraph=True)
+
+    ref_loss = fp8_head_ce.fp8_head_softcap_ce_reference(x, w, t)
+    ref_gx, ref_gw = torch.autograd.grad(ref_loss, (x, w))
+
+    flops_fwd = 2 * tokens * dim * vocab
+    flops_fwd_bwd = 3 * flops_fwd  # + grad_x = g @ W and grad_W = g^T @ x
+    rows = []
+    for name, fn in variants.items():
+        loss = fn(x, w, t)
+        gx, gw = torch.autograd.grad(loss, (x, w))
+        err = max(rel_err(loss, ref_loss), rel_err(gx, ref_gx), rel_err(gw, ref_gw))
+        del loss, gx, gw
+        with torch.no_grad():
+            fwd_ms, _ = bench(lambda: fn(x, w, t))
+        fb_ms, fb_mem = bench(lambda: torch.autograd.grad(fn(x, w, t), (x, w)))
+        rows.append(dict(kernel="fp8_head_softcap_ce", variant=name, fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms,
+                         fwd_tflops=flops_fwd / fwd_ms / 1e9, fwd_bwd_tflops=flops_fwd_bwd / fb_ms / 1e9,
+                         peak_gib=fb_mem, rel_err=err))
+    return rows
+
+
+def sweep_fp8_head_ce(tokens: int, dim: int, vocab: int) -> list[dict]:
+    """Time the backward tile kernel alone over (BLOCK_T, BLOCK_V, num_warps), to tune
+    fp8_head_ce._tile_config. Traffic: read the bf16 logits, write g_f8 and g_f8_t (4 bytes/element)."""
+    x, w, t = _fp8_head_inputs(tokens, dim, vocab)
+    with torch.no_grad():
+        _, logits, lse, _, _ = torch.ops.speedrun.fp8_head_softcap_ce(x, w, t, 30.0, -100,
+                                                                      *fp8_head_ce.head_scales(dim))
+    grad_loss = torch.ones((), device="cuda")
+    original = fp8_head_ce._tile_config
+    out = []
+    try:
+        for block_t, block_v in ((32, 256), (64, 128), (64, 256), (128, 64), (128, 128), (128, 256)):
+            for num_warps in (4, 8, 16):
+                fp8_head_ce._tile_config = lambda bt=block_t, bv=block_v, nw=num_warps: (bt, bv, nw)
+                ms, _ = bench(lambda: fp8_head_ce.softcap_ce_grad_fp8(logits, lse, t, grad_loss, 30.0, 1 / 448,
+                                                                      kernel="triton"), warmup_calls=1)
+                tbps = 4 * tokens * vocab / ms / 1e9
+                out.append(dict(block_t=block_t, block_v=block_v, num_warps=num_warps, bwd_kernel_ms=ms, tbps=tbps))
+                print(f"  FP8 CE grad sweep BLOCK_T={block_t:4d} BLOCK_V={block_v:4d} warps={num_warps:2d}: "
+                      f"{ms:.3f} ms, {tbps:.2f} TB/s", flush=True)
+    finally:
+        fp8_head_ce._tile_config = original
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # MLP up-projection + ReLU²
 # ------------------------------------------------------------------------------------------------
 def bench_mlp(tokens: int, dim: int, hidden: int, compile_twin: bool) -> list[dict]:
@@ -199,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=3072)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile twins")
     parser.add_argument("--sweep-ce", action="store_true", help="also sweep the CE kernels' BLOCK_V / num_warps")
-    parser.add_argument("--only", choices=("ce", "mlp"), default=None)
+    parser.add_argument("--sweep-fp8-ce", action="store_true",
+                        help="also sweep the FP8 head CE backward tile kernel's BLOCK_T / BLOCK_V / num_warps")
+    parser.add_argument("--only", choices=("ce", "mlp", "fp8-ce"), default=None)
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -216,8 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "mlp"):
         rows += bench_mlp(args.mlp_tokens, args.dim, args.hidden, not args.no_compile)
         torch.cuda.empty_cache()
+    if args.only in (None, "fp8-ce"):
+        rows += bench_fp8_head_ce(args.ce_tokens, args.dim, args.vocab, not args.no_compile)
+        torch.cuda.empty_cache()
     print_table(rows)
     sweep = sweep_ce(args.ce_tokens, args.vocab) if args.sweep_ce else None
+    fp8_sweep = sweep_fp8_head_ce(args.ce_tokens, args.dim, args.vocab) if args.sweep_fp8_ce else None
 
     result = dict(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -225,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
         sizes=dict(ce_tokens=args.ce_tokens, vocab=args.vocab, mlp_tokens=args.mlp_tokens, dim=args.dim,
                    hidden=args.hidden),
-        results=rows, ce_sweep=sweep,
+        results=rows, ce_sweep=sweep, fp8_ce_sweep=fp8_sweep,
     )
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -65,7 +65,12 @@ class ModelConfig:
     fp8_head: bool = True              # FP8 lm_head matmul in training on GPUs that support it
     attention_backend: str = "auto"    # auto | flex | flash | sdpa
     fused_loss: bool = True            # training loss through the Triton softcapped cross-entropy on
-    #                                    CUDA (no fp32 logits); the plain softcap + F.cross_entropy else
+    #                                    CUDA (no fp32 logits); with the FP8 head, head + loss are one
+    #                                    op whose backward writes the e5m2 logit gradient and its
+    #                                    transpose directly (kernels/fp8_head_ce.py); the plain
+    #                                    softcap + F.cross_entropy else
+    fused_mlp: bool = True             # MLP through the fused Triton kernels on CUDA (bf16 relu² only);
+    #                                    the plain twin elsewhere
 
     @property
     def padded_vocab_size(self) -> int:
@@ -162,6 +167,7 @@ class TrainConfig:
     seed: int = 0
     compile: bool = True               # torch.compile (regional: one block at a time) on CUDA
     warmup_compile: bool = True        # untimed warm-up (compiles every graph), then state restored
+    parallel_warmup: bool = True       # CUDA: a helper process compiles the eval graphs meanwhile
     save_every: int = 0                # checkpoint every N steps (0 = only at the end)
     save_path: str = ""                # run directory ("" = runs/<timestamp>)
     log_every: int = 1

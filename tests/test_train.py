@@ -248,3 +248,18 @@ def test_warmup_compiles_everything_once(shards, tmp_path, monkeypatch):
     trainer.loader.close()
     assert counters["stats"]["unique_graphs"] == compiled
     torch._dynamo.reset()
+
+
+def test_parallel_warmup_helper_runs_alone(shards, tmp_path, monkeypatch):
+    """The warm-up helper process: gets the run's config, ignores torchrun's variables (runs as a
+    single process), takes an optimizer step and evaluates, then exits cleanly."""
+    from speedrun.train.precompile import Precompile
+    cfg = micro_config(*shards, tmp_path)
+    monkeypatch.setenv("RANK", "1")            # as under torchrun: must not reach the helper
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    helper = Precompile(cfg, "cpu")
+    ok, waited = helper.wait(timeout_s=120)
+    log = helper.tail()
+    assert ok, log
+    loss = float(log.split("eval loss")[1].split()[0])
+    assert 0 < loss < 6.0  # an untrained model on a 256-token vocabulary: ~ln(256) = 5.5

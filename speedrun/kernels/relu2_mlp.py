@@ -1,30 +1,49 @@
-"""Fused MLP up-projection with ReLU²: a Triton matmul with the activation in its epilogue, and its twin.
+"""Fused ReLU² MLP: Triton matmuls with the activation (forward) or its derivative (backward) in the
+epilogue, one opaque custom op for the whole MLP, and the plain twins.
 
-Owns h = relu(x @ W)² for the MLP's first half: x (T, d) activations (bf16), W (d, H) the up-projection
-stored (in, out) as the model keeps it (`mlp_fc`, used as x @ W). The plain twin
-(`linear_relu_square_reference`) is what the model computes in PyTorch: `relu(x @ W).square()`.
+Owns the model's MLP maths, out = relu(x @ W_fc)² @ W_proj^T, with x (T, d) activations (bf16 on GPU),
+W_fc (d, H) stored (in, out) as the model keeps it (`mlp_fc`, used as x @ W_fc) and W_proj (d, H) an
+nn.Linear weight (`mlp_proj`, used as F.linear(h, W_proj)). Two entry points:
 
-Why fuse: unfused, the matmul writes the pre-activation (T x H bf16, 201 MB at the record's 32768 x
-3072), relu and square each read and write it again, and autograd keeps both the pre-activation and
-the relu output for the backward. The fused forward keeps the fp32 accumulator in registers, applies
-relu and square there, and writes only h.
+* `relu2_mlp(x, w_fc, w_proj)`: the whole MLP (what `MLP.forward` calls with `model.fused_mlp`). Its
+  Triton path is the `speedrun::relu2_mlp` custom op (opaque to torch.compile, so it sits inside the
+  fullgraph-compiled blocks); twin: `relu2_mlp_reference`, exactly the model's plain code.
+* `linear_relu_square(x, w_fc)`: the up-projection alone, h = relu(x @ W_fc)² (kept for
+  benchmarks/bench_kernels.py); twin: `linear_relu_square_reference`.
 
-Backward keeps only x, W and h (no pre-activation): for h > 0, relu(pre) = sqrt(h), so
+Why fuse: unfused, the up-projection writes the pre-activation (T x H bf16, 201 MB at the record's
+32768 x 3072), relu and square each read and write it again, and autograd keeps both the
+pre-activation and the relu output for the backward. The backward then writes d h = d out @ W_proj
+(another T x H), and a pointwise kernel reads it with the pre-activation to write d pre. Fused:
+
+    forward   h = relu(x @ W_fc)²        one Triton matmul, relu² on the fp32 accumulator, writes only h
+              out = h @ W_proj^T         cuBLAS
+    backward  d pre = (d out @ W_proj) * 2 sqrt(h)   one Triton matmul whose epilogue loads the h tile:
+                                                     d h never exists in memory
+              d W_proj = d out^T @ h;  d x = d pre @ W_fc^T;  d W_fc = x^T @ d pre     cuBLAS
+
+Only x, h and the two (already cast) weights are saved; never the pre-activation, because for h > 0
+relu(pre) = sqrt(h), so
     d h / d pre = 2 relu(pre) = 2 sqrt(h)        (0 where pre <= 0, and sqrt(0) = 0 gives exactly that)
-    d pre = d h * 2 sqrt(h);   d x = d pre @ W^T;   d W = x^T @ d pre
-The two matmuls go to cuBLAS (torch); the element-wise d pre is one Triton pass (read dh and h, write
-d pre) instead of several torch kernels. sqrt of the bf16 h is as precise as a stored bf16 pre-activation
-(sqrt halves the relative rounding error of h).
+sqrt of the bf16 h is as precise as a stored bf16 pre-activation (sqrt halves the relative rounding
+error of h), and d h stays in fp32 registers instead of being rounded to bf16.
 
-`linear_relu_square(x, w, kernel="auto")` picks Triton for bf16/fp16 CUDA tensors when Triton imports,
-the twin otherwise; kernel="triton" where it cannot run raises. On CPU the Triton path runs only in the
-Triton interpreter (TRITON_INTERPRET=1), which the tests use with small tiles.
+Launch configuration: each kernel has one fixed tile config (`FORWARD_CONFIG`, `BACKWARD_CONFIG`) for
+Hopper at the record's sizes, so the first call compiles one kernel (autotuning would compile and time
+all `CONFIGS` at start-up, seconds of cold start). `AUTOTUNE = True` (or autotune=True per call) runs
+the Triton autotuner over `CONFIGS` instead; benchmarks/bench_mlp.py uses it to choose the defaults.
+
+`kernel="auto"` picks Triton for bf16/fp16 CUDA tensors when Triton imports, the twin otherwise;
+kernel="triton" where it cannot run raises. On CPU the Triton path runs only in the Triton
+interpreter (TRITON_INTERPRET=1), which the tests use with small tiles.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:  # Triton is optional: CPU installs and tests use the twin.
@@ -37,7 +56,17 @@ except ImportError:  # pragma: no cover - depends on the install
     tl = None
     HAS_TRITON = False
 
-__all__ = ["linear_relu_square", "linear_relu_square_reference", "linear_relu_square_triton"]
+__all__ = [
+    "relu2_mlp",
+    "relu2_mlp_reference",
+    "relu2_mlp_triton",
+    "linear_relu_square",
+    "linear_relu_square_reference",
+    "linear_relu_square_triton",
+    "matmul_relu2",
+    "matmul_relu2_grad",
+    "TileConfig",
+]
 
 _KERNELS = ("auto", "triton", "torch")
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
@@ -52,27 +81,92 @@ def _interpreting() -> bool:
     return _INTERPRET
 
 
+# --------------------------------------------------------------------------------------------------
+# The plain twins
+# --------------------------------------------------------------------------------------------------
 def linear_relu_square_reference(x: Tensor, w_fc: Tensor) -> Tensor:
     """The plain twin: relu(x @ W)², W cast to x's dtype as the model does (W is stored fp32)."""
     return torch.relu(x @ w_fc.to(x.dtype)).square()
 
 
+def relu2_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    """The plain twin of the whole MLP: exactly `MLP.forward` with relu², weights cast to x's dtype."""
+    h = x @ w_fc.to(x.dtype)
+    h = F.relu(h).square()
+    return F.linear(h, w_proj.to(x.dtype))
+
+
 # --------------------------------------------------------------------------------------------------
-# Triton kernels
+# Tile configurations
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration of the matmul kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+    def smem_bytes(self, element_size: int = 2) -> int:
+        """Shared memory of the pipelined operand tiles (the epilogue may need more on top)."""
+        return (self.block_m * self.block_k + self.block_k * self.block_n) * element_size * self.num_stages
+
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
+
+    def __str__(self) -> str:
+        return (f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} BLOCK_K={self.block_k} GROUP_M={self.group_m} "
+                f"num_warps={self.num_warps} num_stages={self.num_stages}")
+
+
+# Hopper (H100: 227 KB of shared memory per block), bf16, M = 32768 tokens, N = H = 3072, K = d = 768.
+# 128-row tiles fill two warpgroup MMAs (8 warps); K = 768 is a short main loop (12 steps of 64).
+# Forward: 128 x 256 tiles amortise the x loads; 3 stages = (128*64 + 64*256) * 2 B * 3 = 144 KB, which
+# leaves room for the 64 KB bf16 output tile of the epilogue (4 stages would need 192 + 64 KB).
+FORWARD_CONFIG = TileConfig(128, 256, 64, 8, num_warps=8, num_stages=3)
+# Backward: the epilogue also loads the h tile and holds it in registers next to the fp32 accumulator;
+# 128 x 128 keeps that at 64 + 32 registers a thread (128 x 256 would be 128 + 64 and risk spills).
+# 3 stages = (128*64 + 64*128) * 2 B * 3 = 96 KB, so two programs fit on an SM and one's epilogue
+# (waiting on the h loads) overlaps the other's main loop.
+BACKWARD_CONFIG = TileConfig(128, 128, 64, 8, num_warps=8, num_stages=3)
+# The candidates of the autotuner and of bench_mlp.py's sweep (the two defaults first).
+CONFIGS = (
+    FORWARD_CONFIG,
+    BACKWARD_CONFIG,
+    TileConfig(128, 128, 64, 8, num_warps=8, num_stages=4),
+    TileConfig(128, 128, 64, 8, num_warps=4, num_stages=4),
+    TileConfig(256, 128, 64, 8, num_warps=8, num_stages=3),
+    TileConfig(128, 256, 64, 16, num_warps=8, num_stages=4),
+    TileConfig(64, 256, 64, 8, num_warps=4, num_stages=4),
+)
+# The interpreter: small tiles keep it fast and exercise the masked edges of every dimension.
+INTERPRETER_CONFIG = TileConfig(16, 32, 16, 2, num_warps=4, num_stages=1)
+
+AUTOTUNE = False  # True: autotune over CONFIGS at the first launch of each size (benchmarks only)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel
 # --------------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
     @triton.jit
-    def _linear_relu_square_kernel(
-        x_ptr,
-        w_ptr,
+    def _relu2_matmul_kernel(
+        a_ptr,
+        b_ptr,
+        c_ptr,
         h_ptr,
         M,
         N,
-        stride_xm,
-        stride_xk,
-        stride_wk,
-        stride_wn,
+        stride_am,
+        stride_ak,
+        stride_bk,
+        stride_bn,
+        stride_cm,
+        stride_cn,
         stride_hm,
         stride_hn,
         K: tl.constexpr,  # constexpr: d is fixed for a model, and the K loop bound must be static
@@ -80,10 +174,11 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        RELU2_GRAD: tl.constexpr,  # False: c = relu(a @ b)²; True: c = (a @ b) * 2 sqrt(h)
         UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong, so multiply in fp32 there
     ):
-        # Grouped tile order: GROUP_M consecutive programs share one column band of W and walk
-        # down the rows, so the W tiles they read are still in L2 when the next program needs them.
+        # Grouped tile order: GROUP_M consecutive programs share one column band of b and walk
+        # down the rows, so the b tiles they read are still in L2 when the next program needs them.
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
@@ -99,43 +194,51 @@ if HAS_TRITON:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < M
         col_ok = cols < N
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm  # int64: T x d can exceed 2^31 elements
-        w_cols = w_ptr + cols[None, :] * stride_wn
+        a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am  # int64: T x H can exceed 2^31 elements
+        b_cols = b_ptr + cols[None, :] * stride_bn
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            a = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if K % BLOCK_K == 0:  # static: no K mask in the main loop at the model's sizes
+                a_mask = row_ok[:, None]
+                b_mask = col_ok[None, :]
+            else:
+                a_mask = row_ok[:, None] & (ks < K)[None, :]
+                b_mask = (ks < K)[:, None] & col_ok[None, :]
+            a = tl.load(a_rows + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
+            b = tl.load(b_cols + ks[:, None] * stride_bk, mask=b_mask, other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc)
 
-        # Epilogue in fp32 registers: relu then square, one rounding to the output dtype.
-        acc = tl.maximum(acc, 0.0)
-        acc = acc * acc
-        h_tile = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :] * stride_hn
-        tl.store(h_tile, acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        # Epilogue in fp32 registers, one rounding to the output dtype.
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        if RELU2_GRAD:
+            # d pre = d h * 2 relu(pre) = d h * 2 sqrt(h): d h (the accumulator) is never stored.
+            h_tile = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :] * stride_hn
+            h = tl.load(h_tile, mask=tile_ok, other=0.0).to(tl.float32)
+            acc = acc * (2.0 * tl.sqrt(h))
+        else:
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        c_tile = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
+        tl.store(c_tile, acc.to(c_ptr.dtype.element_ty), mask=tile_ok)
 
-    _linear_relu_square_autotuned = triton.autotune(
-        # Hopper-friendly tiles for K = 768 (short main loop): 128-row tiles fill a warpgroup MMA,
-        # wide N tiles amortise the x loads; 3-4 stages hide HBM latency within the 228 KB of SMEM.
-        configs=[
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16}, num_warps=8, num_stages=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        ],
-        key=["M", "N", "K"],
-    )(_linear_relu_square_kernel)
+    def _autotuned(configs):
+        return triton.autotune(
+            configs=[triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
+            key=["M", "N", "K"],
+        )(_relu2_matmul_kernel)
+
+    # Two tuners over the same kernel: each keeps its own best config (the epilogues differ).
+    _linear_relu_square_autotuned = _autotuned(CONFIGS)
+    _relu2_grad_autotuned = _autotuned(CONFIGS)
 
     @triton.jit
     def _relu_square_backward_kernel(grad_h_ptr, h_ptr, grad_pre_ptr, n_elements, BLOCK: tl.constexpr):
-        # d pre = d h * 2 sqrt(h): relu(pre) rebuilt from the saved post-activation.
+        # d pre = d h * 2 sqrt(h), element-wise (linear_relu_square's backward, where d h is an input).
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n_elements
         grad_h = tl.load(grad_h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -144,37 +247,109 @@ if HAS_TRITON:
         tl.store(grad_pre_ptr + offsets, grad_pre.to(grad_pre_ptr.dtype.element_ty), mask=mask)
 
 
-def _require_triton(x: Tensor, w: Tensor) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("linear_relu_square: kernel='triton' needs the triton package, which is not importable")
-    if not ((x.is_cuda and w.is_cuda) or _interpreting()):
-        raise RuntimeError(
-            f"linear_relu_square: kernel='triton' needs CUDA tensors (got {x.device}, {w.device}); use "
-            "kernel='torch' or 'auto' on CPU (or set TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)"
-        )
-    if x.dtype not in _TRITON_DTYPES:
-        raise RuntimeError(f"linear_relu_square: kernel='triton' needs bf16 or fp16 activations, got {x.dtype}")
+def _launch(a: Tensor, b: Tensor, c: Tensor, h: Tensor, grad: bool, config: TileConfig | None,
+            autotune: bool | None) -> None:
+    m, k = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0:
+        return
+    args = (a, b, c, h, m, n, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            c.stride(0), c.stride(1), h.stride(0), h.stride(1))
+    if config is None and not _interpreting() and (AUTOTUNE if autotune is None else autotune):
+        tuner = _relu2_grad_autotuned if grad else _linear_relu_square_autotuned
 
-
-def _forward(x: Tensor, w: Tensor) -> Tensor:
-    m, k = x.shape
-    n = w.shape[1]
-    h = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if m == 0:
-        return h
-    args = (x, w, h, m, n, x.stride(0), x.stride(1), w.stride(0), w.stride(1), h.stride(0), h.stride(1))
-    if _interpreting():
-        # Small tiles keep the interpreter fast and exercise the masked edges of every dimension.
-        grid = (triton.cdiv(m, 16) * triton.cdiv(n, 32),)
-        _linear_relu_square_kernel[grid](*args, K=k, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, UPCAST=True)
-    else:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _linear_relu_square_autotuned[grid](*args, K=k, UPCAST=False)
+        tuner[grid](*args, K=k, RELU2_GRAD=grad, UPCAST=False)
+        return
+    if config is None:
+        config = INTERPRETER_CONFIG if _interpreting() else (BACKWARD_CONFIG if grad else FORWARD_CONFIG)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    _relu2_matmul_kernel[grid](*args, K=k, **config.meta(), RELU2_GRAD=grad, UPCAST=_interpreting(),
+                               num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def matmul_relu2(x: Tensor, w: Tensor, *, config: TileConfig | None = None, autotune: bool | None = None) -> Tensor:
+    """The forward kernel: relu(x @ w)² for x (M, K), w (K, N) of one 16-bit dtype; returns (M, N).
+
+    config: a fixed TileConfig (default FORWARD_CONFIG, INTERPRETER_CONFIG in the interpreter);
+    autotune: tune over CONFIGS instead (default: the module's AUTOTUNE); ignored when config is given."""
+    h = torch.empty((x.shape[0], w.shape[1]), device=x.device, dtype=x.dtype)
+    _launch(x, w, h, h, False, config, autotune)  # h_ptr unused by the forward epilogue
     return h
 
 
+def matmul_relu2_grad(grad_out: Tensor, w_proj: Tensor, h: Tensor, *, config: TileConfig | None = None,
+                      autotune: bool | None = None) -> Tensor:
+    """The backward kernel: d pre = (grad_out @ w_proj) * 2 sqrt(h) for grad_out (M, d), w_proj (d, H)
+    and h (M, H) = relu(pre)²; returns d pre (M, H) in h's dtype. config/autotune as in matmul_relu2
+    (default BACKWARD_CONFIG)."""
+    grad_pre = torch.empty((grad_out.shape[0], w_proj.shape[1]), device=h.device, dtype=h.dtype)
+    _launch(grad_out, w_proj, grad_pre, h, True, config, autotune)
+    return grad_pre
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole MLP as a custom op (opaque to torch.compile; backward registered with autograd)
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("speedrun::relu2_mlp", mutates_args=())
+def _relu2_mlp_op(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor]:
+    """x (T, d), w_fc (d, H), w_proj (d, H), all one 16-bit dtype. Returns (out (T, d), h (T, H)); h is an
+    output only so that the backward can save it (it is marked non-differentiable)."""
+    h = matmul_relu2(x, w_fc)
+    return F.linear(h, w_proj), h
+
+
+@_relu2_mlp_op.register_fake
+def _relu2_mlp_fake(x: Tensor, w_fc: Tensor, w_proj: Tensor):
+    return x.new_empty(x.shape[0], w_proj.shape[0]), x.new_empty(x.shape[0], w_fc.shape[1])
+
+
+@torch.library.custom_op("speedrun::relu2_mlp_grad_pre", mutates_args=())
+def _relu2_grad_pre_op(grad_out: Tensor, w_proj: Tensor, h: Tensor) -> Tensor:
+    """d pre = (grad_out @ w_proj) * 2 sqrt(h), (T, H): the backward kernel as an op of its own, because
+    a compiled caller's backward is traced with fake tensors, which a raw Triton launch cannot take."""
+    return matmul_relu2_grad(grad_out, w_proj, h)
+
+
+@_relu2_grad_pre_op.register_fake
+def _relu2_grad_pre_fake(grad_out: Tensor, w_proj: Tensor, h: Tensor):
+    return h.new_empty(h.shape)
+
+
+def _relu2_mlp_setup_context(ctx, inputs, output) -> None:
+    x, w_fc, w_proj = inputs
+    _, h = output
+    ctx.save_for_backward(x, w_fc, w_proj, h)  # h, not the pre-activation: sqrt(h) rebuilds relu(pre)
+    ctx.mark_non_differentiable(h)
+    ctx.set_materialize_grads(False)  # else eager autograd writes a T x H zero "gradient" of h
+
+
+def _relu2_mlp_backward(ctx, grad_out: Tensor, _grad_h):
+    """Plain traceable torch around the fused kernel: the three cuBLAS matmuls stay visible to a
+    compiled caller (and are skipped for inputs that need no gradient)."""
+    x, w_fc, w_proj, h = ctx.saved_tensors
+    need_x, need_fc, need_proj = ctx.needs_input_grad
+    grad_x = grad_w_fc = grad_w_proj = None
+    if grad_out is None:  # out did not reach the loss (grads are not materialized)
+        return grad_x, grad_w_fc, grad_w_proj
+    grad_out = grad_out.to(h.dtype)
+    if need_x or need_fc:
+        grad_pre = torch.ops.speedrun.relu2_mlp_grad_pre(grad_out, w_proj, h)
+        grad_x = grad_pre @ w_fc.t() if need_x else None
+        grad_w_fc = x.t() @ grad_pre if need_fc else None
+    if need_proj:
+        grad_w_proj = grad_out.t() @ h
+    return grad_x, grad_w_fc, grad_w_proj
+
+
+_relu2_mlp_op.register_autograd(_relu2_mlp_backward, setup_context=_relu2_mlp_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# linear_relu_square's autograd (up-projection only; d h arrives from outside, so it stays element-wise)
+# --------------------------------------------------------------------------------------------------
 def _grad_pre(grad_h: Tensor, h: Tensor) -> Tensor:
     grad_h = grad_h.contiguous()
     grad_pre = torch.empty_like(h)
@@ -188,7 +363,7 @@ def _grad_pre(grad_h: Tensor, h: Tensor) -> Tensor:
 class _LinearReluSquare(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
-        h = _forward(x, w)
+        h = matmul_relu2(x, w)
         ctx.save_for_backward(x, w, h)  # h, not the pre-activation: sqrt(h) rebuilds relu(pre)
         return h
 
@@ -201,14 +376,20 @@ class _LinearReluSquare(torch.autograd.Function):
         return grad_x, grad_w
 
 
-def linear_relu_square_triton(x: Tensor, w_fc: Tensor) -> Tensor:
-    """The Triton path (no dispatch). See `linear_relu_square` for the arguments."""
-    _check_shapes(x, w_fc)
-    _require_triton(x, w_fc)
-    lead = x.shape[:-1]
-    # The cast is outside the autograd.Function so autograd casts dW back to W's (fp32) dtype.
-    h = _LinearReluSquare.apply(x.reshape(-1, x.shape[-1]), w_fc.to(x.dtype))
-    return h.reshape(*lead, w_fc.shape[1])
+# --------------------------------------------------------------------------------------------------
+# Checks and dispatchers
+# --------------------------------------------------------------------------------------------------
+def _require_triton(name: str, *tensors: Tensor) -> None:
+    x = tensors[0]
+    if not HAS_TRITON:
+        raise RuntimeError(f"{name}: kernel='triton' needs the triton package, which is not importable")
+    if not (all(t.is_cuda for t in tensors) or _interpreting()):
+        raise RuntimeError(
+            f"{name}: kernel='triton' needs CUDA tensors (got {', '.join(str(t.device) for t in tensors)}); use "
+            "kernel='torch' or 'auto' on CPU (or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+        )
+    if x.dtype not in _TRITON_DTYPES:
+        raise RuntimeError(f"{name}: kernel='triton' needs bf16 or fp16 activations, got {x.dtype}")
 
 
 def _check_shapes(x: Tensor, w_fc: Tensor) -> None:
@@ -218,17 +399,67 @@ def _check_shapes(x: Tensor, w_fc: Tensor) -> None:
         )
 
 
+def _check_mlp_shapes(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> None:
+    if w_fc.dim() != 2 or x.dim() < 1 or x.shape[-1] != w_fc.shape[0] or w_proj.shape != w_fc.shape:
+        raise ValueError(
+            f"relu2_mlp: expected x (..., d), w_fc (d, H) and w_proj (d, H), got {tuple(x.shape)}, "
+            f"{tuple(w_fc.shape)} and {tuple(w_proj.shape)}"
+        )
+
+
+def _check_kernel(name: str, kernel: str) -> None:
+    if kernel not in _KERNELS:
+        raise ValueError(f"{name}: kernel must be one of {_KERNELS}, got {kernel!r}")
+
+
+def _triton_usable(*tensors: Tensor) -> bool:
+    return HAS_TRITON and all(t.is_cuda for t in tensors) and tensors[0].dtype in _TRITON_DTYPES
+
+
+def relu2_mlp_triton(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    """The fused path (no dispatch). See `relu2_mlp` for the arguments."""
+    _check_mlp_shapes(x, w_fc, w_proj)
+    _require_triton("relu2_mlp", x, w_fc, w_proj)
+    lead = x.shape[:-1]
+    # The casts are outside the op so autograd casts the weight gradients back to fp32.
+    out, _ = torch.ops.speedrun.relu2_mlp(x.reshape(-1, x.shape[-1]), w_fc.to(x.dtype), w_proj.to(x.dtype))
+    return out.reshape(*lead, w_proj.shape[0])
+
+
+def relu2_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, *, kernel: str = "auto") -> Tensor:
+    """relu(x @ w_fc)² @ w_proj^T with x (..., d), w_fc (d, H) stored (in, out) and w_proj (d, H) an
+    nn.Linear weight; weights of any float dtype, cast to x's. Returns (..., d) in x's dtype.
+
+    kernel: "auto" (the fused op for bf16/fp16 CUDA tensors when Triton imports, else the twin) |
+    "triton" (error where it cannot run) | "torch" (the twin)."""
+    _check_kernel("relu2_mlp", kernel)
+    if kernel == "auto":
+        kernel = "triton" if _triton_usable(x, w_fc, w_proj) else "torch"
+    if kernel == "triton":
+        return relu2_mlp_triton(x, w_fc, w_proj)
+    _check_mlp_shapes(x, w_fc, w_proj)
+    return relu2_mlp_reference(x, w_fc, w_proj)
+
+
+def linear_relu_square_triton(x: Tensor, w_fc: Tensor) -> Tensor:
+    """The Triton path (no dispatch). See `linear_relu_square` for the arguments."""
+    _check_shapes(x, w_fc)
+    _require_triton("linear_relu_square", x, w_fc)
+    lead = x.shape[:-1]
+    # The cast is outside the autograd.Function so autograd casts dW back to W's (fp32) dtype.
+    h = _LinearReluSquare.apply(x.reshape(-1, x.shape[-1]), w_fc.to(x.dtype))
+    return h.reshape(*lead, w_fc.shape[1])
+
+
 def linear_relu_square(x: Tensor, w_fc: Tensor, *, kernel: str = "auto") -> Tensor:
     """relu(x @ w_fc)² with x (..., d) and w_fc (d, H) stored (in, out); returns (..., H) in x's dtype.
 
     kernel: "auto" (Triton for bf16/fp16 CUDA tensors when importable, else the twin) | "triton"
     (error where it cannot run) | "torch" (the twin).
     """
-    if kernel not in _KERNELS:
-        raise ValueError(f"linear_relu_square: kernel must be one of {_KERNELS}, got {kernel!r}")
+    _check_kernel("linear_relu_square", kernel)
     if kernel == "auto":
-        usable = HAS_TRITON and x.is_cuda and w_fc.is_cuda and x.dtype in _TRITON_DTYPES
-        kernel = "triton" if usable else "torch"
+        kernel = "triton" if _triton_usable(x, w_fc) else "torch"
     if kernel == "triton":
         return linear_relu_square_triton(x, w_fc)
     _check_shapes(x, w_fc)

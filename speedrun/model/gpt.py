@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speedrun.config import ModelConfig
+from speedrun.kernels.relu2_mlp import relu2_mlp
 from speedrun.kernels.softcap_ce import softcapped_cross_entropy
 from speedrun.model.attention import (FLEX_BLOCK_SIZE, UNBOUNDED_WINDOW, AttnWindow,
                                       CausalSelfAttention, DocInfo, build_doc_info, build_window,
@@ -69,16 +70,22 @@ def softcap(logits: Tensor, cap: float) -> Tensor:
 
 class MLP(nn.Module):
     """relu(x W_fc)^2 W_proj^T (GELU when relu_squared is off). Both weights are fp32 (dim, hidden):
-    ``c_fc`` is used as x @ c_fc (stored (in, out)), ``c_proj`` as an nn.Linear weight (out, in)."""
+    ``c_fc`` is used as x @ c_fc (stored (in, out)), ``c_proj`` as an nn.Linear weight (out, in).
+    With ``fused_mlp`` the relu² MLP on bf16/fp16 CUDA activations runs as one fused op
+    (kernels/relu2_mlp.py: relu² and its derivative in Triton matmul epilogues); same parameters."""
 
-    def __init__(self, dim: int, hidden: int, relu_squared: bool):
+    def __init__(self, dim: int, hidden: int, relu_squared: bool, fused_mlp: bool = False):
         super().__init__()
         self.relu_squared = relu_squared
+        self.fused_mlp = fused_mlp
         self.c_fc = nn.Parameter(torch.empty(dim, hidden))
         self.c_proj = nn.Parameter(torch.empty(dim, hidden))
         self.c_fc.label, self.c_proj.label = "mlp_fc", "mlp_proj"
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused_mlp and self.relu_squared and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            # the weights are cast to x's dtype outside the op, so their gradients come back fp32
+            return relu2_mlp(x, self.c_fc, self.c_proj, kernel="triton")
         h = x @ self.c_fc.to(x.dtype)
         h = F.relu(h).square() if self.relu_squared else F.gelu(h)
         return F.linear(h, self.c_proj.to(x.dtype))
@@ -100,7 +107,7 @@ class Block(nn.Module):
                                             qk_norm=cfg.qk_norm, rotary=cfg.rotary,
                                             attn_gate=cfg.attn_gate, gate_dim=cfg.gate_dim,
                                             dtype=dtype)
-        self.mlp = MLP(cfg.model_dim, cfg.mlp_dim, cfg.relu_squared)
+        self.mlp = MLP(cfg.model_dim, cfg.mlp_dim, cfg.relu_squared, cfg.fused_mlp)
 
     def forward(self, x: Tensor, x0: Tensor, lambdas: tuple[Tensor, Tensor] | None,
                 skip: Tensor | None, skip_gate: Tensor | None, ve: Tensor | None,
@@ -158,6 +165,7 @@ class GPT(nn.Module):
         self._final_fn = self._final
         self._token_losses_fn = self._token_losses
         self._logits_fn = self._logits
+        self._compiled = False
 
     # ---- parameters ----------------------------------------------------------------------------
     def _label_parameters(self) -> None:
@@ -258,15 +266,16 @@ class GPT(nn.Module):
 
         Why regions and not one monolith: the 11 blocks share one code object (``Block.forward``),
         and parameters are graph inputs (dynamo inlines nn.Module parameters), so a block is traced
-        and compiled once per variant (attention+value-embedding, attention only, MLP+skip) and
-        the cached graph is reused by every other layer of the same variant. Cold compile time is
-        then a few block-sized graphs instead of one 11-layer graph (the reference's 7-8 minutes).
+        and compiled once per variant (attention, MLP+skip) and the cached graph is reused by every
+        other layer of the same variant (forward() gives attention layers without a value embedding
+        a zero one, so they share the attention graph). Cold compile time is then a few block-sized
+        graphs instead of one 11-layer graph (the reference's 7-8 minutes).
         Window sizes, the YaRN frequencies and attn_scale, and the block masks all enter as
         tensors, so changing windows changes inputs, not graphs: no recompilation.
         The Python loop over blocks, the skip/backout bookkeeping and mask building stay eager
         (a few dozen tiny launches per forward)."""
         kw = {"dynamic": False, "fullgraph": True}
-        # Block.forward legitimately has several graphs: 3 variants x (train, no-grad eval) x each
+        # Block.forward legitimately has several graphs: 2 variants x (train, no-grad eval) x each
         # sequence length used (train, val, HellaSwag...). Room for them (the reference used 64).
         limit = 32
         if self.cfg.attention_backend == "flash":
@@ -285,6 +294,7 @@ class GPT(nn.Module):
         self._final_fn = torch.compile(self._final, **kw)
         self._token_losses_fn = torch.compile(self._token_losses, **kw)
         self._logits_fn = torch.compile(self._logits, **kw)
+        self._compiled = True
         return self
 
     # ---- regions -------------------------------------------------------------------------------
@@ -314,7 +324,14 @@ class GPT(nn.Module):
         """Training loss: summed cross-entropy on softcapped logits kept in the activation dtype
         (bf16 on GPU, as the record), FP8 head matmul when use_fp8. Per-token losses are summed in
         fp32 so the returned value is precise (gradients are those of the plain sum)."""
-        logits = head_matmul(self._final(x, backout), self.lm_head.weight, use_fp8)
+        xn = self._final(x, backout)
+        if use_fp8 and self.cfg.fused_loss and self.cfg.logit_softcap and xn.is_cuda:
+            # FP8 head + softcapped CE as one op pair: the backward writes the logit gradient straight
+            # to e5m2 (and its transpose), no bf16 gradient, no quantize/transpose pass. Imported here:
+            # fp8_head_ce imports model.fp8, so a module-level import would be circular.
+            from speedrun.kernels.fp8_head_ce import fp8_head_softcap_ce_fused
+            return fp8_head_softcap_ce_fused(xn, self.lm_head.weight, targets, self.cfg.logit_softcap)
+        logits = head_matmul(xn, self.lm_head.weight, use_fp8)
         if self.cfg.fused_loss and self.cfg.logit_softcap and logits.is_cuda:
             # one pass over the bf16 logits forward, one backward; softcap computed in fp32 inside
             return softcapped_cross_entropy(logits, targets, self.cfg.logit_softcap, "sum", kernel="triton")
@@ -345,6 +362,14 @@ class GPT(nn.Module):
         windows = self._windows(doc)
 
         x0, ves, cos, sin = self._embed_fn(ids)
+        # compiled: attention layers without a value embedding get a zero one, so every attention
+        # layer runs one compiled graph (v = l0 v + l1 * 0 = l0 v exactly; l1 gets a zero gradient,
+        # as an unused entry of the scalars vector does); one variant fewer to compile, train and eval.
+        # It requires grad exactly when the real ones do (else dynamo guards tell them apart); its
+        # own gradient (a few pointwise ops per layer) is thrown away with it.
+        no_ve = None
+        if self._compiled and cfg.value_embeds:
+            no_ve = x0.new_zeros(x0.shape).requires_grad_(bool(ves) and ves[0].requires_grad)
         # one unbind (a single autograd node) instead of a slice per use
         s = self.scalars.unbind()
         # layer 0 sees x == x0; a separate tensor object (a view) keeps the compiled block from
@@ -358,7 +383,7 @@ class GPT(nn.Module):
                 (s[lay.block + 2 * i], s[lay.block + 2 * i + 1]) if cfg.block_lambdas else None,
                 skip if has_skip else None,
                 s[lay.skip + i] if has_skip else None,
-                ves[ve_index] if ve_index >= 0 and block.attn is not None else None,
+                (ves[ve_index] if ve_index >= 0 else no_ve) if block.attn is not None else None,
                 (s[lay.value + 2 * i], s[lay.value + 2 * i + 1])
                 if cfg.value_embeds and block.attn is not None else None,
                 cos, sin, self.rotary.attn_scale, doc, windows[i])

@@ -222,6 +222,11 @@ class Trainer:
         if not self.cfg.train.compile:
             return 0.0
         t0 = time.perf_counter()
+        helper = None
+        if self.cfg.train.warmup_compile and self.cfg.train.parallel_warmup \
+                and self.device.type == "cuda" and self.world.local_rank == 0:
+            from speedrun.train.precompile import Precompile
+            helper = Precompile(self.cfg, str(self.device))  # compiles the eval graphs meanwhile
         self.model.compile_regions()
         if not self.cfg.train.warmup_compile:
             return time.perf_counter() - t0
@@ -258,6 +263,12 @@ class Trainer:
                 for j in range(2):  # an even and an odd step: Muon alone, then Muon + Adam
                     self.train_step(k + j, loader.next_step(), mark=first_step if k + j == 0 else None)
                     done(f"step{k + j}")
+                if helper is not None:  # its eval graphs are in the cache once it is done
+                    ok, phases["helper_wait"] = helper.wait()
+                    if not ok:
+                        self.log.print("parallel warm-up helper failed; compiling its graphs here. "
+                                       f"Its log ends: {helper.tail()}")
+                    helper = None
                 with torch.no_grad():
                     self.model.eval()
                     self.model(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens, reduction="mean")
@@ -273,6 +284,9 @@ class Trainer:
                 done("eval_final")
         finally:
             loader.close()
+            if helper is not None:  # an exception before the wait: do not leave it running
+                helper.proc.kill()
+                helper.wait()
         self.model.load_state_dict(model_state)
         self.optimizers.load_state_dict(optim_state)
         self.optimizers.zero_grad(1)  # odd step: drop every gradient

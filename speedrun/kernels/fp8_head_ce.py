@@ -1,0 +1,365 @@
+"""FP8 lm_head fused with the softcapped cross-entropy: one op pair whose backward writes the logit
+gradient straight to float8 e5m2, and the plain twin (the unfused pipeline).
+
+Owns the training loss when the head runs in FP8 (`model.fp8_head`) and `model.fused_loss` is on.
+Unfused, the head is `speedrun::fp8_mm` followed by `softcapped_cross_entropy` (softcap_ce.py): the CE
+backward writes dL/dz in bf16 (T x V, 3.3 GB at the record's 32768 x 50304), then fp8_mm's backward
+reads it back only to quantize it (g / grad_s -> e5m2) and to write a transposed copy for the weight
+gradient (2.3 ms per micro-batch on an H100). Fused:
+
+    forward   x_f8, w_f8 = e4m3(x / x_s), e4m3(w / w_s);  z = _scaled_mm(x_f8, w_f8^T)  (bf16 logits)
+              per-row loss and lse: the softcap_ce forward kernel; returns the summed loss (fp32)
+    backward  one Triton kernel over (BLOCK_T x BLOCK_V) tiles of z: recomputes dL/dz in fp32 exactly
+              as softcap_ce's backward kernel, scales by 1/grad_s, rounds to e5m2 and stores the tile
+              twice, g_f8 (T, V) and its transpose g_f8_t (V, T) (tl.trans of the tile);
+              grad_x = g_f8 @ w_f8,  grad_w = g_f8_t @ x_f8  (two _scaled_mm calls, as fp8_mm's)
+
+so no bf16 gradient is written and no quantize/transpose pass exists. The gradient is also rounded
+once (fp32 -> e5m2) instead of three times (fp32 -> bf16, / grad_s in bf16, -> e5m2).
+
+The forward and backward are `torch.library` custom ops (`speedrun::fp8_head_softcap_ce` and
+`speedrun::fp8_head_softcap_ce_backward`), so the fullgraph-compiled loss region treats both as opaque
+calls. Where they run:
+* CUDA: the Triton kernels and real FP8 tensor-core matmuls (needs compute capability >= 8.9);
+* CPU under the Triton interpreter (TRITON_INTERPRET=1, the tests): the same Triton kernels, small
+  tiles, matmuls emulated on the exact fp8 values (fp8.py's `_scaled_mm`);
+* CPU otherwise: the same tile maths in plain torch (`_ce_forward_torch`, `_grad_fp8_torch`), so the
+  op and its autograd wiring work everywhere (used by `kernel="fused"` on CPU, never by "auto").
+
+`fp8_head_softcap_ce_reference` is the twin: exactly the unfused pipeline the model runs otherwise.
+`fp8_head_softcap_ce(..., kernel="auto")` picks the fused op for CUDA tensors when Triton imports.
+
+Fixed scales as in fp8.py: |dL/dz| <= |g| (softmax - one-hot is in [-1, 1], the softcap's slope is at
+most 1), so with grad_s = 1/448 the scaled gradient stays below e5m2's 57344 for an incoming loss
+gradient |g| < 128 (training passes 1 / grad_accum).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from speedrun.kernels.softcap_ce import HAS_TRITON, _interpreting, softcap, softcapped_cross_entropy
+from speedrun.model.fp8 import E4M3, E5M2, _scaled_mm, fp8_linear, head_scales
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    # the row-streaming CE forward is reused as is: it writes exactly the per-row loss and lse we need
+    from speedrun.kernels.softcap_ce import (_LOG2E, _MAX_FIXED_SHIFT_CAP, _launch_config,
+                                             _softcap_ce_forward_kernel)
+
+__all__ = [
+    "fp8_head_softcap_ce",
+    "fp8_head_softcap_ce_fused",
+    "fp8_head_softcap_ce_reference",
+    "softcap_ce_grad_fp8",
+]
+
+_KERNELS = ("auto", "fused", "reference")
+_GRAD_KERNELS = ("auto", "triton", "torch")
+
+
+def _tile_config() -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_V, num_warps) of the backward tile kernel; fixed, no autotuning (cold start).
+
+    128 x 128: each tile row of g_f8 and each tile row of g_f8_t is one 128-byte line, so both stores
+    are full-line writes; the bf16 tile read is 256 B per row. 8 warps keep 64 fp32 values of each
+    temporary per thread. Interpreter: small tiles so that ragged T and V edges are masked in tests.
+    """
+    if _interpreting():
+        return 16, 64, 1
+    return 128, 128, 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _round_to_e5m2(y):
+        """fp32 -> the nearest float8 e5m2 value (ties to even), still in fp32, so that the cast that
+        follows is exact. Only under the interpreter: its fp32 -> fp8 cast (triton 3.6) loses the carry
+        when rounding up the mantissa overflows into the exponent; the GPU cast (cvt.rn) is correct."""
+        y_bits = y.to(tl.int32, bitcast=True)
+        sign = (y_bits >> 31) << 31  # the sign bit alone, so that -0.0 stays -0.0 as in torch
+        a = tl.abs(y)
+        bits = a.to(tl.int32, bitcast=True)
+        # |y| >= 2^-14 (e5m2 normals): round the 23-bit mantissa to 2 bits, ties to even; the integer
+        # add carries into the exponent when the mantissa overflows
+        bits = (bits + 0xFFFFF + ((bits >> 21) & 1)) & -2097152  # -2097152 = ~0x1FFFFF
+        normal = bits.to(tl.float32, bitcast=True)
+        # |y| < 2^-14 (e5m2 subnormals): the nearest multiple of 2^-16, ties to even
+        t = tl.minimum(a, 6.103515625e-05) * 65536.0
+        whole = t.to(tl.int32)  # floor: t >= 0
+        frac = t - whole.to(tl.float32)  # exact
+        up = (frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))
+        sub = (whole + up.to(tl.int32)).to(tl.float32) * (1.0 / 65536.0)
+        r = tl.where(a < 6.103515625e-05, sub, normal)
+        return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp8_softcap_ce_grad_kernel(
+        logits_ptr,
+        targets_ptr,
+        lse_ptr,
+        grad_loss_ptr,  # 0-d fp32: the incoming gradient of the summed loss, read here (no host sync)
+        g_ptr,  # (T, V) e5m2 out
+        gt_ptr,  # (V, T) e5m2 out: the transpose of the same values
+        n_rows,
+        n_cols,
+        logits_row_stride,
+        g_row_stride,
+        gt_row_stride,
+        cap,
+        neg_inv_tau_log2e,  # -log2(e) / tau: sigmoid(z/tau) = 1 / (1 + 2^(z * this))
+        scale,  # (cap / tau) / grad_s: the softcap's slope factor and the fp8 scale in one
+        ignore_index,
+        BLOCK_T: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        SOFTWARE_ROUNDING: tl.constexpr,
+    ):
+        # V blocks vary fastest: neighbouring programs read neighbouring pieces of the same rows
+        rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+        row_ok = rows < n_rows
+        col_ok = cols < n_cols
+        rows64 = rows.to(tl.int64)  # int64 offsets: T * V exceeds 2^31 above T = 42690 at V = 50304
+        cols64 = cols.to(tl.int64)
+        # torch.compile may hand Python floats over as fp64; keep the maths in fp32
+        cap = tl.cast(cap, tl.float32)
+        neg_inv_tau_log2e = tl.cast(neg_inv_tau_log2e, tl.float32)
+        scale = tl.cast(scale, tl.float32)
+        cap_log2e = cap * 1.4426950408889634
+
+        target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int32)
+        lse_log2e = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        g = tl.load(grad_loss_ptr).to(tl.float32) * scale
+        g_row = tl.where(target == ignore_index, 0.0, g)
+
+        mask = row_ok[:, None] & col_ok[None, :]
+        z = tl.load(logits_ptr + rows64[:, None] * logits_row_stride + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        # the maths of softcap_ce's _softcap_ce_backward_kernel, on a 2-D tile
+        sig = 1.0 / (1.0 + tl.exp2(z * neg_inv_tau_log2e))
+        p = tl.exp2(cap_log2e * sig - lse_log2e[:, None])  # softmax(s)_j = exp(s_j - lse)
+        dlds = tl.where(cols[None, :] == target[:, None], p - 1.0, p)
+        y = g_row[:, None] * dlds * sig * (1.0 - sig)  # dL/dz / grad_s
+        if SOFTWARE_ROUNDING:
+            y = _round_to_e5m2(y)
+        q = y.to(g_ptr.dtype.element_ty)
+
+        tl.store(g_ptr + rows64[:, None] * g_row_stride + cols[None, :], q, mask=mask)
+        tl.store(gt_ptr + cols64[:, None] * gt_row_stride + rows[None, :], tl.trans(q),
+                 mask=col_ok[:, None] & row_ok[None, :])
+
+
+def _launch_grad_kernel(logits: Tensor, lse: Tensor, targets: Tensor, grad_loss: Tensor, cap: float,
+                        grad_s: float, ignore_index: int, g_f8: Tensor, g_f8_t: Tensor) -> None:
+    """Fill g_f8 (T, V) and g_f8_t (V, T) (unit column stride, any row stride) from the logits."""
+    n_rows, n_cols = logits.shape
+    if n_rows == 0 or n_cols == 0:
+        return
+    block_t, block_v, num_warps = _tile_config()
+    tau = cap / 4.0
+    grid = (triton.cdiv(n_cols, block_v), triton.cdiv(n_rows, block_t))
+    _fp8_softcap_ce_grad_kernel[grid](
+        logits, targets, lse, grad_loss, g_f8, g_f8_t, n_rows, n_cols,
+        logits.stride(0), g_f8.stride(0), g_f8_t.stride(0),
+        float(cap), -_LOG2E / tau, (cap / tau) / grad_s, int(ignore_index),
+        BLOCK_T=block_t, BLOCK_V=block_v, SOFTWARE_ROUNDING=_interpreting(), num_warps=num_warps,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The same tile maths in plain torch (CPU without the interpreter)
+# --------------------------------------------------------------------------------------------------
+def _ce_forward_torch(logits: Tensor, targets: Tensor, cap: float, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Per-row loss and lse in fp32, as the forward kernel (an out-of-range target gives NaN)."""
+    n_cols = logits.shape[1]
+    s = softcap(logits, cap).float()
+    lse = torch.logsumexp(s, dim=1)
+    valid = (targets >= 0) & (targets < n_cols)
+    s_t = s.gather(1, targets.clamp(0, max(n_cols - 1, 0))[:, None]).squeeze(1)
+    loss = torch.where(valid, lse - s_t, torch.full_like(lse, float("nan")))
+    return torch.where(targets == ignore_index, torch.zeros_like(loss), loss), lse
+
+
+def _grad_fp8_torch(logits: Tensor, lse: Tensor, targets: Tensor, grad_loss: Tensor, cap: float,
+                    grad_s: float, ignore_index: int) -> tuple[Tensor, Tensor]:
+    tau = cap / 4.0
+    sig = torch.sigmoid(logits.float() / tau)
+    p = torch.exp(cap * sig - lse[:, None])
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
+    g = torch.where(targets == ignore_index, 0.0, grad_loss.float()) * ((cap / tau) / grad_s)
+    g_f8 = (g[:, None] * (p - onehot.float()) * sig * (1.0 - sig)).to(E5M2)
+    return g_f8, g_f8.T.contiguous()
+
+
+def _use_kernels(t: Tensor) -> bool:
+    if t.is_cuda and not HAS_TRITON:
+        raise RuntimeError("fp8_head_softcap_ce: CUDA tensors need the triton package, which is not importable")
+    return HAS_TRITON and (t.is_cuda or _interpreting())
+
+
+def softcap_ce_grad_fp8(logits: Tensor, lse: Tensor, targets: Tensor, grad_loss: Tensor, cap: float,
+                        grad_s: float, ignore_index: int = -100, kernel: str = "auto") -> tuple[Tensor, Tensor]:
+    """(g_f8 (T, V), g_f8_t (V, T)) float8 e5m2: e5m2(grad_loss * dL/dz / grad_s) of the summed
+    softcapped cross-entropy, L = sum_rows lse(s) - s_target, and its transpose.
+
+    logits (T, V) raw head outputs; lse (T,) fp32 from the forward; grad_loss 0-d (any float dtype).
+    kernel: "auto" (Triton on CUDA or under the interpreter, else torch) | "triton" | "torch".
+    """
+    if kernel not in _GRAD_KERNELS:
+        raise ValueError(f"softcap_ce_grad_fp8: kernel must be one of {_GRAD_KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        kernel = "triton" if _use_kernels(logits) else "torch"
+    targets = targets.contiguous()
+    if kernel == "torch":
+        return _grad_fp8_torch(logits, lse, targets, grad_loss, cap, grad_s, ignore_index)
+    if not (HAS_TRITON and (logits.is_cuda or _interpreting())):
+        raise RuntimeError("softcap_ce_grad_fp8: kernel='triton' needs triton and CUDA tensors "
+                           "(or TRITON_INTERPRET=1 on CPU)")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    n_rows, n_cols = logits.shape
+    g_f8 = torch.empty(n_rows, n_cols, device=logits.device, dtype=E5M2)
+    g_f8_t = torch.empty(n_cols, n_rows, device=logits.device, dtype=E5M2)
+    _launch_grad_kernel(logits, lse.float().contiguous(), targets, grad_loss.float().contiguous(), cap,
+                        grad_s, ignore_index, g_f8, g_f8_t)
+    return g_f8, g_f8_t
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("speedrun::fp8_head_softcap_ce", mutates_args=())
+def _fp8_head_softcap_ce_op(x: Tensor, w: Tensor, targets: Tensor, cap: float, ignore_index: int,
+                            x_s: float, w_s: float, grad_s: float
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss_sum fp32 0-d, logits (T, V) in x.dtype, lse (T,) fp32, x_f8, w_f8). Everything after the
+    loss is an output only so that the backward can have it (setup_context sees inputs and outputs)."""
+    x_f8 = x.div(x_s).to(E4M3)  # as fp8_mm: same quantization, same fast-accumulation matmul
+    w_f8 = w.div(w_s).to(E4M3)
+    logits = _scaled_mm(x_f8, w_f8.T, x_s, w_s, x.dtype, fast_accum=True)
+    targets = targets.contiguous()
+    n_rows, n_cols = logits.shape
+    if _use_kernels(logits):
+        loss = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+        lse = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+        block_v, num_warps = _launch_config(n_cols)
+        if n_rows > 0:
+            _softcap_ce_forward_kernel[(n_rows,)](
+                logits, targets, loss, lse, logits.stride(0), float(cap), -_LOG2E / (cap / 4.0),
+                int(ignore_index), N_COLS=n_cols, BLOCK_V=block_v, FIXED_SHIFT=cap <= _MAX_FIXED_SHIFT_CAP,
+                num_warps=num_warps,
+            )
+    else:
+        loss, lse = _ce_forward_torch(logits, targets, cap, ignore_index)
+    return loss.sum(), logits, lse, x_f8, w_f8
+
+
+@_fp8_head_softcap_ce_op.register_fake
+def _fp8_head_softcap_ce_fake(x, w, targets, cap, ignore_index, x_s, w_s, grad_s):
+    return (x.new_empty((), dtype=torch.float32), x.new_empty(x.shape[0], w.shape[0]),
+            x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape, dtype=E4M3),
+            w.new_empty(w.shape, dtype=E4M3))
+
+
+@torch.library.custom_op("speedrun::fp8_head_softcap_ce_backward", mutates_args=())
+def _fp8_head_softcap_ce_backward_op(grad_loss: Tensor, logits: Tensor, lse: Tensor, targets: Tensor,
+                                     x_f8: Tensor, w_f8: Tensor, cap: float, ignore_index: int, x_s: float,
+                                     w_s: float, grad_s: float, x_dtype: torch.dtype, w_dtype: torch.dtype
+                                     ) -> tuple[Tensor, Tensor]:
+    """(grad_x in x_dtype, grad_w in w_dtype): fp8_mm's backward with g from the tile kernel."""
+    g_f8, g_f8_t = softcap_ce_grad_fp8(logits, lse, targets, grad_loss, cap, grad_s, ignore_index)
+    # _scaled_mm wants its second operand column-major: .T.contiguous().T
+    grad_x = _scaled_mm(g_f8, w_f8.T.contiguous().T, grad_s, w_s, x_dtype, fast_accum=False)
+    # grad_w = g^T x computed as (V, T) @ (T, d): g_f8_t is already the row-major g^T, and the result
+    # comes out (V, d) row-major in w's dtype (fp8_mm computes (x^T g)^T: same sums, a transposed view)
+    grad_w = _scaled_mm(g_f8_t, x_f8.T.contiguous().T, grad_s, x_s, w_dtype, fast_accum=False)
+    return grad_x, grad_w
+
+
+@_fp8_head_softcap_ce_backward_op.register_fake
+def _fp8_head_softcap_ce_backward_fake(grad_loss, logits, lse, targets, x_f8, w_f8, cap, ignore_index, x_s,
+                                       w_s, grad_s, x_dtype, w_dtype):
+    return x_f8.new_empty(x_f8.shape, dtype=x_dtype), w_f8.new_empty(w_f8.shape, dtype=w_dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w, targets, cap, ignore_index, x_s, w_s, grad_s = inputs
+    _, logits, lse, x_f8, w_f8 = output
+    ctx.save_for_backward(logits, lse, targets, x_f8, w_f8)
+    ctx.args = (cap, ignore_index, x_s, w_s, grad_s, x.dtype, w.dtype)
+    ctx.mark_non_differentiable(logits, lse, x_f8, w_f8)
+
+
+def _backward(ctx, grad_loss: Tensor, _grad_logits, _grad_lse, _grad_x_f8, _grad_w_f8):
+    logits, lse, targets, x_f8, w_f8 = ctx.saved_tensors
+    grad_x, grad_w = torch.ops.speedrun.fp8_head_softcap_ce_backward(
+        grad_loss.float(), logits, lse, targets, x_f8, w_f8, *ctx.args)
+    return grad_x, grad_w, None, None, None, None, None, None
+
+
+_fp8_head_softcap_ce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------
+def _check_args(x: Tensor, w: Tensor, targets: Tensor, cap: float) -> None:
+    name = "fp8_head_softcap_ce"
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"{name}: x (T, d) and w (V, d) must be 2-D, got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"{name}: x (T, d) and w (V, d) must share d, got {tuple(x.shape)} and {tuple(w.shape)}")
+    if targets.shape != x.shape[:1]:
+        raise ValueError(f"{name}: targets must have shape ({x.shape[0]},), got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"{name}: targets must be integer class indices, got {targets.dtype}")
+    if not cap > 0:
+        raise ValueError(f"{name}: cap must be > 0 (the fused loss is the softcapped one), got {cap}")
+    if x.is_cuda and any(n % 16 for n in (*x.shape, w.shape[0])):
+        # cuBLAS FP8 matmuls (torch._scaled_mm) need every dimension, T included, a multiple of 16
+        raise ValueError(f"{name}: on CUDA T, d and V must be multiples of 16, got x {tuple(x.shape)}, "
+                         f"w {tuple(w.shape)}")
+
+
+def fp8_head_softcap_ce_fused(x: Tensor, w: Tensor, targets: Tensor, cap: float = 30.0, *,
+                              scales: tuple[float, float, float] | None = None, ignore_index: int = -100
+                              ) -> Tensor:
+    """The fused op (no dispatch): see `fp8_head_softcap_ce`."""
+    _check_args(x, w, targets, cap)
+    x_s, w_s, grad_s = scales if scales is not None else head_scales(x.shape[1])
+    return torch.ops.speedrun.fp8_head_softcap_ce(x, w, targets, float(cap), int(ignore_index), float(x_s),
+                                                  float(w_s), float(grad_s))[0]
+
+
+def fp8_head_softcap_ce_reference(x: Tensor, w: Tensor, targets: Tensor, cap: float = 30.0, *,
+                                  scales: tuple[float, float, float] | None = None, ignore_index: int = -100
+                                  ) -> Tensor:
+    """The twin: the unfused pipeline, `speedrun::fp8_mm` then `softcapped_cross_entropy` (Triton on
+    CUDA, plain torch elsewhere), exactly what the model runs without this op."""
+    _check_args(x, w, targets, cap)
+    logits = fp8_linear(x, w, scales)
+    return softcapped_cross_entropy(logits, targets, cap, "sum", ignore_index=ignore_index, kernel="auto")
+
+
+def fp8_head_softcap_ce(x: Tensor, w: Tensor, targets: Tensor, cap: float = 30.0, *,
+                        scales: tuple[float, float, float] | None = None, ignore_index: int = -100,
+                        kernel: str = "auto") -> Tensor:
+    """Summed softcapped cross-entropy (fp32 0-d) of the FP8 head's logits x @ w^T.
+
+    x (T, d) normed hidden states, w (V, d) the lm_head weight, targets (T,) int (ignore_index rows
+    count 0), cap the softcap (cap * sigmoid(z / (cap/4))), scales (x_s, w_s, grad_s) default
+    fp8.head_scales(d). kernel: "auto" (fused on CUDA when Triton imports, else the twin) | "fused"
+    (the custom op on any device; see the module docstring for what runs where) | "reference" (twin).
+    """
+    if kernel not in _KERNELS:
+        raise ValueError(f"fp8_head_softcap_ce: kernel must be one of {_KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        kernel = "fused" if HAS_TRITON and x.is_cuda else "reference"
+    fn = fp8_head_softcap_ce_fused if kernel == "fused" else fp8_head_softcap_ce_reference
+    return fn(x, w, targets, cap, scales=scales, ignore_index=ignore_index)

@@ -1,0 +1,90 @@
+"""Parallel warm-up: a helper process compiles the evaluation graphs (and JIT-compiles the
+optimizer's Triton kernels) while the trainer compiles the training graphs.
+
+Why: torch.compile runs one graph at a time in a process, and the no-grad evaluation graphs at the
+validation length are separate graphs from the training ones (about a fifth of a cold start on an
+H100). A second process on the same GPU fills the same on-disk compile caches (inductor's FX-graph
+and AOTAutograd caches, Triton's kernel cache); when the trainer reaches its own evaluation warm-up
+it loads them instead of compiling. Nothing is shared but the cache directory, so a failed or slow
+helper only costs what the trainer would have spent anyway (it then compiles as before).
+
+Run as ``python -m speedrun.train.precompile CONFIG_JSON DEVICE`` (cuda:N); the trainer starts it
+(``train.parallel_warmup``) on local rank 0 of CUDA runs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+# torchrun's variables would make the helper join the process group: it runs alone
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+              "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+class Precompile:
+    """Handle on the helper process (see the module docstring)."""
+
+    def __init__(self, cfg, device: str):
+        self.dir = tempfile.mkdtemp(prefix="speedrun-precompile-")
+        config_path = os.path.join(self.dir, "config.json")
+        cfg.save(config_path)
+        env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+        self.log_path = os.path.join(self.dir, "log.txt")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "speedrun.train.precompile", config_path,
+                                      device], env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+
+    def wait(self, timeout_s: float = 300.0) -> tuple[bool, float]:
+        """Wait for the helper; (finished cleanly, seconds waited). A helper still running after
+        ``timeout_s`` is stopped (the trainer then compiles what is missing itself)."""
+        t0 = time.perf_counter()
+        try:
+            rc = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._log.close()
+        return rc == 0, time.perf_counter() - t0
+
+    def tail(self, chars: int = 600) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-chars:]
+
+
+def run(config_path: str, device: str) -> float:
+    """The helper's work (see the module docstring); returns the eval loss it computed."""
+    import torch
+
+    from speedrun.config import Config
+    from speedrun.train.distributed import World
+    from speedrun.train.trainer import Trainer
+    cfg = Config.load(config_path)
+    cfg.train.parallel_warmup = False
+    world = World(device=torch.device(device))
+    if world.device.type == "cuda":
+        torch.cuda.set_device(world.device)
+    trainer = Trainer(cfg, world, os.path.dirname(config_path))
+    trainer.loader.close()
+    model = trainer.model
+    if cfg.train.compile:
+        model.compile_regions()
+    # one optimizer step of each kind on random gradients: the Triton kernels of Polar Express and
+    # Adam are JIT-compiled into Triton's on-disk cache (this copy of the model is thrown away)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    trainer.optimizers.step(1, 1.0, cfg.optim.muon.momentum)
+    trainer.apply_window(0)
+    val_batch = next(iter(trainer._val_loader()))
+    with torch.no_grad():
+        model.eval()
+        loss = float(model(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens, reduction="mean"))
+    print(f"precompile done: eval loss {loss:.4f}", flush=True)
+    return loss
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2])
