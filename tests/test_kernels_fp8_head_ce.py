@@ -407,7 +407,9 @@ def test_gpu_model_fused_loss_on_off(compiled, monkeypatch):
                           model.embed.weight.grad.float().clone())
     if not compiled:
         assert calls, "fused_loss with the FP8 head did not take the fused op"
-    assert rel(results[True][0], results[False][0]) < 1e-4
+    # the plain path softcaps the bf16 logits in bf16 (one bf16 step is 0.125 near the cap of 30),
+    # the fused op in fp32: on the H100 the summed losses differed by 5.1e-4 relative
+    assert rel(results[True][0], results[False][0]) < 2e-3
     for got, want in zip(results[True][1:], results[False][1:]):
         assert rel(got, want) < 2e-2
     torch._dynamo.reset()
