@@ -38,8 +38,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def bench(fn: Callable[[], object], warmup_calls: int = 3) -> tuple[float, float]:
-    """(median ms, peak GiB allocated during one call beyond what was allocated before)."""
+def bench(fn: Callable[[], object], warmup_calls: int = 3, rep_ms: int = 1000,
+          warmup_ms: int = 100) -> tuple[float, float]:
+    """(median ms, peak GiB allocated during one call beyond what was allocated before).
+    Also used by bench_mlp.py."""
     from triton.testing import do_bench
 
     for _ in range(warmup_calls):  # autotuning, compilation, allocator warm-up
@@ -50,7 +52,7 @@ def bench(fn: Callable[[], object], warmup_calls: int = 3) -> tuple[float, float
     fn()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    ms = do_bench(fn, warmup=100, rep=1000, return_mode="median")
+    ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     return float(ms), float(peak)
 
 

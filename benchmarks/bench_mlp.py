@@ -30,28 +30,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from speedrun.kernels import relu2_mlp as R  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import bench as _bench, rel_err  # noqa: E402  (the kernel benchmarks' timing)
+
 CALLS_PER_STEP = 11 * 8  # MLPs x micro-batches of one optimizer step (record, one GPU)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
 def bench(fn: Callable[[], object], rep_ms: int, warmup_calls: int = 2) -> tuple[float, float]:
-    """(median ms, peak GiB allocated during one call beyond what was allocated before)."""
-    from triton.testing import do_bench
-
-    for _ in range(warmup_calls):  # compilation, autotuning, allocator warm-up
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    ms = do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-    return float(ms), float(peak)
+    """Shorter repetitions than the kernel benchmarks (bench_mlp.py keeps under ~90 s)."""
+    return _bench(fn, warmup_calls=warmup_calls, rep_ms=rep_ms, warmup_ms=25)
 
 
 def inputs(tokens: int, dim: int, hidden: int):

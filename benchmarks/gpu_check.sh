@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One pass over everything that needs a GPU: the GPU-marked tests, the component benchmarks and
 # `speedrun bench` of the record recipe. Usage: benchmarks/gpu_check.sh OUT_DIR [parts...]
-# parts: tests kernels model optim bench (default: all). Each part has its own time limit and a log
+# parts: tests kernels mlp flex model optim bench (default: all). Each part has its own time limit and a log
 # in OUT_DIR, and a failing part does not stop the next one.
 set -u
-out=${1:?usage: gpu_check.sh OUT_DIR [tests|kernels|model|optim|bench]...}
+out=${1:?usage: gpu_check.sh OUT_DIR [tests|kernels|mlp|flex|model|optim|bench]...}
 shift
-parts=${*:-tests kernels model optim bench}
+parts=${*:-tests kernels mlp flex model optim bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 python3 -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())' | tee "$out/device.txt"
@@ -22,8 +22,10 @@ step() {  # name limit_s command...
 }
 for part in $parts; do
     case $part in
-        tests)   step gpu_tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+        tests)   step gpu_tests 600 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
         kernels) step bench_kernels 90 python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json" ;;
+        mlp)     step bench_mlp 90 python3 benchmarks/bench_mlp.py --out "$out/bench_mlp.json" ;;
+        flex)    step bench_flex 240 python3 benchmarks/bench_flex.py --out "$out/bench_flex.json" ;;
         model)   step bench_model 150 python3 benchmarks/bench_model.py --out "$out/bench_model.json" ;;
         optim)   step bench_optim 90 python3 benchmarks/bench_optim.py --out "$out/bench_optim.json" ;;
         bench)   step bench ${BENCH_LIMIT:-330} python3 -m speedrun bench --config record_124m --warm-start \

@@ -5,11 +5,6 @@ there); the GPU test compares it with the twin at the record's shard size.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,8 +12,7 @@ import torch
 
 from speedrun.kernels.adam_update import adam_update_, adam_update_reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from kernel_helpers import HAS_TRITON, run_interpreted  # noqa: E402
 
 
 def test_twin_is_adam_on_the_first_step():
@@ -89,15 +83,8 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def interpreter_results():
-    if not HAS_TRITON:
-        pytest.skip("triton is not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+def interpreter_results(tmp_path_factory):
+    return run_interpreted(INTERPRETER_SCRIPT, tmp_path_factory.mktemp("interpreter_results"))
 
 
 @pytest.mark.parametrize("wd,cautious", [(0.0, False), (0.3, True), (0.3, False)])

@@ -13,11 +13,7 @@ GPU tests (run on the GPU machine):
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -28,8 +24,7 @@ from speedrun.kernels import fp8_head_ce as M
 from speedrun.kernels.softcap_ce import softcapped_cross_entropy_reference
 from speedrun.model import fp8 as F8
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from kernel_helpers import run_interpreted, small_gpu_model  # noqa: E402
 E5M2 = torch.float8_e5m2
 GRAD_S = 1 / 448
 
@@ -276,18 +271,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory):
-    if not HAS_TRITON:
-        pytest.skip("triton is not importable")
-    # a file, not `python -c`: @triton.jit reads the kernel's source with inspect
-    script = tmp_path_factory.mktemp("fp8_head_ce") / "interpret.py"
-    script.write_text(INTERPRETER_SCRIPT)
-    env = dict(os.environ, TRITON_INTERPRET="1", TEST_DIR=os.path.join(ROOT, "tests"),
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return run_interpreted(INTERPRETER_SCRIPT, tmp_path_factory.mktemp("interpreter_results"))
 
 
 def test_interpreter_uses_small_tiles(interpreter_results):
@@ -375,25 +359,12 @@ def test_gpu_model_fused_loss_on_off(compiled, monkeypatch):
     """The model with fp8_head: fused_loss on takes the fused op (counted in eager), and its loss and
     gradients match fused_loss off (fp8_mm + F.cross_entropy on softcapped fp32 logits)."""
     _require_fp8_gpu()
-    from speedrun.config import ModelConfig
-    from speedrun.model import GPT
-
     torch._dynamo.reset()
     calls = []
     real = M.fp8_head_softcap_ce_fused
     monkeypatch.setattr(M, "fp8_head_softcap_ce_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
-    dev = torch.device("cuda")
-    cfg = ModelConfig(num_layers=4, no_attention_layers=[], long_window_layers=[3],
-                      value_embed_layers=[0, -1, -1, 0], skip_from_layer=1, skip_to_layer=2, backout_layer=2)
-    torch.manual_seed(0)
-    model = GPT(cfg, torch.bfloat16).to(dev)
+    cfg, model, ids, targets = small_gpu_model(T=8192)
     assert model.use_fp8
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.05)
-    T = 8192
-    g = torch.Generator(device=dev).manual_seed(2)
-    ids = torch.randint(0, 50256, (T,), device=dev, generator=g, dtype=torch.int32)
-    targets = torch.randint(0, 50256, (T,), device=dev, generator=g)
     if compiled:
         model.compile_regions()
     model.train()

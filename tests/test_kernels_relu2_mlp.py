@@ -10,11 +10,7 @@ GPU tests (record sizes; kernels, op eager and compiled, the model with fused_ml
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -25,8 +21,7 @@ from speedrun.kernels.relu2_mlp import (linear_relu_square, linear_relu_square_r
                                         relu2_mlp_reference)
 from speedrun.model.gpt import GPT, MLP
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from kernel_helpers import HAS_TRITON, run_interpreted  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -163,15 +158,8 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def interpreter_results():
-    if not HAS_TRITON:
-        pytest.skip("triton is not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+def interpreter_results(tmp_path_factory):
+    return run_interpreted(INTERPRETER_SCRIPT, tmp_path_factory.mktemp("interpreter_results"))
 
 
 @pytest.mark.parametrize("case", ["bf16", "fp16", "bf16-ragged-k", "bf16-strided-x", "bf16-3d"])
@@ -463,15 +451,8 @@ MLP_INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def mlp_interpreter_results():
-    if not HAS_TRITON:
-        pytest.skip("triton is not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", MLP_INTERPRETER_SCRIPT], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+def mlp_interpreter_results(tmp_path_factory):
+    return run_interpreted(MLP_INTERPRETER_SCRIPT, tmp_path_factory.mktemp("mlp_interpreter_results"))
 
 
 @pytest.mark.parametrize("config", ["default", "32x16x32"])

@@ -5,11 +5,7 @@ only), so this pytest process never switches Triton into interpreter mode and GP
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -21,8 +17,7 @@ from speedrun.kernels.softcap_ce import (
     softcapped_cross_entropy_reference,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from kernel_helpers import run_interpreted  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -185,15 +180,8 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def interpreter_results():
-    if not HAS_TRITON:
-        pytest.skip("triton is not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+def interpreter_results(tmp_path_factory):
+    return run_interpreted(INTERPRETER_SCRIPT, tmp_path_factory.mktemp("interpreter_results"))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

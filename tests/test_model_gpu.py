@@ -12,6 +12,8 @@ from speedrun.config import ModelConfig
 from speedrun.model import GPT
 from speedrun.model import attention as A
 
+from kernel_helpers import small_gpu_model  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 
 
@@ -108,18 +110,8 @@ def test_fused_training_loss_matches_plain(compiled):
     """model.fused_loss (Triton softcapped CE on the bf16 logits) vs the plain softcap + F.cross_entropy:
     same summed loss and same gradients within bf16 noise, eager and under regional compilation."""
     torch._dynamo.reset()
-    dev = torch.device("cuda")
-    cfg = ModelConfig(num_layers=4, no_attention_layers=[], long_window_layers=[3],
-                      value_embed_layers=[0, -1, -1, 0], skip_from_layer=1, skip_to_layer=2, backout_layer=2)
-    torch.manual_seed(0)
-    model = GPT(cfg, torch.bfloat16).to(dev)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.05)
-    T = 8192
-    g = torch.Generator(device=dev).manual_seed(2)
-    ids = torch.randint(0, 50256, (T,), device=dev, generator=g, dtype=torch.int32)
-    targets = torch.randint(0, 50256, (T,), device=dev, generator=g)
-    cu = packed_docs(T, 700, dev)
+    cfg, model, ids, targets = small_gpu_model(T=8192)
+    cu = packed_docs(8192, 700, ids.device)
     if compiled:
         model.compile_regions()
     results = {}
