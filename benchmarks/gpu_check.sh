@@ -22,7 +22,7 @@ step() {  # name limit_s command...
 }
 for part in $parts; do
     case $part in
-        tests)   step gpu_tests 600 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+        tests)   step gpu_tests 540 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
         kernels) step bench_kernels 90 python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json" ;;
         mlp)     step bench_mlp 90 python3 benchmarks/bench_mlp.py --out "$out/bench_mlp.json" ;;
         flex)    step bench_flex 240 python3 benchmarks/bench_flex.py --out "$out/bench_flex.json" ;;
