@@ -100,7 +100,8 @@ def run_bench(args) -> int:
     if args.start_only:
         print(json.dumps({"start_to_first_step_s": start_s, "compile_warmup_s": warmup_s,
                           "import_s": import_s, "setup_s": setup_s, "setup_phases_s": trainer.setup_phases,
-                          "warmup_phases_s": trainer.warmup_phases, "compile_cache": _cache_counters()}))
+                          "warmup_phases_s": trainer.warmup_phases, "warmup_helper": trainer.warmup_helper,
+                          "compile_cache": _cache_counters()}))
         return 0
 
     from speedrun.optim.schedules import window_stages
@@ -145,6 +146,7 @@ def run_bench(args) -> int:
               "mean_stage_tokens_per_s": mean_tps, "peak_memory_gib": peak,
               "compile_warmup_s": warmup_s, "warmup_phases_s": trainer.warmup_phases,
               "setup_phases_s": trainer.setup_phases, "compile_cache": _cache_counters(),
+              "warmup_helper": trainer.warmup_helper,
               # graphs compiled after the warm-up (0 = the warm-up covered every stage)
               "graphs_compiled_after_warmup": counters["stats"]["unique_graphs"] - graphs_after_warmup,
               "import_s": import_s, "setup_s": setup_s,

@@ -263,3 +263,12 @@ def test_parallel_warmup_helper_runs_alone(shards, tmp_path, monkeypatch):
     assert ok, log
     loss = float(log.split("eval loss")[1].split()[0])
     assert 0 < loss < 6.0  # an untrained model on a 256-token vocabulary: ~ln(256) = 5.5
+
+
+def test_parallel_warmup_helper_still_running_is_stopped(shards, tmp_path):
+    """A helper that has not finished when the trainer needs its graphs is stopped (the trainer
+    then compiles or loads them itself) instead of being waited for."""
+    from speedrun.train.precompile import Precompile
+    helper = Precompile(micro_config(*shards, tmp_path), "cpu")
+    assert helper.settle() == "stopped"   # just started: still importing torch
+    assert helper.proc.poll() is not None

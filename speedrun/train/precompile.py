@@ -6,7 +6,9 @@ validation length are separate graphs from the training ones (about a fifth of a
 H100). A second process on the same GPU fills the same on-disk compile caches (inductor's FX-graph
 and AOTAutograd caches, Triton's kernel cache); when the trainer reaches its own evaluation warm-up
 it loads them instead of compiling. Nothing is shared but the cache directory, so a failed or slow
-helper only costs what the trainer would have spent anyway (it then compiles as before).
+helper only costs what the trainer would have spent anyway: a helper still running when the trainer
+gets there is stopped (a warm cache makes the trainer faster than the helper's own start-up) and the
+trainer compiles or loads those graphs itself, as without a helper.
 
 Run as ``python -m speedrun.train.precompile CONFIG_JSON DEVICE`` (cuda:N); the trainer starts it
 (``train.parallel_warmup``) on local rank 0 of CUDA runs.
@@ -37,6 +39,21 @@ class Precompile:
         self.proc = subprocess.Popen([sys.executable, "-m", "speedrun.train.precompile", config_path,
                                       device], env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
+
+    def settle(self) -> str:
+        """Called when the trainer reaches the graphs the helper compiles: "finished" (its cache
+        entries are there to load), "failed", or "stopped": still running, so it is stopped and the
+        trainer compiles or loads those graphs itself. Never waits: with a warm cache the trainer's
+        own loading (~1.5 s) beats waiting for a helper that is still starting up (15 s on an H100);
+        with a cold cache the helper is done long before the training graphs are."""
+        rc = self.proc.poll()
+        if rc is None:
+            self.proc.kill()
+            self.proc.wait()
+            self._log.close()
+            return "stopped"
+        self._log.close()
+        return "finished" if rc == 0 else "failed"
 
     def wait(self, timeout_s: float = 300.0) -> tuple[bool, float]:
         """Wait for the helper; (finished cleanly, seconds waited). A helper still running after

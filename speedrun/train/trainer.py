@@ -130,6 +130,7 @@ class Trainer:
             self.start_step, self.train_time_ms = state.step, state.train_time_ms
         self.window = None  # (short, long) blocks currently applied to the model
         self.warmup_phases: dict[str, float] = {}
+        self.warmup_helper: str | None = None   # parallel warm-up helper: finished / stopped / failed
         self.peak_flops = (device_peak_flops(torch.cuda.get_device_name(self.device))
                            if self.device.type == "cuda" else None)
 
@@ -263,9 +264,9 @@ class Trainer:
                 for j in range(2):  # an even and an odd step: Muon alone, then Muon + Adam
                     self.train_step(k + j, loader.next_step(), mark=first_step if k + j == 0 else None)
                     done(f"step{k + j}")
-                if helper is not None:  # its eval graphs are in the cache once it is done
-                    ok, phases["helper_wait"] = helper.wait()
-                    if not ok:
+                if helper is not None:  # its eval graphs are in the cache if it has finished
+                    self.warmup_helper = helper.settle()
+                    if self.warmup_helper == "failed":
                         self.log.print("parallel warm-up helper failed; compiling its graphs here. "
                                        f"Its log ends: {helper.tail()}")
                     helper = None
