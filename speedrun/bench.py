@@ -96,13 +96,14 @@ def run_bench(args) -> int:
     trainer.apply_window(0)
     trainer.train_step(0, batches)
     _sync(device)
-    start_s = time.perf_counter() - PROCESS_START - data_s
+    start = {"start_to_first_step_s": time.perf_counter() - PROCESS_START - data_s,
+             "compile_warmup_s": warmup_s, "import_s": import_s, "setup_s": setup_s,
+             "setup_phases_s": trainer.setup_phases, "warmup_phases_s": trainer.warmup_phases,
+             "warmup_helper": trainer.warmup_helper, "compile_cache": _cache_counters()}
     if args.start_only:
-        print(json.dumps({"start_to_first_step_s": start_s, "compile_warmup_s": warmup_s,
-                          "import_s": import_s, "setup_s": setup_s, "setup_phases_s": trainer.setup_phases,
-                          "warmup_phases_s": trainer.warmup_phases, "warmup_helper": trainer.warmup_helper,
-                          "compile_cache": _cache_counters()}))
+        print(json.dumps(start))
         return 0
+    start["cold_start_to_first_step_s"] = start.pop("start_to_first_step_s")
 
     from speedrun.optim.schedules import window_stages
     from speedrun.train.metrics import flops_per_token
@@ -143,14 +144,9 @@ def run_bench(args) -> int:
               "world_size": world.world_size, "grad_accum": trainer.grad_accum,
               "tokens_per_step": cfg.train.tokens_per_step, "stages": rows,
               "schedule_avg_tokens_per_s": cfg.train.tokens_per_step / (sched_ms / 1e3),
-              "mean_stage_tokens_per_s": mean_tps, "peak_memory_gib": peak,
-              "compile_warmup_s": warmup_s, "warmup_phases_s": trainer.warmup_phases,
-              "setup_phases_s": trainer.setup_phases, "compile_cache": _cache_counters(),
-              "warmup_helper": trainer.warmup_helper,
+              "mean_stage_tokens_per_s": mean_tps, "peak_memory_gib": peak, **start,
               # graphs compiled after the warm-up (0 = the warm-up covered every stage)
               "graphs_compiled_after_warmup": counters["stats"]["unique_graphs"] - graphs_after_warmup,
-              "import_s": import_s, "setup_s": setup_s,
-              "cold_start_to_first_step_s": start_s,
               "torch": torch.__version__}
     if args.profile:
         last_first = list(stages.values())[-1][0]

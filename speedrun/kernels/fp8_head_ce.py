@@ -46,8 +46,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     # the row-streaming CE forward is reused as is: it writes exactly the per-row loss and lse we need
-    from speedrun.kernels.softcap_ce import (_LOG2E, _MAX_FIXED_SHIFT_CAP, _launch_config,
-                                             _softcap_ce_forward_kernel)
+    from speedrun.kernels.softcap_ce import _LOG2E, forward_rows
 
 __all__ = [
     "fp8_head_softcap_ce",
@@ -219,7 +218,7 @@ def softcap_ce_grad_fp8(logits: Tensor, lse: Tensor, targets: Tensor, grad_loss:
     targets = targets.contiguous()
     if kernel == "torch":
         return _grad_fp8_torch(logits, lse, targets, grad_loss, cap, grad_s, ignore_index)
-    if not (HAS_TRITON and (logits.is_cuda or _interpreting())):
+    if not _use_kernels(logits):
         raise RuntimeError("softcap_ce_grad_fp8: kernel='triton' needs triton and CUDA tensors "
                            "(or TRITON_INTERPRET=1 on CPU)")
     if logits.stride(1) != 1:
@@ -245,17 +244,8 @@ def _fp8_head_softcap_ce_op(x: Tensor, w: Tensor, targets: Tensor, cap: float, i
     w_f8 = w.div(w_s).to(E4M3)
     logits = _scaled_mm(x_f8, w_f8.T, x_s, w_s, x.dtype, fast_accum=True)
     targets = targets.contiguous()
-    n_rows, n_cols = logits.shape
     if _use_kernels(logits):
-        loss = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-        lse = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-        block_v, num_warps = _launch_config(n_cols)
-        if n_rows > 0:
-            _softcap_ce_forward_kernel[(n_rows,)](
-                logits, targets, loss, lse, logits.stride(0), float(cap), -_LOG2E / (cap / 4.0),
-                int(ignore_index), N_COLS=n_cols, BLOCK_V=block_v, FIXED_SHIFT=cap <= _MAX_FIXED_SHIFT_CAP,
-                num_warps=num_warps,
-            )
+        loss, lse = forward_rows(logits, targets, cap, ignore_index)
     else:
         loss, lse = _ce_forward_torch(logits, targets, cap, ignore_index)
     return loss.sum(), logits, lse, x_f8, w_f8

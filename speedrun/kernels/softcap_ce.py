@@ -219,6 +219,21 @@ def _require_triton(where: str, tensor: Tensor) -> None:
         )
 
 
+def forward_rows(logits: Tensor, targets: Tensor, cap: float, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """The forward kernel: per-row loss and lse (fp32, (T,) each) of unit-column-stride logits and
+    contiguous targets. Also the forward of the fused FP8 head (fp8_head_ce.py)."""
+    n_rows, n_cols = logits.shape
+    loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    block_v, num_warps = _launch_config(n_cols)
+    if n_rows > 0:
+        _softcap_ce_forward_kernel[(n_rows,)](
+            logits, targets, loss, lse, logits.stride(0), float(cap), -_LOG2E / (cap / 4.0), int(ignore_index),
+            N_COLS=n_cols, BLOCK_V=block_v, FIXED_SHIFT=cap <= _MAX_FIXED_SHIFT_CAP, num_warps=num_warps,
+        )
+    return loss, lse
+
+
 class _SoftcappedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, cap: float, reduction: str, ignore_index: int,
@@ -226,16 +241,7 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
         if logits.stride(1) != 1:
             logits = logits.contiguous()  # the kernels stream rows; columns must be unit-stride
         targets = targets.contiguous()
-        n_rows, n_cols = logits.shape
-        loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-        lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-        block_v, num_warps = _launch_config(n_cols)
-        tau = cap / 4.0
-        if n_rows > 0:
-            _softcap_ce_forward_kernel[(n_rows,)](
-                logits, targets, loss, lse, logits.stride(0), float(cap), -_LOG2E / tau, int(ignore_index),
-                N_COLS=n_cols, BLOCK_V=block_v, FIXED_SHIFT=cap <= _MAX_FIXED_SHIFT_CAP, num_warps=num_warps,
-            )
+        loss, lse = forward_rows(logits, targets, cap, ignore_index)
         ctx.save_for_backward(logits, targets, lse)
         ctx.cap, ctx.ignore_index, ctx.reduction = float(cap), int(ignore_index), reduction
         ctx.inplace_backward = inplace_backward

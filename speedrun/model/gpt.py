@@ -83,9 +83,9 @@ class MLP(nn.Module):
         self.c_fc.label, self.c_proj.label = "mlp_fc", "mlp_proj"
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused_mlp and self.relu_squared and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-            # the weights are cast to x's dtype outside the op, so their gradients come back fp32
-            return relu2_mlp(x, self.c_fc, self.c_proj, kernel="triton")
+        if self.fused_mlp and self.relu_squared and x.is_cuda:
+            # the fused op for 16-bit activations, its twin (this method's math) otherwise
+            return relu2_mlp(x, self.c_fc, self.c_proj, kernel="auto")
         h = x @ self.c_fc.to(x.dtype)
         h = F.relu(h).square() if self.relu_squared else F.gelu(h)
         return F.linear(h, self.c_proj.to(x.dtype))

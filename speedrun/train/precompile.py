@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 # torchrun's variables would make the helper join the process group: it runs alone
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
@@ -55,18 +54,6 @@ class Precompile:
         self._log.close()
         return "finished" if rc == 0 else "failed"
 
-    def wait(self, timeout_s: float = 300.0) -> tuple[bool, float]:
-        """Wait for the helper; (finished cleanly, seconds waited). A helper still running after
-        ``timeout_s`` is stopped (the trainer then compiles what is missing itself)."""
-        t0 = time.perf_counter()
-        try:
-            rc = self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self._log.close()
-        return rc == 0, time.perf_counter() - t0
-
     def tail(self, chars: int = 600) -> str:
         with open(self.log_path, errors="replace") as f:
             return f.read()[-chars:]
@@ -95,10 +82,7 @@ def run(config_path: str, device: str) -> float:
         p.grad = torch.randn_like(p) * 1e-3
     trainer.optimizers.step(1, 1.0, cfg.optim.muon.momentum)
     trainer.apply_window(0)
-    val_batch = next(iter(trainer._val_loader()))
-    with torch.no_grad():
-        model.eval()
-        loss = float(model(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens, reduction="mean"))
+    loss = trainer.warm_eval(next(iter(trainer._val_loader())))
     print(f"precompile done: eval loss {loss:.4f}", flush=True)
     return loss
 

@@ -270,24 +270,17 @@ class Trainer:
                         self.log.print("parallel warm-up helper failed; compiling its graphs here. "
                                        f"Its log ends: {helper.tail()}")
                     helper = None
-                with torch.no_grad():
-                    self.model.eval()
-                    self.model(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens, reduction="mean")
-                    self.model.train()
+                self.warm_eval(val_batch)
                 done(f"eval{k}")
             if every_stage:
                 short, long = final_window_blocks(s)
                 self.model.set_window(long, short, update_yarn=False)
-                with torch.no_grad():
-                    self.model.eval()
-                    self.model(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens, reduction="mean")
-                    self.model.train()
+                self.warm_eval(val_batch)
                 done("eval_final")
         finally:
             loader.close()
-            if helper is not None:  # an exception before the wait: do not leave it running
-                helper.proc.kill()
-                helper.wait()
+            if helper is not None:  # an exception before it was settled: do not leave it running
+                helper.settle()
         self.model.load_state_dict(model_state)
         self.optimizers.load_state_dict(optim_state)
         self.optimizers.zero_grad(1)  # odd step: drop every gradient
@@ -295,6 +288,14 @@ class Trainer:
         self.window = None
         self._sync()
         return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def warm_eval(self, batch) -> float:
+        """One validation forward on ``batch`` (compiles the eval graphs); its mean loss."""
+        self.model.eval()
+        loss = self.model(batch.inputs, batch.targets, batch.cu_seqlens, reduction="mean")
+        self.model.train()
+        return float(loss)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, next_step: int, loader_state: dict) -> str:
