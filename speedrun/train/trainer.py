@@ -379,7 +379,6 @@ class Trainer:
                 if last:
                     break
                 self.apply_window(step)
-                loader_state = self.loader.state_dict()
                 self._sync()
                 t0 = time.perf_counter()
                 try:
