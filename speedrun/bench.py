@@ -222,7 +222,7 @@ def _profile(trainer, step: int, run_dir: str) -> dict:
         f.write(table)
     out["profile_top"] = top
     if trainer.device.type == "cuda":
-        out["gpu_busy_fraction"] = _busy_fraction(prof)
+        out.update(idle_gaps(_device_intervals(prof), steps=2))
     if trainer.device.type == "cuda":
         snap = os.path.join(run_dir, "memory_snapshot.pickle")
         torch.cuda.memory._dump_snapshot(snap)
@@ -239,23 +239,42 @@ def _cache_counters() -> dict:
             if "cache" in k or "bypass" in k}
 
 
-def _busy_fraction(prof) -> float | None:
-    """Share of the profiled wall span in which some GPU kernel or copy runs (union of device
-    intervals): near 1 = the GPU never waits for the host."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if getattr(e, "device_type", None) is not None and e.device_type.name == "CUDA"
-                   and e.time_range.end > e.time_range.start)
+def _device_intervals(prof) -> list[tuple[int, int, str]]:
+    """(start, end, name) of every GPU kernel / copy / memset in the profile, in start order (us)."""
+    return sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                  if getattr(e, "device_type", None) is not None and e.device_type.name == "CUDA"
+                  and e.time_range.end > e.time_range.start)
+
+
+def idle_gaps(spans: list[tuple[int, int, str]], steps: int, top: int = 8,
+              min_gap_us: float = 5.0) -> dict:
+    """Where the GPU waits for the host: the union of the device intervals gives the busy time per
+    step; every hole of at least ``min_gap_us`` between them is an idle gap, grouped by the kernels on
+    either side ("after -> before") so that the biggest waits name their place in the step."""
     if not spans:
-        return None
-    busy, (cur_s, cur_e) = 0, spans[0]
-    for s, e in spans[1:]:
+        return {}
+    busy, idle, groups = 0.0, 0.0, {}
+    cur_s, cur_e, cur_name = spans[0]
+    for s, e, name in spans[1:]:
         if s > cur_e:
             busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
+            gap = s - cur_e
+            if gap >= min_gap_us:
+                idle += gap
+                key = f"{cur_name[:60]} -> {name[:60]}"
+                total, count = groups.get(key, (0.0, 0))
+                groups[key] = (total + gap, count + 1)
+            cur_s, cur_e, cur_name = s, e, name
+        elif e >= cur_e:
+            cur_e, cur_name = e, name
     busy += cur_e - cur_s
-    return busy / (spans[-1][1] - spans[0][0])
+    span = spans[-1][1] - spans[0][0]
+    worst = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"gpu_busy_fraction": busy / span,
+            "gpu_busy_ms_per_step": busy / 1e3 / steps,
+            "gpu_idle_ms_per_step": idle / 1e3 / steps,
+            "gpu_idle_gaps": [{"where": k, "ms_per_step": t / 1e3 / steps, "count_per_step": n / steps}
+                              for k, (t, n) in worst]}
 
 
 def _warm_start(args, cache: str) -> dict:
@@ -290,5 +309,8 @@ def _print_table(r: dict) -> None:
           + (f" | warm start {r['warm_start_to_first_step_s']:.1f} s" if "warm_start_to_first_step_s" in r else ""))
     extra = [f"graphs compiled after warm-up: {r['graphs_compiled_after_warmup']}"]
     if r.get("gpu_busy_fraction") is not None:
-        extra.append(f"GPU busy {100 * r['gpu_busy_fraction']:.1f}% of the profiled steps")
+        extra.append(f"GPU busy {100 * r['gpu_busy_fraction']:.1f}% of the profiled steps "
+                     f"({r['gpu_busy_ms_per_step']:.1f} ms busy, {r['gpu_idle_ms_per_step']:.1f} ms idle per step)")
     print(" | ".join(extra))
+    for g in r.get("gpu_idle_gaps", []):
+        print(f"  idle {g['ms_per_step']:6.2f} ms/step ({g['count_per_step']:.0f}x) {g['where']}")

@@ -33,3 +33,18 @@ def test_bench_reports_every_window_stage(tmp_path, capsys):
     assert trace["traceEvents"], "profiler trace is empty"
     printed = capsys.readouterr().out
     assert "schedule-weighted" in printed and "ms/step" in printed
+
+
+def test_idle_gaps_unions_overlaps_and_names_the_waits():
+    from speedrun.bench import idle_gaps
+    # two "steps" of kernels (us): overlapping a/b, then a 10 us hole before c, a 2 us hole (below
+    # the 5 us threshold: not a gap but not busy either) before d, and a 30 us hole before a2
+    spans = [(0, 10, "a"), (5, 20, "b"), (30, 40, "c"), (42, 50, "d"), (80, 100, "a2")]
+    r = idle_gaps(spans, steps=2, min_gap_us=5.0)
+    assert r["gpu_busy_ms_per_step"] == pytest.approx((20 + 10 + 8 + 20) / 1e3 / 2)
+    assert r["gpu_busy_fraction"] == pytest.approx(58 / 100)
+    assert r["gpu_idle_ms_per_step"] == pytest.approx((10 + 30) / 1e3 / 2)
+    assert [g["where"] for g in r["gpu_idle_gaps"]] == ["d -> a2", "b -> c"]
+    assert r["gpu_idle_gaps"][0]["ms_per_step"] == pytest.approx(0.015)
+    assert r["gpu_idle_gaps"][1]["count_per_step"] == pytest.approx(0.5)
+    assert idle_gaps([], steps=1) == {}

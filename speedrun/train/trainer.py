@@ -358,11 +358,23 @@ class Trainer:
         last_good = None
         last_log_time, last_log_step = None, step
         tokens_per_s = None
+        # Training time runs from a sync after each untimed stretch (validation, checkpoint) to the
+        # sync before the next one, with log steps synced too: no step waits for the GPU otherwise,
+        # so the host queues the next step while the GPU finishes this one.
+        timed_from = None
+
+        def stop_timing() -> None:
+            nonlocal timed_from
+            if timed_from is not None:
+                self._sync()
+                self.train_time_ms += 1e3 * (time.perf_counter() - timed_from)
+                timed_from = None
+
         try:
-            self._sync()
             while True:
                 last = step >= self.end_step
                 if last or (cfg.train.val_every and step % cfg.train.val_every == 0) or step == self.start_step == 0:
+                    stop_timing()
                     if last and step == self.total_steps:
                         from speedrun.optim.schedules import final_window_blocks
                         short, long = final_window_blocks(cfg.schedule)
@@ -379,8 +391,9 @@ class Trainer:
                 if last:
                     break
                 self.apply_window(step)
-                self._sync()
-                t0 = time.perf_counter()
+                if timed_from is None:
+                    self._sync()
+                    timed_from = time.perf_counter()
                 try:
                     batches = self.loader.next_step()
                 except Exception as e:
@@ -393,7 +406,9 @@ class Trainer:
                 logging_now = step % cfg.train.log_every == 0 or step == self.end_step
                 if logging_now or self.device.type == "cpu":
                     self._sync()
-                self.train_time_ms += 1e3 * (time.perf_counter() - t0)
+                now = time.perf_counter()
+                self.train_time_ms += 1e3 * (now - timed_from)
+                timed_from = now
                 if logging_now:
                     loss_value = self._mean_over_ranks(loss)
                     if cfg.train.nan_guard and not math.isfinite(loss_value):
@@ -413,15 +428,19 @@ class Trainer:
                              "tokens_per_s": tokens_per_s, "mfu": mfu,
                              "train_time_ms": self.train_time_ms})
                     log.plot()
+                    timed_from = time.perf_counter()  # the GPU waited for logging: not training time
                 save_now = cfg.train.save_every and step % cfg.train.save_every == 0
-                if save_now or self._stop_agreed():
-                    self._sync()
+                # ranks agree on a Ctrl-C through an all-reduce, a host sync: only on log steps
+                ask = logging_now or self.world.world_size == 1
+                if save_now or (ask and self._stop_agreed()):
+                    stop_timing()
                     last_good = self.save(step, self.loader.state_dict())
                     if self._stop_requested:
                         log.print(f"saved {last_good}; stopping at step {step} on request")
                         raise KeyboardInterrupt
                     # checkpoint time is not training time
                     last_log_time = time.perf_counter() if last_log_time is not None else None
+            stop_timing()
             last_good = self.save(step, self.loader.state_dict())
         finally:
             if previous_handler is not None:
