@@ -124,7 +124,7 @@ def run_bench(args) -> int:
         _sync(device)
         ms = 1e3 * (time.perf_counter() - t0) / args.steps
         # ... then the phase split from a few more steps with a sync after each phase
-        split = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        split = {"data": 0.0, "forward": 0.0, "backward": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
         split_steps = max(1, min(3, args.steps))
         for k in range(split_steps):
             _timed_step(trainer, first + args.skip_steps + args.steps + k, split)
@@ -136,6 +136,8 @@ def run_bench(args) -> int:
                      "tokens_per_s": tokens_per_s, "mfu": mfu,
                      **{f"{k}_ms": v / split_steps for k, v in split.items()}})
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    # reserved counts the CUDA graph's private pool and the allocator's cache too
+    peak_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
     mean_tps = sum(r["tokens_per_s"] for r in rows) / len(rows)
     # schedule-weighted average: each stage runs for its share of the steps
     weights = [count for _, count in stages.values()]
@@ -144,7 +146,8 @@ def run_bench(args) -> int:
               "world_size": world.world_size, "grad_accum": trainer.grad_accum,
               "tokens_per_step": cfg.train.tokens_per_step, "stages": rows,
               "schedule_avg_tokens_per_s": cfg.train.tokens_per_step / (sched_ms / 1e3),
-              "mean_stage_tokens_per_s": mean_tps, "peak_memory_gib": peak, **start,
+              "mean_stage_tokens_per_s": mean_tps, "peak_memory_gib": peak, "peak_reserved_gib": peak_reserved,
+              "cuda_graphs": trainer.micro_graph is not None, **start,
               # graphs compiled after the warm-up (0 = the warm-up covered every stage)
               "graphs_compiled_after_warmup": counters["stats"]["unique_graphs"] - graphs_after_warmup,
               "torch": torch.__version__}
@@ -301,13 +304,19 @@ def _print_table(r: dict) -> None:
     print(head)
     for s in r["stages"]:
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "-"
+        # a CUDA-graph replay is forward and backward at once: shown in the bwd column, fwd "-"
+        fwd = f"{s['forward_ms']:7.1f}" if s.get("forward_backward_ms", 0) == 0 else f"{'-':>7}"
+        bwd = s["backward_ms"] + s.get("forward_backward_ms", 0)
         print(f"{s['window_short']:>3}/{s['window_long']:<4} {s['ms_per_step']:9.1f} {s['tokens_per_s'] / 1e3:9.1f}k "
-              f"{mfu:>6} {s['data_ms']:7.1f} {s['forward_ms']:7.1f} {s['backward_ms']:7.1f} {s['optimizer_ms']:7.1f}")
+              f"{mfu:>6} {s['data_ms']:7.1f} {fwd} {bwd:7.1f} {s['optimizer_ms']:7.1f}")
     print(f"schedule-weighted: {r['schedule_avg_tokens_per_s'] / 1e3:.1f}k tok/s | peak memory "
           f"{r['peak_memory_gib'] if r['peak_memory_gib'] is None else round(r['peak_memory_gib'], 2)} GiB | "
           f"compile+warm-up {r['compile_warmup_s']:.1f} s | cold start to first step {r['cold_start_to_first_step_s']:.1f} s"
           + (f" | warm start {r['warm_start_to_first_step_s']:.1f} s" if "warm_start_to_first_step_s" in r else ""))
-    extra = [f"graphs compiled after warm-up: {r['graphs_compiled_after_warmup']}"]
+    extra = [f"graphs compiled after warm-up: {r['graphs_compiled_after_warmup']}",
+             f"CUDA-graph micro-steps {'on' if r.get('cuda_graphs') else 'off'}"]
+    if r.get("peak_reserved_gib") is not None:
+        extra.append(f"peak reserved {r['peak_reserved_gib']:.2f} GiB")
     if r.get("gpu_busy_fraction") is not None:
         extra.append(f"GPU busy {100 * r['gpu_busy_fraction']:.1f}% of the profiled steps "
                      f"({r['gpu_busy_ms_per_step']:.1f} ms busy, {r['gpu_idle_ms_per_step']:.1f} ms idle per step)")

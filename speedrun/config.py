@@ -174,6 +174,7 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda
     dtype: str = "auto"                # activation dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     memory_pool: bool = False          # expandable-segments CUDA allocator (less fragmentation)
+    cuda_graphs: str = "auto"          # replay forward/backward micro-steps as a CUDA graph: auto | on | off
     nan_guard: bool = True
     max_steps: int = 0                 # stop after this many steps (0 = the whole schedule); the
     #                                    schedules stay the full recipe's, so a short run is its prefix
@@ -245,6 +246,7 @@ class Config:
         _check(len(s.window_stages) > 0 and all(w > 0 for w in s.window_stages),
                "schedule.window_stages", "a non-empty list of positive window sizes (blocks)")
         _check(t.device in ("auto", "cpu", "cuda"), "train.device", "one of auto, cpu, cuda")
+        _check(t.cuda_graphs in ("auto", "on", "off"), "train.cuda_graphs", "one of auto, on, off")
         _check(t.max_steps >= 0, "train.max_steps", ">= 0 (0 = the whole schedule)")
         _check(t.val_every >= 0 and t.save_every >= 0 and t.log_every >= 1, "train.val_every",
                "val_every >= 0, save_every >= 0, log_every >= 1")

@@ -38,6 +38,9 @@ class Optimizers:
         self.every_other_step = every_other_step
         self.world = world or World()
         self._step = 0
+        # zero gradients in place instead of dropping them: a recorded CUDA graph accumulates into
+        # the very .grad tensors it saw (train/cuda_graph.py)
+        self.keep_grads = False
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -66,10 +69,17 @@ class Optimizers:
 
     def zero_grad(self, step: int) -> None:
         """NorMuon grads every step; Adam grads only after a step where Adam updated."""
+        drop = not self.keep_grads
         if self.muon is not None:
-            self.muon.zero_grad(set_to_none=True)
+            self.muon.zero_grad(set_to_none=drop)
         if self.adam is not None and self.adam_steps_at(step):
-            self.adam.zero_grad(set_to_none=True)
+            self.adam.zero_grad(set_to_none=drop)
+
+    @property
+    def backward_hooks_armed(self) -> bool:
+        """True while a backward launches Adam's gradient reduce-scatters from hooks (several ranks,
+        last micro-step of a step where Adam updates): that backward must run eagerly."""
+        return self.adam is not None and self.adam.should_sync and self.world.world_size > 1
 
     def reset(self) -> None:
         """Zero all optimizer state (after an untimed warm-up that must not train)."""

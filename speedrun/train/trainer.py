@@ -120,6 +120,13 @@ class Trainer:
         from speedrun.optim.build import build_optimizers
         self.optimizers = build_optimizers(self.model, cfg.optim, world)
         done("optimizers")
+        from speedrun.model.attention import resolve_backend
+        from speedrun.train.cuda_graph import MicroStepGraph, graphs_wanted
+        self.micro_graph = None   # replays the forward/backward micro-step (train.cuda_graphs)
+        if graphs_wanted(cfg.train.cuda_graphs, self.device, cfg.train.compile,
+                         resolve_backend(cfg.model.attention_backend, self.device), world.world_size):
+            self.micro_graph = MicroStepGraph(self.model, self.grad_accum, self.device)
+            self.optimizers.keep_grads = True
         self.loader = self._train_loader()
         done("loader")
         self.start_step, self.train_time_ms = 0, 0.0
@@ -183,13 +190,19 @@ class Trainer:
         """Forward/backward over this rank's micro-batches, then the optimizer step. Returns the
         mean per-token training loss of this rank as a device tensor (no host sync).
         ``mark(phase)``, if given, is called as each phase ends ("forward", "backward" per
-        micro-batch, then "optimizer"): ``speedrun bench`` times the phases with it."""
+        micro-batch, or "forward_backward" for a CUDA-graph replay, then "optimizer"): ``speedrun bench``
+        times the phases with it."""
         from speedrun.optim.schedules import lr_multiplier, muon_momentum
         self.optimizers.begin_step(step)
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         for i, batch in enumerate(batches):
             if i == len(batches) - 1:
                 self.optimizers.before_last_backward()
+            if self.micro_graph is not None and not self.optimizers.backward_hooks_armed:
+                total += self.micro_graph.run(batch)  # forward + backward, one replay
+                if mark:
+                    mark("forward_backward")
+                continue
             loss = self.model(batch.inputs, batch.targets, batch.cu_seqlens, reduction="sum")
             if mark:
                 mark("forward")

@@ -1,0 +1,125 @@
+"""CUDA-graph replay of the training micro-step: forward, loss, backward and the accumulation of the
+gradients into ``.grad``, recorded once and replayed for every micro-batch (``train.cuda_graphs``).
+
+Why: a micro-step launches ~900 kernels through 13 compiled regions, the autograd engine and the
+Python of the custom ops. On an H100 the host needs about as long to issue them as the GPU needs to
+run them, so the GPU waits between regions (`speedrun bench --profile` lists the gaps). A replay is
+one launch: the host is free at once and queues the optimizer and the next micro-steps meanwhile.
+
+The plain twin is the eager micro-step (``Trainer.train_step`` without a graph): the same kernels
+in the same order, so a replay computes what it does (tests/test_model_gpu.py compares trajectories).
+
+What a replay needs, and how this module keeps it true:
+* static shapes and no host syncs in the step: micro-batches all have sequence_tokens tokens and a
+  fixed-length cu_seqlens; windows, YaRN tables and attn_scale are device tensors updated in place;
+* the same memory every time: inputs are copied into static buffers; parameters, their ``.grad``
+  and the model's buffers must never be replaced, only updated in place (``load_state_dict`` copies;
+  the optimizers zero gradients in place when a graph is in use). After capture every ``.grad`` is
+  checked to be the tensor it was before (the autograd engine accumulates out of place when
+  something else holds a reference to a gradient; a replay would then write elsewhere);
+* lazy initialisation done before capture: the first micro-step runs eagerly on the capture stream
+  (real work: it trains), the next one is captured and replayed, the rest are replays.
+
+Memory: the graph keeps its own pool, the size of one micro-step's activations (the eager
+micro-step's blocks go back to the caching allocator). Only forward/backward are recorded: the
+optimizer step and validation stay eager (they change with the schedule and run once per step).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+MODES = ("auto", "on", "off")
+
+
+class CudaGraphError(RuntimeError):
+    """A micro-step cannot be recorded or replayed safely; the message says why."""
+    user_error = True   # the CLI prints the message, not a traceback
+
+
+def graphs_wanted(mode: str, device: torch.device, compiled: bool, backend: str, world_size: int) -> bool:
+    """Whether the trainer replays micro-steps. "auto": on a CUDA device, compiled, one rank, windows
+    as tensors (flex/sdpa); "on": wherever CUDA is (an error otherwise); "off": never."""
+    if mode not in MODES:
+        raise ValueError(f"train.cuda_graphs: {mode!r}, expected one of {', '.join(MODES)}")
+    if mode == "off":
+        return False
+    if device.type != "cuda":
+        if mode == "on":
+            from speedrun.config import ConfigError
+            raise ConfigError(f"train.cuda_graphs: 'on' needs a CUDA device; this run is on {device.type} "
+                              "(use auto or off)")
+        return False
+    if mode == "on":
+        return True
+    # auto: flash takes the window as a kernel argument (one graph per window stage), and several
+    # ranks run their last micro-step eagerly for the gradient hooks: gains too small for the memory
+    return compiled and backend != "flash" and world_size == 1
+
+
+class MicroStepGraph:
+    """Runs micro-steps for one model: ``run(batch)`` returns the micro-batch's summed loss (fp32
+    device tensor) after adding ``d(loss / grad_accum)/dparam`` into every ``.grad``."""
+
+    def __init__(self, model: nn.Module, grad_accum: int, device: torch.device):
+        self.model, self.grad_accum, self.device = model, grad_accum, device
+        self.stream = torch.cuda.Stream(device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warmed = False
+        self.replays = 0
+        self._static: list[Tensor | None] = []
+        self._loss: Tensor | None = None
+
+    # the eager micro-step: the twin, and what the graph records
+    def _step(self, inputs: Tensor, targets: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+        loss = self.model(inputs, targets, cu_seqlens, reduction="sum")
+        (loss / self.grad_accum).backward()
+        return loss.detach().float()
+
+    def run(self, batch) -> Tensor:
+        tensors = (batch.inputs, batch.targets, batch.cu_seqlens)
+        if self.graph is None:
+            if not self.warmed:
+                self.warmed = True
+                return self._on_stream(lambda: self._step(*tensors))
+            self._capture(tensors)
+        for dst, src in zip(self._static, tensors):
+            if dst is not None:
+                if dst.shape != src.shape:
+                    raise CudaGraphError(f"micro-batch shape {tuple(src.shape)} differs from the recorded "
+                                         f"{tuple(dst.shape)}; CUDA graphs need fixed-size micro-batches")
+                dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        self.replays += 1
+        return self._loss
+
+    def _on_stream(self, fn):
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        current.wait_stream(self.stream)
+        return out
+
+    def _capture(self, tensors) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:  # every gradient exists before capture: the graph accumulates in place
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        before = [p.grad for p in params]
+        self._static = [t.clone() if t is not None else None for t in tensors]
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.graph(graph, stream=self.stream):
+            self._loss = self._step(*self._static)
+        replaced = [i for i, (p, g) in enumerate(zip(params, before)) if p.grad is not g]
+        if replaced:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            shown = ", ".join(names.get(id(params[i]), "?") for i in replaced[:4])
+            for p, g in zip(params, before):
+                p.grad = g
+            raise CudaGraphError(
+                f"recording the micro-step replaced the .grad of {len(replaced)} parameters ({shown}...): "
+                "something holds a reference to those gradients, so autograd accumulated out of place; "
+                "set train.cuda_graphs=off")
+        self.graph = graph

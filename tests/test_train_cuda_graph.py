@@ -1,0 +1,94 @@
+"""CUDA-graph micro-steps (train/cuda_graph.py): when they are used, in-place gradient zeroing on
+the CPU; on a GPU, a graphed run trains exactly as the eager one."""
+import pytest
+import torch
+
+from speedrun.config import ConfigError
+from speedrun.train.cuda_graph import graphs_wanted
+from speedrun.train.distributed import init_world
+from test_train import micro_config, train_losses, write_synthetic_shards
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+
+
+def test_auto_uses_graphs_only_where_they_pay():
+    assert graphs_wanted("auto", CUDA, compiled=True, backend="flex", world_size=1)
+    assert not graphs_wanted("auto", CPU, compiled=True, backend="flex", world_size=1)
+    assert not graphs_wanted("auto", CUDA, compiled=False, backend="flex", world_size=1)
+    assert not graphs_wanted("auto", CUDA, compiled=True, backend="flash", world_size=1)
+    assert not graphs_wanted("auto", CUDA, compiled=True, backend="flex", world_size=8)
+    assert graphs_wanted("on", CUDA, compiled=False, backend="flash", world_size=8)
+    assert not graphs_wanted("off", CUDA, compiled=True, backend="flex", world_size=1)
+    with pytest.raises(ConfigError, match="cuda_graphs.*needs a CUDA device"):
+        graphs_wanted("on", CPU, compiled=False, backend="flex", world_size=1)
+    with pytest.raises(ValueError, match="train.cuda_graphs"):
+        graphs_wanted("yes", CUDA, compiled=True, backend="flex", world_size=1)
+
+
+def test_config_rejects_unknown_mode(tmp_path):
+    cfg = micro_config("a", "b", tmp_path)
+    cfg.train.cuda_graphs = "always"
+    with pytest.raises(ConfigError, match="train.cuda_graphs.*one of auto, on, off"):
+        cfg.validate()
+
+
+def test_trainer_on_cpu_with_graphs_on_is_a_clear_error(tmp_path):
+    from speedrun.train.trainer import Trainer
+    train_glob, val_glob = write_synthetic_shards(tmp_path)
+    cfg = micro_config(train_glob, val_glob, tmp_path / "run")
+    cfg.train.cuda_graphs = "on"
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        Trainer(cfg, init_world("cpu"), str(tmp_path / "run"))
+
+
+def test_kept_gradients_are_zeroed_in_place_and_train_identically(tmp_path):
+    """keep_grads (what a recorded graph needs) zeroes the same .grad tensors instead of dropping
+    them; accumulating onto zeros gives the same parameters as starting from None."""
+    from speedrun.train.trainer import Trainer
+    train_glob, val_glob = write_synthetic_shards(tmp_path)
+    params = {}
+    for keep in (False, True):
+        cfg = micro_config(train_glob, val_glob, tmp_path / f"k{keep}")
+        trainer = Trainer(cfg, init_world("cpu"), str(tmp_path / f"k{keep}"))
+        trainer.optimizers.keep_grads = keep
+        for step in range(4):
+            trainer.apply_window(step)
+            grads = [p.grad for p in trainer.model.parameters()]
+            trainer.train_step(step, trainer.loader.next_step())
+            if keep and step > 0:  # the very same tensors, and NorMuon's are zero after the step
+                assert all(g is p.grad for g, p in zip(grads, trainer.model.parameters()))
+        if keep:
+            muon = [p for g in trainer.optimizers.muon.param_groups for p in g["params"]]
+            assert all(p.grad is not None and not p.grad.any() for p in muon)
+        else:
+            assert all(p.grad is None for g in trainer.optimizers.muon.param_groups for p in g["params"])
+        params[keep] = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.loader.close()
+    for a, b in zip(params[False], params[True]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_graphed_training_matches_eager(tmp_path, compiled):
+    """Six steps (two window stages, both Adam step kinds, a validation) with the micro-steps
+    replayed from a CUDA graph give the eager run's losses and parameters exactly."""
+    from speedrun.train.trainer import Trainer
+    train_glob, val_glob = write_synthetic_shards(tmp_path)
+    runs = {}
+    for mode in ("off", "on"):
+        run_dir = tmp_path / mode
+        cfg = micro_config(train_glob, val_glob, run_dir, steps=6)
+        cfg.train.device, cfg.train.compile, cfg.train.cuda_graphs = "cuda", compiled, mode
+        cfg.train.parallel_warmup = False
+        trainer = Trainer(cfg, init_world("cuda"), str(run_dir))
+        trainer.run()
+        assert (trainer.micro_graph is not None) == (mode == "on")
+        if mode == "on":
+            assert trainer.micro_graph.replays >= 6  # 2 micro-steps a step, the first one eager
+        runs[mode] = (train_losses(run_dir), [p.detach().clone() for p in trainer.model.parameters()])
+    (train_off, val_off), params_off = runs["off"]
+    (train_on, val_on), params_on = runs["on"]
+    assert train_on == train_off and val_on == val_off
+    for a, b in zip(params_off, params_on):
+        assert torch.equal(a, b)
