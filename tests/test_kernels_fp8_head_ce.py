@@ -384,3 +384,38 @@ def test_gpu_model_fused_loss_on_off(compiled, monkeypatch):
     for got, want in zip(results[True][1:], results[False][1:]):
         assert rel(got, want) < 2e-2
     torch._dynamo.reset()
+
+
+TRANSPOSE_SCRIPT = textwrap.dedent(
+    """
+    import json, os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from speedrun.kernels.fp8_head_ce import transpose_fp8
+    torch.manual_seed(0)
+    out = {}
+    for dtype in ("float8_e4m3fn", "float8_e5m2", "uint8"):
+        for shape in ((37, 50), (16, 16), (1, 70)):
+            t = torch.randint(0, 256, shape, dtype=torch.uint8).view(getattr(torch, dtype))
+            got = transpose_fp8(t)
+            out[f"{dtype}-{shape}"] = bool(got.dtype == t.dtype and got.is_contiguous()
+                                           and torch.equal(got.view(torch.uint8), t.T.contiguous().view(torch.uint8)))
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def test_transpose_fp8_moves_bytes_exactly(tmp_path):
+    """The Triton tile transpose (under the interpreter, ragged edges) equals t.T.contiguous()."""
+    r = run_interpreted(TRANSPOSE_SCRIPT, tmp_path)
+    assert len(r) == 9 and all(r.values()), r
+    with pytest.raises(ValueError, match="one-byte"):
+        M.transpose_fp8(torch.zeros(4, 4))
+
+
+@pytest.mark.gpu
+def test_gpu_transpose_fp8_record_shapes():
+    _require_fp8_gpu()
+    for shape in ((32768, 768), (50304, 768), (1000, 33)):
+        t = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+        assert torch.equal(M.transpose_fp8(t).view(torch.uint8), t.T.contiguous().view(torch.uint8))

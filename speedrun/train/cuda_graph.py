@@ -123,3 +123,6 @@ class MicroStepGraph:
                 "something holds a reference to those gradients, so autograd accumulated out of place; "
                 "set train.cuda_graphs=off")
         self.graph = graph
+        # the eager micro-step's activations sit cached on the capture stream, where nothing else
+        # allocates: give them back (the graph has its own pool)
+        torch.cuda.empty_cache()
