@@ -186,15 +186,19 @@ def sweep_fp8_head_ce(tokens: int, dim: int, vocab: int) -> list[dict]:
     original = fp8_head_ce._tile_config
     out = []
     try:
-        for block_t, block_v in ((32, 256), (64, 128), (64, 256), (128, 64), (128, 128), (128, 256)):
-            for num_warps in (4, 8, 16):
-                fp8_head_ce._tile_config = lambda bt=block_t, bv=block_v, nw=num_warps: (bt, bv, nw)
+        # (BLOCK_T, BLOCK_V, num_warps) tiles that did not spill in the first sweep, each with one tile
+        # per program and with a pipelined loop over 8 / 64 V tiles per program
+        for block_t, block_v, num_warps in ((64, 128, 4), (64, 128, 8), (32, 256, 8), (128, 64, 4), (32, 128, 4)):
+            for num_stages, tiles in ((1, 1), (2, 8), (3, 8), (2, 64), (3, 64)):
+                cfg = (block_t, block_v, num_warps, num_stages, tiles)
+                fp8_head_ce._tile_config = lambda c=cfg: c
                 ms, _ = bench(lambda: fp8_head_ce.softcap_ce_grad_fp8(logits, lse, t, grad_loss, 30.0, 1 / 448,
                                                                       kernel="triton"), warmup_calls=1)
                 tbps = 4 * tokens * vocab / ms / 1e9
-                out.append(dict(block_t=block_t, block_v=block_v, num_warps=num_warps, bwd_kernel_ms=ms, tbps=tbps))
-                print(f"  FP8 CE grad sweep BLOCK_T={block_t:4d} BLOCK_V={block_v:4d} warps={num_warps:2d}: "
-                      f"{ms:.3f} ms, {tbps:.2f} TB/s", flush=True)
+                out.append(dict(block_t=block_t, block_v=block_v, num_warps=num_warps, num_stages=num_stages,
+                                tiles_per_program=tiles, bwd_kernel_ms=ms, tbps=tbps))
+                print(f"  FP8 CE grad sweep BLOCK_T={block_t:4d} BLOCK_V={block_v:4d} warps={num_warps:2d} "
+                      f"stages={num_stages} tiles/program={tiles:3d}: {ms:.3f} ms, {tbps:.2f} TB/s", flush=True)
     finally:
         fp8_head_ce._tile_config = original
     return out

@@ -275,8 +275,10 @@ def interpreter_results(tmp_path_factory):
 
 
 def test_interpreter_uses_small_tiles(interpreter_results):
-    block_t, block_v, _ = interpreter_results["tiles"]
+    block_t, block_v, _, _, tiles = interpreter_results["tiles"]
     assert 37 % block_t and 300 % block_v, "the tests' T and V must leave ragged tiles"
+    # programs loop over `tiles` V tiles; the last one runs past V (a fully masked tile)
+    assert tiles > 1 and -(-300 // block_v) % tiles, "the loop must end on a fully masked tile"
 
 
 def test_interpreter_rounding_is_torchs_e5m2_cast(interpreter_results):

@@ -60,17 +60,20 @@ _KERNELS = ("auto", "fused", "reference")
 _GRAD_KERNELS = ("auto", "triton", "torch")
 
 
-def _tile_config() -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_V, num_warps) of the backward tile kernel; fixed, no autotuning (cold start).
+def _tile_config() -> tuple[int, int, int, int, int]:
+    """(BLOCK_T, BLOCK_V, num_warps, num_stages, V tiles per program) of the backward tile kernel;
+    fixed, no autotuning (cold start).
 
-    64 x 128 with 4 warps: the fastest of 18 tiles swept on the H100 at 32768 x 50304
-    (`benchmarks/bench_kernels.py --sweep-fp8-ce`): 3.48 ms against 6.15 ms for 128 x 128 / 8 warps;
-    the larger tiles keep too many fp32 temporaries per thread (several configs spill and run 20x
-    slower). Interpreter: small tiles so that ragged T and V edges are masked in tests.
+    64 x 128 with 4 warps, one tile per program: the fastest of 18 tiles swept on the H100 at
+    32768 x 50304 (`benchmarks/bench_kernels.py --sweep-fp8-ce`): 3.48 ms against 6.15 ms for
+    128 x 128 / 8 warps; the larger tiles keep too many fp32 temporaries per thread (several configs
+    spill and run 20x slower). A program may loop over several V tiles of its rows (software-
+    pipelined loads with num_stages > 1). Interpreter: small tiles so that ragged T and V edges are
+    masked in tests, and a loop of two tiles.
     """
     if _interpreting():
-        return 16, 64, 1
-    return 64, 128, 4
+        return 16, 64, 1, 1, 2
+    return 64, 128, 4, 1, 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,14 +123,14 @@ if HAS_TRITON:
         BLOCK_T: tl.constexpr,
         BLOCK_V: tl.constexpr,
         SOFTWARE_ROUNDING: tl.constexpr,
+        TILES_PER_PROGRAM: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
     ):
-        # V blocks vary fastest: neighbouring programs read neighbouring pieces of the same rows
+        # program (i, j): rows block j, V tiles [i * TILES_PER_PROGRAM, (i + 1) * TILES_PER_PROGRAM);
+        # i varies fastest: with one tile per program neighbours read neighbouring pieces of a row
         rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
         row_ok = rows < n_rows
-        col_ok = cols < n_cols
         rows64 = rows.to(tl.int64)  # int64 offsets: T * V exceeds 2^31 above T = 42690 at V = 50304
-        cols64 = cols.to(tl.int64)
         # torch.compile may hand Python floats over as fp64; keep the maths in fp32
         cap = tl.cast(cap, tl.float32)
         neg_inv_tau_log2e = tl.cast(neg_inv_tau_log2e, tl.float32)
@@ -139,6 +142,20 @@ if HAS_TRITON:
         g = tl.load(grad_loss_ptr).to(tl.float32) * scale
         g_row = tl.where(target == ignore_index, 0.0, g)
 
+        first_tile = tl.program_id(0) * TILES_PER_PROGRAM
+        for k in tl.range(0, TILES_PER_PROGRAM, num_stages=NUM_STAGES):
+            cols = (first_tile + k) * BLOCK_V + tl.arange(0, BLOCK_V)
+            _grad_tile(logits_ptr, g_ptr, gt_ptr, rows, rows64, row_ok, cols, n_cols, target, lse_log2e,
+                       g_row, logits_row_stride, g_row_stride, gt_row_stride, cap_log2e,
+                       neg_inv_tau_log2e, SOFTWARE_ROUNDING)
+
+    @triton.jit
+    def _grad_tile(logits_ptr, g_ptr, gt_ptr, rows, rows64, row_ok, cols, n_cols, target, lse_log2e,
+                   g_row, logits_row_stride, g_row_stride, gt_row_stride, cap_log2e, neg_inv_tau_log2e,
+                   SOFTWARE_ROUNDING: tl.constexpr):
+        """One (BLOCK_T x BLOCK_V) tile of the gradient: load z, store e5m2 g and its transpose."""
+        col_ok = cols < n_cols
+        cols64 = cols.to(tl.int64)
         mask = row_ok[:, None] & col_ok[None, :]
         z = tl.load(logits_ptr + rows64[:, None] * logits_row_stride + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
@@ -172,14 +189,15 @@ def _launch_grad_kernel(logits: Tensor, lse: Tensor, targets: Tensor, grad_loss:
     n_rows, n_cols = logits.shape
     if n_rows == 0 or n_cols == 0:
         return
-    block_t, block_v, num_warps = _tile_config()
+    block_t, block_v, num_warps, num_stages, tiles = _tile_config()
     tau = cap / 4.0
-    grid = (triton.cdiv(n_cols, block_v), triton.cdiv(n_rows, block_t))
+    grid = (triton.cdiv(triton.cdiv(n_cols, block_v), tiles), triton.cdiv(n_rows, block_t))
     _fp8_softcap_ce_grad_kernel[grid](
         logits, targets, lse, grad_loss, g_f8, g_f8_t, n_rows, n_cols,
         logits.stride(0), g_f8.stride(0), g_f8_t.stride(0),
         float(cap), -_LOG2E / tau, (cap / tau) / grad_s, int(ignore_index),
-        BLOCK_T=block_t, BLOCK_V=block_v, SOFTWARE_ROUNDING=_interpreting(), num_warps=num_warps,
+        BLOCK_T=block_t, BLOCK_V=block_v, SOFTWARE_ROUNDING=_interpreting(), TILES_PER_PROGRAM=tiles,
+        NUM_STAGES=num_stages, num_warps=num_warps,
     )
 
 
