@@ -64,16 +64,17 @@ def _tile_config() -> tuple[int, int, int, int, int]:
     """(BLOCK_T, BLOCK_V, num_warps, num_stages, V tiles per program) of the backward tile kernel;
     fixed, no autotuning (cold start).
 
-    64 x 128 with 4 warps, one tile per program: the fastest of 18 tiles swept on the H100 at
-    32768 x 50304 (`benchmarks/bench_kernels.py --sweep-fp8-ce`): 3.48 ms against 6.15 ms for
-    128 x 128 / 8 warps; the larger tiles keep too many fp32 temporaries per thread (several configs
-    spill and run 20x slower). A program may loop over several V tiles of its rows (software-
-    pipelined loads with num_stages > 1). Interpreter: small tiles so that ragged T and V edges are
-    masked in tests, and a loop of two tiles.
+    32 x 128 tiles, 4 warps, each program looping over 8 V tiles of its rows with 3-stage pipelined
+    loads: 2.69 ms at 32768 x 50304 on the H100 (2.45 TB/s), the fastest of 25 configs swept by
+    `benchmarks/bench_kernels.py --sweep-fp8-ce` (7a81d2d); one 64 x 128 tile per program, the best of
+    the earlier one-tile sweep, takes 3.44 ms: without a loop a program's load, maths and stores run
+    back to back and only other programs hide the memory latency. Tiles above 64 x 128 keep too
+    many fp32 temporaries per thread (several spill and run 20x slower). Interpreter: small tiles so
+    that ragged T and V edges are masked in tests, and a loop of two tiles.
     """
     if _interpreting():
         return 16, 64, 1, 1, 2
-    return 64, 128, 4, 1, 1
+    return 32, 128, 4, 3, 8
 
 
 # --------------------------------------------------------------------------------------------------
