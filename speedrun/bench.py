@@ -309,13 +309,21 @@ def _print_table(r: dict) -> None:
         bwd = s["backward_ms"] + s.get("forward_backward_ms", 0)
         print(f"{s['window_short']:>3}/{s['window_long']:<4} {s['ms_per_step']:9.1f} {s['tokens_per_s'] / 1e3:9.1f}k "
               f"{mfu:>6} {s['data_ms']:7.1f} {fwd} {bwd:7.1f} {s['optimizer_ms']:7.1f}")
-    print(f"schedule-weighted: {r['schedule_avg_tokens_per_s'] / 1e3:.1f}k tok/s | peak memory "
-          f"{r['peak_memory_gib'] if r['peak_memory_gib'] is None else round(r['peak_memory_gib'], 2)} GiB | "
+    if r["peak_memory_gib"] is None:
+        memory = "peak memory - GiB"
+    elif r.get("cuda_graphs"):
+        # the graph's private pool holds a micro-step's activations all run long but counts as
+        # allocated only while it is recorded: the reserved peak is the memory the run uses
+        memory = (f"peak memory {r['peak_reserved_gib']:.2f} GiB reserved incl. the CUDA-graph pool "
+                  f"({r['peak_memory_gib']:.2f} GiB allocated outside it)")
+    else:
+        memory = f"peak memory {r['peak_memory_gib']:.2f} GiB"
+    print(f"schedule-weighted: {r['schedule_avg_tokens_per_s'] / 1e3:.1f}k tok/s | {memory} | "
           f"compile+warm-up {r['compile_warmup_s']:.1f} s | cold start to first step {r['cold_start_to_first_step_s']:.1f} s"
           + (f" | warm start {r['warm_start_to_first_step_s']:.1f} s" if "warm_start_to_first_step_s" in r else ""))
     extra = [f"graphs compiled after warm-up: {r['graphs_compiled_after_warmup']}",
              f"CUDA-graph micro-steps {'on' if r.get('cuda_graphs') else 'off'}"]
-    if r.get("peak_reserved_gib") is not None:
+    if r.get("peak_reserved_gib") is not None and not r.get("cuda_graphs"):
         extra.append(f"peak reserved {r['peak_reserved_gib']:.2f} GiB")
     if r.get("gpu_busy_fraction") is not None:
         extra.append(f"GPU busy {100 * r['gpu_busy_fraction']:.1f}% of the profiled steps "

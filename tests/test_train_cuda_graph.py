@@ -92,3 +92,32 @@ def test_graphed_training_matches_eager(tmp_path, compiled):
     assert train_on == train_off and val_on == val_off
     for a, b in zip(params_off, params_on):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_graphed_resume_continues_exactly(tmp_path):
+    """With CUDA-graph micro-steps: stop at the step-3 checkpoint (Adam holds step 2's gradients,
+    loaded into .grad before anything is recorded), resume, and the losses and parameters are those
+    of the uninterrupted graphed run."""
+    import os
+
+    from speedrun.train.trainer import Trainer
+    train_glob, val_glob = write_synthetic_shards(tmp_path)
+
+    def trainer(run_dir, resume=None):
+        cfg = micro_config(train_glob, val_glob, run_dir, steps=6)
+        cfg.train.device, cfg.train.compile, cfg.train.cuda_graphs = "cuda", False, "on"
+        cfg.train.parallel_warmup, cfg.train.save_every = False, 3
+        return Trainer(cfg, init_world("cuda"), str(run_dir), resume=resume)
+
+    full = trainer(tmp_path / "full")
+    full.run()
+    resumed = trainer(tmp_path / "resumed", resume=os.path.join(tmp_path, "full", "checkpoints", "step_000003"))
+    resumed.run()
+    assert resumed.micro_graph.replays > 0
+    full_train, full_val = train_losses(tmp_path / "full")
+    resumed_train, resumed_val = train_losses(tmp_path / "resumed")
+    assert sorted(resumed_train) == [4, 5, 6]
+    assert all(resumed_train[s] == full_train[s] for s in resumed_train) and resumed_val[6] == full_val[6]
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
