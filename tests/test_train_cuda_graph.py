@@ -121,3 +121,28 @@ def test_graphed_resume_continues_exactly(tmp_path):
     assert all(resumed_train[s] == full_train[s] for s in resumed_train) and resumed_val[6] == full_val[6]
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_checkpoints_leave_out_gradients_kept_as_zeros(tmp_path):
+    """With keep_grads the zeroed NorMuon gradients stay allocated; a checkpoint saves only the
+    pending ones (Adam's, after an even step), as without keep_grads, less any that is all zeros
+    (restored as None, which accumulates to the same values)."""
+    import os
+
+    from speedrun.train.trainer import Trainer
+    train_glob, val_glob = write_synthetic_shards(tmp_path)
+    saved = {}
+    for keep in (False, True):
+        cfg = micro_config(train_glob, val_glob, tmp_path / f"k{keep}")
+        trainer = Trainer(cfg, init_world("cpu"), str(tmp_path / f"k{keep}"))
+        trainer.optimizers.keep_grads = keep
+        for step in range(3):  # steps 0, 1, 2: Adam's gradients of step 2 are pending
+            trainer.apply_window(step)
+            trainer.train_step(step, trainer.loader.next_step())
+        path = trainer.save(3, trainer.loader.state_dict())
+        trainer.loader.close()
+        saved[keep] = torch.load(os.path.join(path, "grads_rank0.pt"), weights_only=True)
+    kept, dropped = saved[True], saved[False]
+    assert kept and set(kept) <= set(dropped) and not any(".mlp." in n for n in kept)
+    for name, grad in dropped.items():  # left out only where the pending gradient is all zeros
+        assert torch.equal(kept[name], grad) if name in kept else not grad.any()

@@ -315,7 +315,9 @@ class Trainer:
         path = ckpt.save_checkpoint(self.run_dir, next_step, self.model, self.optimizers, loader_state,
                                     self.world, self.train_time_ms, self.cfg.to_dict())
         # Adam keeps the gradients of even steps to sum them with the next step's: save them too
-        grads = {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None}
+        # (gradients kept as zeros for a CUDA graph are not pending: leave them out, as if dropped)
+        grads = {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None
+                 and not (self.optimizers.keep_grads and not p.grad.any())}
         torch.save(grads, os.path.join(path, f"grads_rank{self.world.rank}.pt"))
         return path
 
