@@ -16,8 +16,11 @@ def test_auto_uses_graphs_only_where_they_pay():
     assert not graphs_wanted("auto", CPU, compiled=True, backend="flex", world_size=1)
     assert not graphs_wanted("auto", CUDA, compiled=False, backend="flex", world_size=1)
     assert not graphs_wanted("auto", CUDA, compiled=True, backend="flash", world_size=1)
+    assert not graphs_wanted("auto", CUDA, compiled=True, backend="sdpa", world_size=1)
     assert not graphs_wanted("auto", CUDA, compiled=True, backend="flex", world_size=8)
-    assert graphs_wanted("on", CUDA, compiled=False, backend="flash", world_size=8)
+    assert graphs_wanted("on", CUDA, compiled=False, backend="sdpa", world_size=8)
+    with pytest.raises(ConfigError, match="cuda_graphs.*flash"):
+        graphs_wanted("on", CUDA, compiled=True, backend="flash", world_size=1)
     assert not graphs_wanted("off", CUDA, compiled=True, backend="flex", world_size=1)
     with pytest.raises(ConfigError, match="cuda_graphs.*needs a CUDA device"):
         graphs_wanted("on", CPU, compiled=False, backend="flex", world_size=1)

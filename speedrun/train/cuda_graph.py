@@ -38,8 +38,8 @@ class CudaGraphError(RuntimeError):
 
 
 def graphs_wanted(mode: str, device: torch.device, compiled: bool, backend: str, world_size: int) -> bool:
-    """Whether the trainer replays micro-steps. "auto": on a CUDA device, compiled, one rank, windows
-    as tensors (flex/sdpa); "on": wherever CUDA is (an error otherwise); "off": never."""
+    """Whether the trainer replays micro-steps. "auto": on a CUDA device, compiled, one rank, flex
+    attention; "on": any CUDA run with flex/sdpa (an error otherwise); "off": never."""
     if mode not in MODES:
         raise ValueError(f"train.cuda_graphs: {mode!r}, expected one of {', '.join(MODES)}")
     if mode == "off":
@@ -50,11 +50,19 @@ def graphs_wanted(mode: str, device: torch.device, compiled: bool, backend: str,
             raise ConfigError(f"train.cuda_graphs: 'on' needs a CUDA device; this run is on {device.type} "
                               "(use auto or off)")
         return False
+    if backend == "flash":
+        # FlashAttention takes the window as a Python int kernel argument: a recorded graph would
+        # replay the first window stage's window in every later stage
+        if mode == "on":
+            from speedrun.config import ConfigError
+            raise ConfigError("train.cuda_graphs: 'on' does not work with model.attention_backend=flash "
+                              "(its window size is baked into a recorded graph); use flex or sdpa, or auto/off")
+        return False
     if mode == "on":
         return True
-    # auto: flash takes the window as a kernel argument (one graph per window stage), and several
-    # ranks run their last micro-step eagerly for the gradient hooks: gains too small for the memory
-    return compiled and backend != "flash" and world_size == 1
+    # auto: the tested path (flex, compiled, one rank). Several ranks run their last micro-step
+    # eagerly for the gradient hooks (more memory for a smaller gain); uncompiled runs are slow anyway
+    return compiled and backend == "flex" and world_size == 1
 
 
 class MicroStepGraph:
