@@ -3,11 +3,14 @@ gradients into ``.grad``, recorded once and replayed for every micro-batch (``tr
 
 Why: a micro-step launches ~900 kernels through 13 compiled regions, the autograd engine and the
 Python of the custom ops. On an H100 the host needs about as long to issue them as the GPU needs to
-run them, so the GPU waits between regions (`speedrun bench --profile` lists the gaps). A replay is
-one launch: the host is free at once and queues the optimizer and the next micro-steps meanwhile.
+run them, so the GPU waits between regions (`speedrun bench --profile` lists the gaps: ~25 ms of a
+489 ms step). A replay is one launch: the host is free at once and queues the optimizer and the next
+micro-steps meanwhile. (Measured gain +1.3%, not 5%: with the gaps closed the H100 runs into its
+power cap and clocks down; docs/benchmarks.md.)
 
 The plain twin is the eager micro-step (``Trainer.train_step`` without a graph): the same kernels
-in the same order, so a replay computes what it does (tests/test_model_gpu.py compares trajectories).
+in the same order, so a replay computes what it does (tests/test_train_cuda_graph.py: bit-identical
+trajectories on the GPU).
 
 What a replay needs, and how this module keeps it true:
 * static shapes and no host syncs in the step: micro-batches all have sequence_tokens tokens and a
