@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One pass over everything that needs a GPU: the GPU-marked tests, the component benchmarks and
 # `speedrun bench` of the record recipe. Usage: benchmarks/gpu_check.sh OUT_DIR [parts...]
-# parts: tests kernels mlp flex model optim bench (default: all). Each part has its own time limit and a log
-# in OUT_DIR, and a failing part does not stop the next one.
+# parts: tests kernels mlp flex model optim bench (default: all); tests-kernels + tests-rest split
+# tests in two. Each part has its own time limit and a log in OUT_DIR, and a failing part does not
+# stop the next one.
 set -u
-out=${1:?usage: gpu_check.sh OUT_DIR [tests|kernels|mlp|flex|model|optim|bench]...}
+out=${1:?usage: gpu_check.sh OUT_DIR [tests|tests-kernels|tests-rest|kernels|mlp|flex|model|optim|bench]...}
 shift
 parts=${*:-tests kernels mlp flex model optim bench}
 mkdir -p "$out"
@@ -23,6 +24,10 @@ step() {  # name limit_s command...
 for part in $parts; do
     case $part in
         tests)   step gpu_tests 540 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+        # the same tests in two halves, for calls with less time left
+        tests-kernels) step gpu_tests_kernels 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_*.py ;;
+        tests-rest) step gpu_tests_rest 400 python3 -m pytest -q -m gpu -p no:cacheprovider \
+                     --ignore-glob='tests/test_kernels_*' tests ;;
         kernels) step bench_kernels 90 python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json" ;;
         mlp)     step bench_mlp 90 python3 benchmarks/bench_mlp.py --out "$out/bench_mlp.json" ;;
         flex)    step bench_flex 240 python3 benchmarks/bench_flex.py --out "$out/bench_flex.json" ;;
