@@ -120,6 +120,40 @@ def test_resolve_backend():
         A.resolve_backend("flash", cpu)
 
 
+@pytest.mark.parametrize("module, unbounded", [("flash_attn_interface", -1), ("flash_attn.cute", None)])
+def test_flash_unbounded_window_per_implementation(monkeypatch, module, unbounded):
+    """FA3 reads window_size (-1, 0) as unbounded causal; FA4 would read it as a local window of -1
+    tokens and needs (None, 0). Fake modules stand in for the packages."""
+    import sys
+    import types
+    calls = []
+
+    def fake_varlen(q, k, v, **kw):
+        calls.append(kw["window_size"])
+        return torch.zeros_like(q), None
+    mod = types.ModuleType(module)
+    mod.flash_attn_varlen_func = fake_varlen
+    if module == "flash_attn_interface":
+        monkeypatch.setitem(sys.modules, "flash_attn_interface", mod)
+    else:
+        monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # importing it raises
+        package = types.ModuleType("flash_attn")
+        package.__path__ = []
+        monkeypatch.setitem(sys.modules, "flash_attn", package)
+        monkeypatch.setitem(sys.modules, "flash_attn.cute", mod)
+    A.flash_attn_impl.cache_clear()
+    try:
+        T = 8
+        q = torch.randn(T, 2, 4)
+        doc = A.build_doc_info(None, T, torch.device("cpu"), "flash")
+        for tokens in (T, 3):
+            out = A.attend(q, q, q, doc, A.build_window(doc, torch.tensor(tokens), tokens), 1.0, "flash")
+            assert out.shape == q.shape
+        assert calls == [(unbounded, 0), (3, 0)]
+    finally:
+        A.flash_attn_impl.cache_clear()
+
+
 def test_flash_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(A, "flash_attn_func", lambda: None)
     with pytest.raises(RuntimeError, match="flash_attn_interface.*flash-attn-4"):

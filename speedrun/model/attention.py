@@ -72,18 +72,26 @@ class AttnWindow(NamedTuple):
 
 
 @functools.cache
-def flash_attn_func():
-    """The importable FlashAttention varlen function (FA3 first, then FA4), or None."""
+def flash_attn_impl() -> tuple | None:
+    """(varlen function, the left window meaning "unbounded") of the importable FlashAttention
+    (FA3 first, then FA4), or None. FA3 reads a left window of -1 as unbounded; FA4 wants None
+    (its -1 with a causal right window of 0 would be a local window of -1 tokens)."""
     try:
         from flash_attn_interface import flash_attn_varlen_func  # FlashAttention-3 (Hopper)
-        return flash_attn_varlen_func
+        return flash_attn_varlen_func, -1
     except ImportError:
         pass
     try:
         from flash_attn.cute import flash_attn_varlen_func  # FlashAttention-4 (CuTe DSL)
-        return flash_attn_varlen_func
+        return flash_attn_varlen_func, None
     except ImportError:
         return None
+
+
+def flash_attn_func():
+    """The importable FlashAttention varlen function, or None (see flash_attn_impl)."""
+    impl = flash_attn_impl()
+    return impl[0] if impl is not None else None
 
 
 class BackendUnavailable(RuntimeError):
@@ -228,10 +236,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, doc: DocInfo, window: AttnWindow,
             fn = _compiled_flex()
         return fn(q, k, v, doc.doc_ids, window)
     if backend == "flash":
-        func = flash_attn_func()
-        if func is None:
+        impl = flash_attn_impl()
+        if impl is None:
             resolve_backend("flash", q.device)   # raises the explanatory error
-        left = -1 if window.window_tokens >= doc.max_seqlen else window.window_tokens
+        func, unbounded = impl
+        left = unbounded if window.window_tokens >= doc.max_seqlen else window.window_tokens
         out = func(q, k, v, cu_seqlens_q=doc.cu_seqlens, cu_seqlens_k=doc.cu_seqlens,
                    max_seqlen_q=doc.max_seqlen, max_seqlen_k=doc.max_seqlen,
                    softmax_scale=1.0, causal=True, window_size=(left, 0))
