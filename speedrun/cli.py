@@ -7,7 +7,8 @@ import importlib
 import sys
 
 # sub-command modules, in the order they are listed by --help
-_PARTS = ["speedrun.train.cli", "speedrun.data.cli", "speedrun.eval.cli", "speedrun.bench"]
+_PARTS = ["speedrun.train.cli", "speedrun.data.cli", "speedrun.eval.cli", "speedrun.bench",
+          "speedrun.train.seeds"]
 
 
 def build_parser() -> argparse.ArgumentParser:
