@@ -43,7 +43,12 @@ def register(subparsers) -> None:
         "seeds", help="train a recipe with several seeds; significance of its mean val loss",
         usage="speedrun seeds RUNS_DIR [--runs N] [--first-seed S] [--target L] [--report] "
               "[--against DIR] [-- TRAIN_ARGS...]",
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train one recipe with several seeds (each an ordinary `speedrun train` run with the "
+                    "arguments after --) and test whether its mean final val loss is below the target, "
+                    "or differs from another set of runs. Rerunning resumes: finished seeds are skipped, "
+                    "an interrupted one continues from its last checkpoint.",
+        epilog="example: speedrun seeds runs/base --runs 8 -- --config record_124m --distributed --num-gpus 8",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="one run directory per seed goes in here")
     p.add_argument("--runs", type=int, default=0, help="number of seeds to train (0: only report)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first_seed, first_seed + 1, ...")
