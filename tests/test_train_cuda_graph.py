@@ -44,16 +44,21 @@ def test_trainer_on_cpu_with_graphs_on_is_a_clear_error(tmp_path):
         Trainer(cfg, init_world("cpu"), str(tmp_path / "run"))
 
 
+def cpu_trainer(shards, run_dir, keep_grads: bool):
+    """A micro-recipe trainer on the CPU whose optimizers keep (True) or drop gradients."""
+    from speedrun.train.trainer import Trainer
+    trainer = Trainer(micro_config(*shards, run_dir), init_world("cpu"), str(run_dir))
+    trainer.optimizers.keep_grads = keep_grads
+    return trainer
+
+
 def test_kept_gradients_are_zeroed_in_place_and_train_identically(tmp_path):
     """keep_grads (what a recorded graph needs) zeroes the same .grad tensors instead of dropping
     them; accumulating onto zeros gives the same parameters as starting from None."""
-    from speedrun.train.trainer import Trainer
-    train_glob, val_glob = write_synthetic_shards(tmp_path)
+    shards = write_synthetic_shards(tmp_path)
     params = {}
     for keep in (False, True):
-        cfg = micro_config(train_glob, val_glob, tmp_path / f"k{keep}")
-        trainer = Trainer(cfg, init_world("cpu"), str(tmp_path / f"k{keep}"))
-        trainer.optimizers.keep_grads = keep
+        trainer = cpu_trainer(shards, tmp_path / f"k{keep}", keep)
         for step in range(4):
             trainer.apply_window(step)
             grads = [p.grad for p in trainer.model.parameters()]
@@ -132,13 +137,10 @@ def test_checkpoints_leave_out_gradients_kept_as_zeros(tmp_path):
     (restored as None, which accumulates to the same values)."""
     import os
 
-    from speedrun.train.trainer import Trainer
-    train_glob, val_glob = write_synthetic_shards(tmp_path)
+    shards = write_synthetic_shards(tmp_path)
     saved = {}
     for keep in (False, True):
-        cfg = micro_config(train_glob, val_glob, tmp_path / f"k{keep}")
-        trainer = Trainer(cfg, init_world("cpu"), str(tmp_path / f"k{keep}"))
-        trainer.optimizers.keep_grads = keep
+        trainer = cpu_trainer(shards, tmp_path / f"k{keep}", keep)
         for step in range(3):  # steps 0, 1, 2: Adam's gradients of step 2 are pending
             trainer.apply_window(step)
             trainer.train_step(step, trainer.loader.next_step())

@@ -8,8 +8,8 @@ run them, so the GPU waits between regions (`speedrun bench --profile` lists the
 micro-steps meanwhile. (Measured gain +1.3%, not 5%: with the gaps closed the H100 runs into its
 power cap and clocks down; docs/benchmarks.md.)
 
-The plain twin is the eager micro-step (``Trainer.train_step`` without a graph): the same kernels
-in the same order, so a replay computes what it does (tests/test_train_cuda_graph.py: bit-identical
+The plain twin is the eager micro-step (``Trainer.micro_step``, which is also what is recorded): the
+same kernels in the same order, so a replay computes what it does (tests/test_train_cuda_graph.py: bit-identical
 trajectories on the GPU).
 
 What a replay needs, and how this module keeps it true:
@@ -29,8 +29,12 @@ optimizer step and validation stay eager (they change with the schedule and run 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
+
+from speedrun.config import ConfigError
 
 MODES = ("auto", "on", "off")
 
@@ -49,7 +53,6 @@ def graphs_wanted(mode: str, device: torch.device, compiled: bool, backend: str,
         return False
     if device.type != "cuda":
         if mode == "on":
-            from speedrun.config import ConfigError
             raise ConfigError(f"train.cuda_graphs: 'on' needs a CUDA device; this run is on {device.type} "
                               "(use auto or off)")
         return False
@@ -57,7 +60,6 @@ def graphs_wanted(mode: str, device: torch.device, compiled: bool, backend: str,
         # FlashAttention takes the window as a Python int kernel argument: a recorded graph would
         # replay the first window stage's window in every later stage
         if mode == "on":
-            from speedrun.config import ConfigError
             raise ConfigError("train.cuda_graphs: 'on' does not work with model.attention_backend=flash "
                               "(its window size is baked into a recorded graph); use flex or sdpa, or auto/off")
         return False
@@ -69,23 +71,18 @@ def graphs_wanted(mode: str, device: torch.device, compiled: bool, backend: str,
 
 
 class MicroStepGraph:
-    """Runs micro-steps for one model: ``run(batch)`` returns the micro-batch's summed loss (fp32
-    device tensor) after adding ``d(loss / grad_accum)/dparam`` into every ``.grad``."""
+    """Runs ``step(inputs, targets, cu_seqlens) -> summed loss`` (the trainer's eager micro-step, which
+    adds the gradients into every ``.grad`` of ``model``) from a recorded graph: ``run(batch)``."""
 
-    def __init__(self, model: nn.Module, grad_accum: int, device: torch.device):
-        self.model, self.grad_accum, self.device = model, grad_accum, device
+    def __init__(self, step: Callable[[Tensor, Tensor, Tensor | None], Tensor], model: nn.Module,
+                 device: torch.device):
+        self._step, self.model, self.device = step, model, device
         self.stream = torch.cuda.Stream(device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed = False
         self.replays = 0
         self._static: list[Tensor | None] = []
         self._loss: Tensor | None = None
-
-    # the eager micro-step: the twin, and what the graph records
-    def _step(self, inputs: Tensor, targets: Tensor, cu_seqlens: Tensor | None) -> Tensor:
-        loss = self.model(inputs, targets, cu_seqlens, reduction="sum")
-        (loss / self.grad_accum).backward()
-        return loss.detach().float()
 
     def run(self, batch) -> Tensor:
         tensors = (batch.inputs, batch.targets, batch.cu_seqlens)

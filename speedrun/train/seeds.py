@@ -102,17 +102,23 @@ def _train_one(runs_dir: str, seed: int, train_args: list[str]) -> None:
                            f"{os.path.join(run_dir, 'summary.json')}; see {log_path}")
 
 
-def finished_loss(run_dir: str) -> float | None:
-    """The final val loss in a run directory's summary.json, or None if the run has not finished."""
+def _finished_summary(run_dir: str) -> dict | None:
+    """A run directory's summary.json if it records a final val loss (the run finished), else None."""
     path = os.path.join(run_dir, "summary.json")
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
-            loss = json.load(f).get("final_val_loss")
+            summary = json.load(f)
     except (OSError, ValueError) as e:
         raise SeedsError(f"seeds: cannot read {path}: {e}") from None
-    return None if loss is None else float(loss)
+    return summary if summary.get("final_val_loss") is not None else None
+
+
+def finished_loss(run_dir: str) -> float | None:
+    """The final val loss in a run directory's summary.json, or None if the run has not finished."""
+    summary = _finished_summary(run_dir)
+    return None if summary is None else float(summary["final_val_loss"])
 
 
 def collect(runs_dir: str) -> list[dict]:
@@ -121,12 +127,11 @@ def collect(runs_dir: str) -> list[dict]:
         raise FileNotFoundError(f"seeds: no runs directory {runs_dir}")
     runs = []
     for run_dir in sorted(glob.glob(os.path.join(runs_dir, "seed_*"))):
-        loss = finished_loss(run_dir)
-        if loss is None:
+        summary = _finished_summary(run_dir)
+        if summary is None:
             continue
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            summary = json.load(f)
-        runs.append({"seed": int(os.path.basename(run_dir).split("_")[1]), "final_val_loss": loss,
+        runs.append({"seed": int(os.path.basename(run_dir).split("_")[1]),
+                     "final_val_loss": float(summary["final_val_loss"]),
                      "train_time_s": summary.get("train_time_s"), "run_dir": run_dir})
     return runs
 

@@ -125,7 +125,7 @@ class Trainer:
         self.micro_graph = None   # replays the forward/backward micro-step (train.cuda_graphs)
         if graphs_wanted(cfg.train.cuda_graphs, self.device, cfg.train.compile,
                          resolve_backend(cfg.model.attention_backend, self.device), world.world_size):
-            self.micro_graph = MicroStepGraph(self.model, self.grad_accum, self.device)
+            self.micro_graph = MicroStepGraph(self.micro_step, self.model, self.device)
             self.optimizers.keep_grads = True
         self.loader = self._train_loader()
         done("loader")
@@ -186,6 +186,17 @@ class Trainer:
             self.window = target
 
     # ---- one optimizer step ---------------------------------------------------------------------
+    def micro_step(self, inputs, targets, cu_seqlens, mark=None) -> torch.Tensor:
+        """Forward and backward of one micro-batch (gradients added into .grad); its summed loss as
+        an fp32 device tensor. What a CUDA graph records (train/cuda_graph.py) and its eager twin."""
+        loss = self.model(inputs, targets, cu_seqlens, reduction="sum")
+        if mark:
+            mark("forward")
+        (loss / self.grad_accum).backward()
+        if mark:
+            mark("backward")
+        return loss.detach().float()
+
     def train_step(self, step: int, batches, mark=None) -> torch.Tensor:
         """Forward/backward over this rank's micro-batches, then the optimizer step. Returns the
         mean per-token training loss of this rank as a device tensor (no host sync).
@@ -202,14 +213,8 @@ class Trainer:
                 total += self.micro_graph.run(batch)  # forward + backward, one replay
                 if mark:
                     mark("forward_backward")
-                continue
-            loss = self.model(batch.inputs, batch.targets, batch.cu_seqlens, reduction="sum")
-            if mark:
-                mark("forward")
-            (loss / self.grad_accum).backward()
-            if mark:
-                mark("backward")
-            total += loss.detach().float()
+            else:
+                total += self.micro_step(batch.inputs, batch.targets, batch.cu_seqlens, mark)
         self.optimizers.step(step, lr_multiplier(step, self.cfg.schedule),
                              muon_momentum(step, self.cfg.optim.muon, self.cfg.schedule))
         self.optimizers.zero_grad(step)
