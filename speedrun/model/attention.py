@@ -219,6 +219,17 @@ def _compiled_flex():
     return torch.compile(_flex_attend, dynamic=False, fullgraph=True)
 
 
+@torch.compiler.disable
+def _flash_varlen(func, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                  left: int | None) -> Tensor:
+    # Run eagerly even inside a compiled block: FlashAttention is an autograd.Function around
+    # an external (CuTe DSL / C++) kernel that dynamo cannot trace; one clean graph break here
+    # instead of dynamo tracing into the package's Python.
+    out = func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+               max_seqlen_k=max_seqlen, softmax_scale=1.0, causal=True, window_size=(left, 0))
+    return out[0] if isinstance(out, tuple) else out
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, doc: DocInfo, window: AttnWindow,
            scale: Tensor | float, backend: str) -> Tensor:
     """softmax(scale * q k^T + mask) v for q, k, v of shape (T, H, D); returns (T, H, D).
@@ -241,10 +252,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, doc: DocInfo, window: AttnWindow,
             resolve_backend("flash", q.device)   # raises the explanatory error
         func, unbounded = impl
         left = unbounded if window.window_tokens >= doc.max_seqlen else window.window_tokens
-        out = func(q, k, v, cu_seqlens_q=doc.cu_seqlens, cu_seqlens_k=doc.cu_seqlens,
-                   max_seqlen_q=doc.max_seqlen, max_seqlen_k=doc.max_seqlen,
-                   softmax_scale=1.0, causal=True, window_size=(left, 0))
-        return out[0] if isinstance(out, tuple) else out
+        return _flash_varlen(func, q, k, v, doc.cu_seqlens, doc.max_seqlen, left)
     if backend == "sdpa":
         mask = dense_mask(doc.doc_ids, window.window)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),

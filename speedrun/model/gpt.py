@@ -151,7 +151,7 @@ class GPT(nn.Module):
         self._yarn_blocks: int | None = None     # the window the current YaRN state was made for
 
         self.use_fp8: bool = cfg.fp8_head        # FP8 head in training (CUDA with FP8 only)
-        self.max_doc_len: int | None = None      # flash only: longest document (None: T)
+        self.max_doc_len: int | None = None      # flash only: longest training document (None: T)
         self.flex_block_size: int = FLEX_BLOCK_SIZE
         self.eval_chunk_tokens: int = EVAL_CHUNK_TOKENS
         self._label_parameters()
@@ -358,7 +358,8 @@ class GPT(nn.Module):
         ids = inputs.reshape(-1)
         T, device = ids.numel(), ids.device
         backend = resolve_backend(cfg.attention_backend, device)
-        doc = build_doc_info(cu_seqlens, T, device, backend, self.max_doc_len)
+        # training batches cap documents at max_doc_len (flash's launch bound); eval batches do not
+        doc = build_doc_info(cu_seqlens, T, device, backend, self.max_doc_len if self.training else None)
         windows = self._windows(doc)
 
         x0, ves, cos, sin = self._embed_fn(ids)

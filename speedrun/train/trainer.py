@@ -115,6 +115,7 @@ class Trainer:
         with torch.device(self.device):
             self.model = GPT(cfg.model, dtype=self.dtype)
         self.model.use_fp8 = self._fp8_wanted()
+        self.model.max_doc_len = cfg.data.max_doc_len   # the loader caps training documents there
         self._broadcast_parameters()
         done("model")
         from speedrun.optim.build import build_optimizers
