@@ -30,7 +30,10 @@ get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-versio
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             -d "$out/all" "$@"; }
 get --pre "flash-attn-4==4.0.0b36"
-get "nvidia-cutlass-dsl==4.8.1" "nvidia-cutlass-dsl-libs-base==4.8.1" "nvidia-cutlass-dsl-libs-cu13==4.8.1"
+# libs-core holds the `cutlass.cute` Python package itself (libs-base only the MLIR bindings);
+# cuda-pathfinder is what cuda-bindings 13 loads libraries with
+get "nvidia-cutlass-dsl==4.8.1" "nvidia-cutlass-dsl-libs-base==4.8.1" "nvidia-cutlass-dsl-libs-core==4.8.1" \
+    "nvidia-cutlass-dsl-libs-cu13==4.8.1" "cuda-pathfinder==1.9.1"
 get "cuda-bindings==13.5.0" "apache-tvm-ffi==0.1.15.post2" "torch-c-dlpack-ext==0.1.5" "quack-kernels==0.6.5" \
     "einops==0.8.1" "protobuf==6.33.1"
 big=$(ls "$out"/all/nvidia_cutlass_dsl_libs_cu13-*.whl)
