@@ -220,11 +220,16 @@ def _compiled_flex():
 
 
 @torch.compiler.disable
-def _flash_varlen(func, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                  left: int | None) -> Tensor:
+def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                  window_tokens: int) -> Tensor:
     # Run eagerly even inside a compiled block: FlashAttention is an autograd.Function around
     # an external (CuTe DSL / C++) kernel that dynamo cannot trace; one clean graph break here
-    # instead of dynamo tracing into the package's Python.
+    # instead of dynamo tracing into the package's Python (or the import lookup).
+    impl = flash_attn_impl()
+    if impl is None:
+        resolve_backend("flash", q.device)   # raises the explanatory error
+    func, unbounded = impl
+    left = unbounded if window_tokens >= max_seqlen else window_tokens
     out = func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
                max_seqlen_k=max_seqlen, softmax_scale=1.0, causal=True, window_size=(left, 0))
     return out[0] if isinstance(out, tuple) else out
@@ -247,12 +252,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, doc: DocInfo, window: AttnWindow,
             fn = _compiled_flex()
         return fn(q, k, v, doc.doc_ids, window)
     if backend == "flash":
-        impl = flash_attn_impl()
-        if impl is None:
-            resolve_backend("flash", q.device)   # raises the explanatory error
-        func, unbounded = impl
-        left = unbounded if window.window_tokens >= doc.max_seqlen else window.window_tokens
-        return _flash_varlen(func, q, k, v, doc.cu_seqlens, doc.max_seqlen, left)
+        return _flash_varlen(q, k, v, doc.cu_seqlens, doc.max_seqlen, window.window_tokens)
     if backend == "sdpa":
         mask = dense_mask(doc.doc_ids, window.window)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
