@@ -69,6 +69,8 @@ def run_bench(args) -> int:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cache = args.cache_dir or tempfile.mkdtemp(prefix="speedrun-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    # FlashAttention-4's JIT cache lives with inductor's: a fresh one is a cold start for it too
+    os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = os.path.join(cache, "flash_attn_cute")
     run_dir = cfg.train.save_path or tempfile.mkdtemp(prefix="speedrun-bench-")
     os.makedirs(run_dir, exist_ok=True)
     data_s = 0.0  # making synthetic shards is the bench's own work, not part of a start

@@ -21,6 +21,7 @@ the query itself).
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -81,6 +82,9 @@ def flash_attn_impl() -> tuple | None:
         return flash_attn_varlen_func, -1
     except ImportError:
         pass
+    # FA4 JIT-compiles its kernels (~8 s for forward + backward on an H100); its on-disk cache
+    # (off by default, read at import) makes later starts load them instead
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     try:
         from flash_attn.cute import flash_attn_varlen_func  # FlashAttention-4 (CuTe DSL)
         return flash_attn_varlen_func, None
