@@ -15,12 +15,11 @@ def test_auto_uses_graphs_only_where_they_pay():
     assert graphs_wanted("auto", CUDA, compiled=True, backend="flex", world_size=1)
     assert not graphs_wanted("auto", CPU, compiled=True, backend="flex", world_size=1)
     assert not graphs_wanted("auto", CUDA, compiled=False, backend="flex", world_size=1)
-    assert not graphs_wanted("auto", CUDA, compiled=True, backend="flash", world_size=1)
+    assert graphs_wanted("auto", CUDA, compiled=True, backend="flash", world_size=1)
     assert not graphs_wanted("auto", CUDA, compiled=True, backend="sdpa", world_size=1)
     assert not graphs_wanted("auto", CUDA, compiled=True, backend="flex", world_size=8)
     assert graphs_wanted("on", CUDA, compiled=False, backend="sdpa", world_size=8)
-    with pytest.raises(ConfigError, match="cuda_graphs.*flash"):
-        graphs_wanted("on", CUDA, compiled=True, backend="flash", world_size=1)
+    assert graphs_wanted("on", CUDA, compiled=False, backend="flash", world_size=1)
     assert not graphs_wanted("off", CUDA, compiled=True, backend="flex", world_size=1)
     with pytest.raises(ConfigError, match="cuda_graphs.*needs a CUDA device"):
         graphs_wanted("on", CPU, compiled=False, backend="flex", world_size=1)
@@ -151,3 +150,58 @@ def test_checkpoints_leave_out_gradients_kept_as_zeros(tmp_path):
     assert kept and set(kept) <= set(dropped) and not any(".mlp." in n for n in kept)
     for name, grad in dropped.items():  # left out only where the pending gradient is all zeros
         assert torch.equal(kept[name], grad) if name in kept else not grad.any()
+
+
+@pytest.mark.gpu
+def test_changed_host_state_re_records():
+    """A step that bakes a Python int into its kernels (as FlashAttention's window): with host_state
+    naming it, a change drops the recording, runs one micro-step eagerly and records again, so every
+    result uses the current value; without, a replay would keep the recorded one."""
+    from types import SimpleNamespace
+
+    from speedrun.train.cuda_graph import MicroStepGraph
+    dev = torch.device("cuda")
+    model = torch.nn.Linear(4, 4, device=dev)
+    factor = {"k": 2}
+
+    def step(inputs, targets, cu_seqlens):
+        return (inputs.float() * factor["k"]).sum()
+
+    graph = MicroStepGraph(step, model, dev, host_state=lambda: factor["k"])
+    batch = SimpleNamespace(inputs=torch.arange(4, device=dev), targets=torch.zeros(4, device=dev), cu_seqlens=None)
+    got = []
+    for k in (2, 2, 2, 3, 3, 3, 5):
+        factor["k"] = k
+        got.append(graph.run(batch).item())
+    assert got == [6 * k for k in (2, 2, 2, 3, 3, 3, 5)]
+    assert graph.recordings == 2 and graph.replays == 3   # k=2: eager, record, replay; k=3: same
+
+
+@pytest.mark.gpu
+def test_graphed_flash_training_matches_eager(tmp_path):
+    """The flash backend with CUDA-graph micro-steps (re-recorded at each window stage) follows the
+    eager flash run (FlashAttention's backward accumulates dq with atomics: equal within noise)."""
+    from speedrun.model.attention import flash_attn_func
+    from speedrun.train.trainer import Trainer
+    if flash_attn_func() is None:
+        pytest.skip("no FlashAttention package importable")
+    train_glob, val_glob = write_synthetic_shards(tmp_path)
+    runs = {}
+    for mode in ("off", "auto"):
+        run_dir = tmp_path / mode
+        cfg = micro_config(train_glob, val_glob, run_dir, steps=6)
+        cfg.train.device, cfg.train.compile, cfg.train.cuda_graphs = "cuda", True, mode
+        cfg.model.attention_backend = "flash"
+        cfg.train.parallel_warmup = False
+        trainer = Trainer(cfg, init_world("cuda"), str(run_dir))
+        trainer.run()
+        assert (trainer.micro_graph is not None) == (mode == "auto")
+        if mode == "auto":
+            assert trainer.micro_graph.recordings >= 2 and trainer.micro_graph.replays > 0
+        runs[mode] = train_losses(run_dir)
+    (train_off, val_off), (train_on, val_on) = runs["off"], runs["auto"]
+    assert sorted(train_on) == sorted(train_off)
+    for s in train_off:
+        assert abs(train_on[s] - train_off[s]) < 1e-2 * abs(train_off[s]), s
+    for s in val_off:
+        assert abs(val_on[s] - val_off[s]) < 1e-2 * abs(val_off[s]), s

@@ -21,7 +21,11 @@ What a replay needs, and how this module keeps it true:
   checked to be the tensor it was before (the autograd engine accumulates out of place when
   something else holds a reference to a gradient; a replay would then write elsewhere);
 * lazy initialisation done before capture: the first micro-step runs eagerly on the capture stream
-  (real work: it trains), the next one is captured and replayed, the rest are replays.
+  (real work: it trains), the next one is captured and replayed, the rest are replays;
+* host values baked into the recording: FlashAttention takes the window as a Python int kernel
+  argument, so the trainer passes ``host_state`` (the window sizes); when it changes (a new window
+  stage, 4 times in the record) the graph is dropped, and the next micro-step runs eagerly (dynamo
+  compiles the new window's variant there) and the one after is recorded again.
 
 Memory: the graph keeps its own pool, the size of one micro-step's activations (the eager
 micro-step's blocks go back to the caching allocator). Only forward/backward are recorded: the
@@ -45,8 +49,8 @@ class CudaGraphError(RuntimeError):
 
 
 def graphs_wanted(mode: str, device: torch.device, compiled: bool, backend: str, world_size: int) -> bool:
-    """Whether the trainer replays micro-steps. "auto": on a CUDA device, compiled, one rank, flex
-    attention; "on": any CUDA run with flex/sdpa (an error otherwise); "off": never."""
+    """Whether the trainer replays micro-steps. "auto": on a CUDA device, compiled, one rank, flex or
+    flash attention; "on": any CUDA run (an error otherwise); "off": never."""
     if mode not in MODES:
         raise ValueError(f"train.cuda_graphs: {mode!r}, expected one of {', '.join(MODES)}")
     if mode == "off":
@@ -56,27 +60,25 @@ def graphs_wanted(mode: str, device: torch.device, compiled: bool, backend: str,
             raise ConfigError(f"train.cuda_graphs: 'on' needs a CUDA device; this run is on {device.type} "
                               "(use auto or off)")
         return False
-    if backend == "flash":
-        # FlashAttention takes the window as a Python int kernel argument: a recorded graph would
-        # replay the first window stage's window in every later stage
-        if mode == "on":
-            raise ConfigError("train.cuda_graphs: 'on' does not work with model.attention_backend=flash "
-                              "(its window size is baked into a recorded graph); use flex or sdpa, or auto/off")
-        return False
     if mode == "on":
         return True
     # auto: the tested path (flex, compiled, one rank). Several ranks run their last micro-step
     # eagerly for the gradient hooks (more memory for a smaller gain); uncompiled runs are slow anyway
-    return compiled and backend == "flex" and world_size == 1
+    return compiled and backend in ("flex", "flash") and world_size == 1
 
 
 class MicroStepGraph:
     """Runs ``step(inputs, targets, cu_seqlens) -> summed loss`` (the trainer's eager micro-step, which
-    adds the gradients into every ``.grad`` of ``model``) from a recorded graph: ``run(batch)``."""
+    adds the gradients into every ``.grad`` of ``model``) from a recorded graph: ``run(batch)``.
+    ``host_state()``, if given, returns the host-side values the step bakes into a recording (compared
+    with ==); a change re-records."""
 
     def __init__(self, step: Callable[[Tensor, Tensor, Tensor | None], Tensor], model: nn.Module,
-                 device: torch.device):
+                 device: torch.device, host_state: Callable[[], object] | None = None):
         self._step, self.model, self.device = step, model, device
+        self.host_state = host_state
+        self._recorded_state: object = None
+        self.recordings = 0
         self.stream = torch.cuda.Stream(device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed = False
@@ -86,6 +88,11 @@ class MicroStepGraph:
 
     def run(self, batch) -> Tensor:
         tensors = (batch.inputs, batch.targets, batch.cu_seqlens)
+        if self.graph is not None and self.host_state is not None and \
+                self.host_state() != self._recorded_state:
+            # drop the old recording (its memory pool goes back to the allocator) and start over
+            self.graph, self.warmed, self._loss, self._static = None, False, None, []
+            torch.cuda.empty_cache()
         if self.graph is None:
             if not self.warmed:
                 self.warmed = True
@@ -118,6 +125,7 @@ class MicroStepGraph:
         self._static = [t.clone() if t is not None else None for t in tensors]
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
+        state = self.host_state() if self.host_state is not None else None
         with torch.cuda.graph(graph, stream=self.stream):
             self._loss = self._step(*self._static)
         replaced = [i for i, (p, g) in enumerate(zip(params, before)) if p.grad is not g]
@@ -130,7 +138,8 @@ class MicroStepGraph:
                 f"recording the micro-step replaced the .grad of {len(replaced)} parameters ({shown}...): "
                 "something holds a reference to those gradients, so autograd accumulated out of place; "
                 "set train.cuda_graphs=off")
-        self.graph = graph
+        self.graph, self._recorded_state = graph, state
+        self.recordings += 1
         # the eager micro-step's activations sit cached on the capture stream, where nothing else
         # allocates: give them back (the graph has its own pool)
         torch.cuda.empty_cache()

@@ -124,9 +124,11 @@ class Trainer:
         from speedrun.model.attention import resolve_backend
         from speedrun.train.cuda_graph import MicroStepGraph, graphs_wanted
         self.micro_graph = None   # replays the forward/backward micro-step (train.cuda_graphs)
-        if graphs_wanted(cfg.train.cuda_graphs, self.device, cfg.train.compile,
-                         resolve_backend(cfg.model.attention_backend, self.device), world.world_size):
-            self.micro_graph = MicroStepGraph(self.micro_step, self.model, self.device)
+        backend = resolve_backend(cfg.model.attention_backend, self.device)
+        if graphs_wanted(cfg.train.cuda_graphs, self.device, cfg.train.compile, backend, world.world_size):
+            # flash bakes the window sizes (Python ints) into the recording: re-record on change
+            windows = (lambda: (self.model.long_blocks, self.model.short_blocks)) if backend == "flash" else None
+            self.micro_graph = MicroStepGraph(self.micro_step, self.model, self.device, host_state=windows)
             self.optimizers.keep_grads = True
         self.loader = self._train_loader()
         done("loader")
