@@ -59,7 +59,7 @@ def run(backends: list[str], T: int, H: int, D: int, window_check: int) -> list[
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 continue
-            row["impl"] = impl[0].__module__
+            row["impl"] = impl
         doc = attention.build_doc_info(cu, T, dev, backend, MAX_DOC_LEN)
 
         def call(blocks: int):

@@ -120,42 +120,55 @@ def test_resolve_backend():
         A.resolve_backend("flash", cpu)
 
 
-@pytest.mark.parametrize("module, unbounded", [("flash_attn_interface", -1), ("flash_attn.cute", None)])
-def test_flash_unbounded_window_per_implementation(monkeypatch, module, unbounded):
-    """FA3 reads window_size (-1, 0) as unbounded causal; FA4 would read it as a local window of -1
-    tokens and needs (None, 0). Fake modules stand in for the packages."""
-    import sys
-    import types
+@pytest.mark.parametrize("impl, unbounded", [("fa3", -1), ("fa4", None)])
+def test_flash_matches_sdpa_per_implementation(monkeypatch, impl, unbounded):
+    """Both FlashAttention implementations (faked: tests/flash_fakes.py) give the sdpa twin's output
+    and gradients through ``attend``; a window reaching past max_seqlen is passed as unbounded, which
+    FA3 reads as -1 and FA4 as None (its -1 would be a window of -1 tokens)."""
+    import flash_fakes
     calls = []
-
-    def fake_varlen(q, k, v, **kw):
-        calls.append(kw["window_size"])
-        return torch.zeros_like(q), None
-    mod = types.ModuleType(module)
-    mod.flash_attn_varlen_func = fake_varlen
-    if module == "flash_attn_interface":
-        monkeypatch.setitem(sys.modules, "flash_attn_interface", mod)
-    else:
-        monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # importing it raises
-        package = types.ModuleType("flash_attn")
-        package.__path__ = []
-        monkeypatch.setitem(sys.modules, "flash_attn", package)
-        monkeypatch.setitem(sys.modules, "flash_attn.cute", mod)
+    (flash_fakes.install_fa3 if impl == "fa3" else flash_fakes.install_fa4)(monkeypatch, calls)
     A.flash_attn_impl.cache_clear()
     try:
-        T = 8
-        q = torch.randn(T, 2, 4)
-        doc = A.build_doc_info(None, T, torch.device("cpu"), "flash")
-        for tokens in (T, 3):
-            out = A.attend(q, q, q, doc, A.build_window(doc, torch.tensor(tokens), tokens), 1.0, "flash")
-            assert out.shape == q.shape
-        assert calls == [(unbounded, 0), (3, 0)]
+        gen = torch.Generator().manual_seed(4)
+        T = 64
+        q, k, v = (torch.randn(T, 2, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+        cu = random_cu_seqlens(T, 4, 6, gen)
+        for tokens in (T, 5):
+            grads = []
+            for backend in ("flash", "sdpa"):
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                doc = A.build_doc_info(cu, T, torch.device("cpu"), backend)
+                assert doc.flash_impl == (impl if backend == "flash" else None)
+                out = A.attend(*leaves, doc, A.build_window(doc, torch.tensor(tokens), tokens), 0.3, backend)
+                out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+                grads.append([out.detach()] + [t.grad for t in leaves])
+            for got, want in zip(*grads):
+                torch.testing.assert_close(got, want)
+        fwd = [w for kind, w in calls if kind == "fwd"]
+        assert fwd == [unbounded, 5]
     finally:
         A.flash_attn_impl.cache_clear()
 
 
+def test_fa4_custom_ops_pass_opcheck(monkeypatch):
+    """The FA4 custom ops' fake (meta) functions, schema and autograd registration agree with the
+    real ones (torch.library.opcheck), on the faked package."""
+    import flash_fakes
+    from speedrun.model import flash
+    flash_fakes.install_fa4(monkeypatch, [])
+    gen = torch.Generator().manual_seed(5)
+    T = 32
+    q, k, v = (torch.randn(T, 2, 8, generator=gen, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 10, 25, 32], dtype=torch.int32)
+    torch.library.opcheck(flash.fa4_varlen_fwd, (q, k, v, cu, 32, torch.tensor(7)))
+    out, lse = flash.fa4_varlen_fwd(q.detach(), k.detach(), v.detach(), cu, 32, torch.tensor(7))
+    torch.library.opcheck(flash.fa4_varlen_bwd, (torch.randn(T, 2, 8, generator=gen), q.detach(), k.detach(),
+                                                 v.detach(), out, lse, cu, 32, torch.tensor(7)))
+
+
 def test_flash_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(A, "flash_attn_func", lambda: None)
+    monkeypatch.setattr(A, "flash_attn_impl", lambda: None)
     with pytest.raises(RuntimeError, match="flash_attn_interface.*flash-attn-4"):
         A.resolve_backend("flash", torch.device("cuda"))
 

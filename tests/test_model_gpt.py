@@ -433,49 +433,19 @@ def test_compiled_regions_match_eager():
     torch._dynamo.reset()
 
 
-def fake_flash_attn_4(calls: list):
-    """A stand-in for FlashAttention-4's varlen function (module flash_attn.cute): per document of
-    cu_seqlens, causal attention with window_size (left, 0) (left None = unbounded), written with
-    sdpa; it checks FA's contract that no document is longer than max_seqlen."""
-    import types
-
-    def varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-               causal, window_size):
-        assert causal and window_size[1] == 0 and torch.equal(cu_seqlens_q, cu_seqlens_k)
-        calls.append(window_size[0])
-        bounds = cu_seqlens_q.tolist()
-        out = []
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            assert e - s <= max_seqlen_q, f"document of {e - s} tokens > max_seqlen {max_seqlen_q}"
-            if e == s:
-                continue
-            pos = torch.arange(e - s)
-            delta = pos[:, None] - pos[None, :]
-            mask = (delta >= 0) & (delta <= (e - s if window_size[0] is None else window_size[0]))
-            o = F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)),
-                                               attn_mask=mask, scale=softmax_scale)
-            out.append(o.transpose(0, 1))
-        return torch.cat(out), None
-    mod = types.ModuleType("flash_attn.cute")
-    mod.flash_attn_varlen_func = varlen
-    return mod
-
-
-def test_compiled_flash_backend_matches_eager_sdpa(monkeypatch):
-    """The flash backend inside compiled blocks (its call is a graph break: eager, compiler-disabled)
-    computes the sdpa model's loss and gradients, with the FlashAttention call given the training
-    documents' bound (max_doc_len) and the window per layer. FA4 is faked (CPU); the GPU test
-    tests/test_model_gpu.py runs the real one."""
-    import sys
-    import types
+@pytest.mark.parametrize("impl", ["fa3", "fa4"])
+def test_compiled_flash_backend_matches_eager_sdpa(monkeypatch, impl):
+    """The flash backend inside compiled blocks computes the sdpa model's loss and gradients, with
+    the training documents' bound (max_doc_len) and each layer's window reaching the kernel; window
+    changes compile nothing new (the window is a CPU tensor). FA4 runs as custom ops traced into the
+    blocks (compiled through AOTAutograd here, so their fake and autograd registrations are used),
+    FA3 behind a graph break. Both packages are faked (tests/flash_fakes.py); the GPU tests run FA4."""
+    import flash_fakes
+    from torch._dynamo.utils import counters
     from speedrun.model import attention as A
     from speedrun.model import gpt as G
     calls = []
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
-    package = types.ModuleType("flash_attn")
-    package.__path__ = []
-    monkeypatch.setitem(sys.modules, "flash_attn", package)
-    monkeypatch.setitem(sys.modules, "flash_attn.cute", fake_flash_attn_4(calls))
+    (flash_fakes.install_fa3 if impl == "fa3" else flash_fakes.install_fa4)(monkeypatch, calls)
     monkeypatch.setattr(G, "resolve_backend", lambda name, device: name)   # flash on the CPU
     A.flash_attn_impl.cache_clear()
     torch._dynamo.reset()
@@ -484,9 +454,10 @@ def test_compiled_flash_backend_matches_eager_sdpa(monkeypatch):
         eager = randomized(GPT(small_cfg()))
         compiled = copy.deepcopy(eager)
         compiled.cfg = dataclasses.replace(compiled.cfg, attention_backend="flash")
-        compiled.compile_regions(backend="eager")
+        compiled.compile_regions(backend="aot_eager")
         compiled.max_doc_len = 31      # the longest document of batch(T=96)
         ids, targets, cu = batch(T=96)
+        graphs = []
         for long, short in ((3, 1), (7, 3)):
             for m in (eager, compiled):
                 m.zero_grad(set_to_none=True)
@@ -497,10 +468,13 @@ def test_compiled_flash_backend_matches_eager_sdpa(monkeypatch):
             torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
             for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
                 torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert graphs[1] == graphs[0], "a window change recompiled"
         # 4 attention layers per forward (2 short, 2 long): a window of 16 tokens is passed as is;
-        # 48 and 112 tokens reach past max_doc_len = 31 -> unbounded (None)
-        assert calls == [16, 16, None, None] + [None] * 4
-        # eval keeps T as the bound (validation documents are not capped)
+        # 48 and 112 tokens reach past max_doc_len = 31 -> unbounded
+        unbounded = -1 if impl == "fa3" else None
+        assert [w for kind, w in calls if kind == "fwd"] == [16, 16, unbounded, unbounded] + [unbounded] * 4
+        # eval keeps T as the bound (validation documents are not capped: the fake checks it)
         compiled.eval()
         with torch.no_grad():
             compiled(ids, targets, torch.tensor([0, 96], dtype=torch.int32), reduction="mean")

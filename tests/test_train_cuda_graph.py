@@ -182,9 +182,9 @@ def test_changed_host_state_re_records():
 def test_graphed_flash_training_matches_eager(tmp_path):
     """The flash backend with CUDA-graph micro-steps (re-recorded at each window stage) follows the
     eager flash run (FlashAttention's backward accumulates dq with atomics: equal within noise)."""
-    from speedrun.model.attention import flash_attn_func
+    from speedrun.model.flash import flash_attn_impl
     from speedrun.train.trainer import Trainer
-    if flash_attn_func() is None:
+    if flash_attn_impl() is None:
         pytest.skip("no FlashAttention package importable")
     train_glob, val_glob = write_synthetic_shards(tmp_path)
     runs = {}

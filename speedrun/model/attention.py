@@ -7,8 +7,8 @@ Owns:
 - ``attend(q, k, v, doc, window, scale, backend)`` with three backends:
   ``flex``  FlexAttention with a block mask computed from document boundaries + causal + window
             (block-level math on (T/128)^2 entries, never a T x T dense mask);
-  ``flash`` FlashAttention-3 (``flash_attn_interface``) or -4 (``flash_attn.cute``) varlen kernels
-            with a left window, when one is importable;
+  ``flash`` FlashAttention-3 or -4 varlen kernels with a left window, when one is importable
+            (flash.py: the FA4 custom ops, the FA3 call);
   ``sdpa``  the plain twin: an explicit dense boolean mask and ``scaled_dot_product_attention``;
             for CPU and for tests only (O(T^2) memory).
 - ``CausalSelfAttention``: q/k/v projection, QK RMS-norm, rotary, value-embedding mixing,
@@ -21,7 +21,6 @@ the query itself).
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from speedrun.model.flash import flash_attn_impl, flash_varlen
 from speedrun.model.rotary import apply_rotary
 
 FLEX_BLOCK_SIZE = 128     # FlexAttention tile (tokens); the kernels on the GPU are tuned for 128
@@ -48,11 +48,13 @@ class DocInfo(NamedTuple):
     doc_ids: (T,) int32, non-decreasing document index of each token. Tokens before the first
     document start (a validation segment that begins mid-document) form their own document (-1).
     cu_seqlens: (n+1,) int32 starting with 0 and ending with T (repeats allowed), for flash.
-    max_seqlen: bound on the longest document, for flash's launch grid (Python int)."""
+    max_seqlen: bound on the longest document, for flash's launch grid (Python int).
+    flash_impl: "fa3" | "fa4" for the flash backend (looked up here, outside compiled code)."""
     doc_ids: Tensor
     cu_seqlens: Tensor
     max_seqlen: int
     backend: str
+    flash_impl: str | None = None
 
 
 class AttnWindow(NamedTuple):
@@ -60,42 +62,16 @@ class AttnWindow(NamedTuple):
 
     window: () int32 tensor (window in tokens) read by the flex mask_mod and the sdpa mask. It is a
     tensor so that compiled code does not specialize on its value (no recompile on window change).
-    window_tokens: the same as a Python int, only for flash (its kernel takes an int); -1 otherwise
-    so that flex/sdpa graphs never see the value.
+    host_window: the same as a 0-d CPU tensor, only for flash (its kernels take a host int; a tensor
+    keeps compiled code from specializing on the value); None otherwise.
     kv_num_blocks ... full_kv_indices: FlexAttention block-sparsity (flex only; None otherwise)."""
     window: Tensor
-    window_tokens: int
+    host_window: Tensor | None
     block_size: int
     kv_num_blocks: Tensor | None = None
     kv_indices: Tensor | None = None
     full_kv_num_blocks: Tensor | None = None
     full_kv_indices: Tensor | None = None
-
-
-@functools.cache
-def flash_attn_impl() -> tuple | None:
-    """(varlen function, the left window meaning "unbounded") of the importable FlashAttention
-    (FA3 first, then FA4), or None. FA3 reads a left window of -1 as unbounded; FA4 wants None
-    (its -1 with a causal right window of 0 would be a local window of -1 tokens)."""
-    try:
-        from flash_attn_interface import flash_attn_varlen_func  # FlashAttention-3 (Hopper)
-        return flash_attn_varlen_func, -1
-    except ImportError:
-        pass
-    # FA4 JIT-compiles its kernels (~8 s for forward + backward on an H100); its on-disk cache
-    # (off by default, read at import) makes later starts load them instead
-    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
-    try:
-        from flash_attn.cute import flash_attn_varlen_func  # FlashAttention-4 (CuTe DSL)
-        return flash_attn_varlen_func, None
-    except ImportError:
-        return None
-
-
-def flash_attn_func():
-    """The importable FlashAttention varlen function, or None (see flash_attn_impl)."""
-    impl = flash_attn_impl()
-    return impl[0] if impl is not None else None
 
 
 class BackendUnavailable(RuntimeError):
@@ -114,7 +90,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise BackendUnavailable("model.attention_backend 'flash' (--use-flash-attn) needs a CUDA "
                                      "device; this run is on the CPU")
-        if flash_attn_func() is None:
+        if flash_attn_impl() is None:
             raise BackendUnavailable(
                 "attention backend 'flash' requested but no FlashAttention package is importable: "
                 "install FlashAttention-3 (module 'flash_attn_interface', built from the "
@@ -139,7 +115,7 @@ def build_doc_info(cu_seqlens: Tensor | None, num_tokens: int, device: torch.dev
         # (an extra empty document when it is)
         cu = F.pad(cu_seqlens, (1, 0)) if backend == "flash" else cu_seqlens
     return DocInfo(doc_ids, cu, num_tokens if max_seqlen is None else min(max_seqlen, num_tokens),
-                   backend)
+                   backend, flash_attn_impl() if backend == "flash" else None)
 
 
 def flex_block_tensors(doc_ids: Tensor, window: Tensor, block_size: int
@@ -180,8 +156,9 @@ def build_window(doc: DocInfo, window: Tensor, window_tokens: int,
                  block_size: int = FLEX_BLOCK_SIZE) -> AttnWindow:
     """The AttnWindow of one window size for one batch (flex block sparsity computed here, once)."""
     if doc.backend == "flex":
-        return AttnWindow(window, -1, block_size, *flex_block_tensors(doc.doc_ids, window, block_size))
-    return AttnWindow(window, window_tokens if doc.backend == "flash" else -1, block_size)
+        return AttnWindow(window, None, block_size, *flex_block_tensors(doc.doc_ids, window, block_size))
+    host = torch.tensor(window_tokens, device="cpu") if doc.backend == "flash" else None
+    return AttnWindow(window, host, block_size)
 
 
 def dense_mask(doc_ids: Tensor, window: Tensor | int) -> Tensor:
@@ -223,22 +200,6 @@ def _compiled_flex():
     return torch.compile(_flex_attend, dynamic=False, fullgraph=True)
 
 
-@torch.compiler.disable
-def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                  window_tokens: int) -> Tensor:
-    # Run eagerly even inside a compiled block: FlashAttention is an autograd.Function around
-    # an external (CuTe DSL / C++) kernel that dynamo cannot trace; one clean graph break here
-    # instead of dynamo tracing into the package's Python (or the import lookup).
-    impl = flash_attn_impl()
-    if impl is None:
-        resolve_backend("flash", q.device)   # raises the explanatory error
-    func, unbounded = impl
-    left = unbounded if window_tokens >= max_seqlen else window_tokens
-    out = func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-               max_seqlen_k=max_seqlen, softmax_scale=1.0, causal=True, window_size=(left, 0))
-    return out[0] if isinstance(out, tuple) else out
-
-
 def attend(q: Tensor, k: Tensor, v: Tensor, doc: DocInfo, window: AttnWindow,
            scale: Tensor | float, backend: str) -> Tensor:
     """softmax(scale * q k^T + mask) v for q, k, v of shape (T, H, D); returns (T, H, D).
@@ -256,7 +217,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, doc: DocInfo, window: AttnWindow,
             fn = _compiled_flex()
         return fn(q, k, v, doc.doc_ids, window)
     if backend == "flash":
-        return _flash_varlen(q, k, v, doc.cu_seqlens, doc.max_seqlen, window.window_tokens)
+        if doc.flash_impl is None:
+            resolve_backend("flash", q.device)   # raises the explanatory error
+        return flash_varlen(q, k, v, doc.cu_seqlens, doc.max_seqlen, window.host_window, doc.flash_impl)
     if backend == "sdpa":
         mask = dense_mask(doc.doc_ids, window.window)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),

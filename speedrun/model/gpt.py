@@ -26,6 +26,7 @@ from speedrun.kernels.softcap_ce import softcapped_cross_entropy
 from speedrun.model.attention import (FLEX_BLOCK_SIZE, UNBOUNDED_WINDOW, AttnWindow,
                                       CausalSelfAttention, DocInfo, build_doc_info, build_window,
                                       resolve_backend, rms_norm)
+from speedrun.model.flash import flash_attn_impl
 from speedrun.model.fp8 import fp8_active, head_matmul, linear_head
 from speedrun.model.rotary import Rotary
 
@@ -278,11 +279,9 @@ class GPT(nn.Module):
         # Block.forward legitimately has several graphs: 2 variants x (train, no-grad eval) x each
         # sequence length used (train, val, HellaSwag...). Room for them (the reference used 64).
         limit = 32
-        if self.cfg.attention_backend == "flash":
-            # FlashAttention's window is an int kernel argument: one graph per window size, and
-            # an external kernel that may not be traceable -> allow graph breaks, more cache
+        if self.cfg.attention_backend == "flash" and flash_attn_impl() == "fa3":
+            # FlashAttention-3 runs eagerly behind a graph break (model/flash.py); FA4 is traced
             kw["fullgraph"] = False
-            limit = 64
         dyn = torch._dynamo.config
         name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
         setattr(dyn, name, max(getattr(dyn, name), limit))

@@ -22,10 +22,10 @@ What a replay needs, and how this module keeps it true:
   something else holds a reference to a gradient; a replay would then write elsewhere);
 * lazy initialisation done before capture: the first micro-step runs eagerly on the capture stream
   (real work: it trains), the next one is captured and replayed, the rest are replays;
-* host values baked into the recording: FlashAttention takes the window as a Python int kernel
-  argument, so the trainer passes ``host_state`` (the window sizes); when it changes (a new window
-  stage, 4 times in the record) the graph is dropped, and the next micro-step runs eagerly (dynamo
-  compiles the new window's variant there) and the one after is recorded again.
+* host values baked into the recording: FlashAttention's kernels take the window as a host int
+  (read from a CPU tensor at launch), so the trainer passes ``host_state`` (the window sizes); when it
+  changes (a new window stage, 4 times in the record) the graph is dropped, the next micro-step runs
+  eagerly and the one after is recorded again.
 
 Memory: the graph keeps its own pool, the size of one micro-step's activations (the eager
 micro-step's blocks go back to the caching allocator). Only forward/backward are recorded: the

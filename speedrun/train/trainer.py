@@ -126,7 +126,8 @@ class Trainer:
         self.micro_graph = None   # replays the forward/backward micro-step (train.cuda_graphs)
         backend = resolve_backend(cfg.model.attention_backend, self.device)
         if graphs_wanted(cfg.train.cuda_graphs, self.device, cfg.train.compile, backend, world.world_size):
-            # flash bakes the window sizes (Python ints) into the recording: re-record on change
+            # flash's kernels take the window as a host value at launch, so a recording bakes it in:
+            # re-record when the window sizes change
             windows = (lambda: (self.model.long_blocks, self.model.short_blocks)) if backend == "flash" else None
             self.micro_graph = MicroStepGraph(self.micro_step, self.model, self.device, host_state=windows)
             self.optimizers.keep_grads = True
@@ -254,16 +255,12 @@ class Trainer:
             return time.perf_counter() - t0
         model_state = copy.deepcopy(self.model.state_dict())
         optim_state = copy.deepcopy(self.optimizers.state_dict())
-        from speedrun.model.attention import resolve_backend
-        from speedrun.optim.schedules import final_window_blocks, window_stages
+        from speedrun.optim.schedules import window_stages
         s = self.cfg.schedule
-        first_steps = [first for first, _ in window_stages(s).values()]
-        # flex and sdpa read window sizes and YaRN state from tensors, so every window stage runs
-        # the graphs compiled for the first one (tests/test_train.py checks that nothing recompiles);
-        # flash takes the window as a kernel argument: one graph per stage, warm each up
-        every_stage = resolve_backend(self.cfg.model.attention_backend, self.device) == "flash"
-        if not every_stage:
-            first_steps = first_steps[:1]
+        # every backend reads window sizes and YaRN state from tensors (flash: a CPU tensor), so
+        # every window stage runs the graphs compiled for the first one (tests/test_train.py and
+        # tests/test_model_gpt.py check that nothing recompiles): warm up the first stage only
+        first_steps = [first for first, _ in window_stages(s).values()][:1]
         loader = self._train_loader()
         val_batch = next(iter(self._val_loader()))
         phases = self.warmup_phases = {"compile_regions": time.perf_counter() - t0}
@@ -293,11 +290,6 @@ class Trainer:
                     helper = None
                 self.warm_eval(val_batch)
                 done(f"eval{k}")
-            if every_stage:
-                short, long = final_window_blocks(s)
-                self.model.set_window(long, short, update_yarn=False)
-                self.warm_eval(val_batch)
-                done("eval_final")
         finally:
             loader.close()
             if helper is not None:  # an exception before it was settled: do not leave it running
