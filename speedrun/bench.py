@@ -122,9 +122,12 @@ def run_bench(args) -> int:
         _sync(device)
         t0 = time.perf_counter()
         for k in range(args.steps):
-            trainer.train_step(first + args.skip_steps + k, trainer.loader.next_step())
+            loss = trainer.train_step(first + args.skip_steps + k, trainer.loader.next_step())
         _sync(device)
         ms = 1e3 * (time.perf_counter() - t0) / args.steps
+        # the last timed step's training loss (read after the timing): same seed and data give the
+        # same losses whichever kernels run, so two benches of one config check each other
+        train_loss = float(loss)
         # ... then the phase split from a few more steps with a sync after each phase
         split = {"data": 0.0, "forward": 0.0, "backward": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
         split_steps = max(1, min(3, args.steps))
@@ -135,7 +138,7 @@ def run_bench(args) -> int:
         fpt = flops_per_token(cfg.model, long * block, short * block)
         mfu = fpt * tokens_per_s / trainer.peak_flops / world.world_size if trainer.peak_flops else None
         rows.append({"window_long": long, "window_short": short, "ms_per_step": ms,
-                     "tokens_per_s": tokens_per_s, "mfu": mfu,
+                     "tokens_per_s": tokens_per_s, "mfu": mfu, "train_loss": train_loss,
                      **{f"{k}_ms": v / split_steps for k, v in split.items()}})
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     # reserved counts the CUDA graph's private pool and the allocator's cache too
@@ -302,7 +305,8 @@ def _warm_start(args, cache: str) -> dict:
 def _print_table(r: dict) -> None:
     print(f"\n{r['config']} on {r['device']} x{r['world_size']} (grad_accum {r['grad_accum']}), "
           f"{r['tokens_per_step']} tokens/step, torch {r['torch']}")
-    head = f"{'window':>8} {'ms/step':>9} {'tok/s':>10} {'MFU':>6} {'data':>7} {'fwd':>7} {'bwd':>7} {'optim':>7}"
+    head = (f"{'window':>8} {'ms/step':>9} {'tok/s':>10} {'MFU':>6} {'data':>7} {'fwd':>7} {'bwd':>7} {'optim':>7}"
+            f" {'loss':>7}")
     print(head)
     for s in r["stages"]:
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "-"
@@ -310,7 +314,7 @@ def _print_table(r: dict) -> None:
         fwd = f"{s['forward_ms']:7.1f}" if s.get("forward_backward_ms", 0) == 0 else f"{'-':>7}"
         bwd = s["backward_ms"] + s.get("forward_backward_ms", 0)
         print(f"{s['window_short']:>3}/{s['window_long']:<4} {s['ms_per_step']:9.1f} {s['tokens_per_s'] / 1e3:9.1f}k "
-              f"{mfu:>6} {s['data_ms']:7.1f} {fwd} {bwd:7.1f} {s['optimizer_ms']:7.1f}")
+              f"{mfu:>6} {s['data_ms']:7.1f} {fwd} {bwd:7.1f} {s['optimizer_ms']:7.1f} {s['train_loss']:7.4f}")
     if r["peak_memory_gib"] is None:
         memory = "peak memory - GiB"
     elif r.get("cuda_graphs"):

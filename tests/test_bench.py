@@ -1,5 +1,6 @@
 """`speedrun bench` on CPU: one row per window stage of the schedule, consistent figures, JSON out."""
 import json
+import math
 
 import pytest
 
@@ -29,6 +30,10 @@ def test_bench_reports_every_window_stage(tmp_path, capsys):
     assert result["cold_start_to_first_step_s"] > 0
     assert set(result["setup_phases_s"]) == {"model", "optimizers", "loader"}
     assert result["graphs_compiled_after_warmup"] == 0
+    # the last timed step's training loss per stage: real numbers from a model that learns
+    losses = [r["train_loss"] for r in result["stages"]]
+    assert all(0 < x < math.log(cfg.model.padded_vocab_size) + 0.5 for x in losses)
+    assert losses[-1] < losses[0]
     trace = json.loads(open(result["profile_trace"]).read())
     assert trace["traceEvents"], "profiler trace is empty"
     printed = capsys.readouterr().out
