@@ -152,7 +152,8 @@ def run_bench(args) -> int:
               "tokens_per_step": cfg.train.tokens_per_step, "stages": rows,
               "schedule_avg_tokens_per_s": cfg.train.tokens_per_step / (sched_ms / 1e3),
               "mean_stage_tokens_per_s": mean_tps, "peak_memory_gib": peak, "peak_reserved_gib": peak_reserved,
-              "cuda_graphs": trainer.micro_graph is not None, **start,
+              "cuda_graphs": trainer.micro_graph is not None, "attention": _attention_name(cfg, device),
+              **start,
               # graphs compiled after the warm-up (0 = the warm-up covered every stage)
               "graphs_compiled_after_warmup": counters["stats"]["unique_graphs"] - graphs_after_warmup,
               "torch": torch.__version__}
@@ -180,6 +181,14 @@ def run_bench(args) -> int:
             from speedrun.utils import atomic_write_text
             atomic_write_text(args.out, json.dumps(result, indent=1))
     return 0
+
+
+def _attention_name(cfg, device) -> str:
+    """The attention backend that ran ("flex", "sdpa", "flash (fa4)"...)."""
+    from speedrun.model.attention import resolve_backend
+    from speedrun.model.flash import flash_attn_impl
+    backend = resolve_backend(cfg.model.attention_backend, device)
+    return f"flash ({flash_attn_impl()})" if backend == "flash" else backend
 
 
 def _sync(device) -> None:
@@ -327,7 +336,7 @@ def _print_table(r: dict) -> None:
     print(f"schedule-weighted: {r['schedule_avg_tokens_per_s'] / 1e3:.1f}k tok/s | {memory} | "
           f"compile+warm-up {r['compile_warmup_s']:.1f} s | cold start to first step {r['cold_start_to_first_step_s']:.1f} s"
           + (f" | warm start {r['warm_start_to_first_step_s']:.1f} s" if "warm_start_to_first_step_s" in r else ""))
-    extra = [f"graphs compiled after warm-up: {r['graphs_compiled_after_warmup']}",
+    extra = [f"attention {r['attention']}", f"graphs compiled after warm-up: {r['graphs_compiled_after_warmup']}",
              f"CUDA-graph micro-steps {'on' if r.get('cuda_graphs') else 'off'}"]
     if r.get("peak_reserved_gib") is not None and not r.get("cuda_graphs"):
         extra.append(f"peak reserved {r['peak_reserved_gib']:.2f} GiB")

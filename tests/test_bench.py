@@ -30,6 +30,7 @@ def test_bench_reports_every_window_stage(tmp_path, capsys):
     assert result["cold_start_to_first_step_s"] > 0
     assert set(result["setup_phases_s"]) == {"model", "optimizers", "loader"}
     assert result["graphs_compiled_after_warmup"] == 0
+    assert result["attention"] == "sdpa"   # auto on the CPU
     # the last timed step's training loss per stage: real numbers from a model that learns
     losses = [r["train_loss"] for r in result["stages"]]
     assert all(0 < x < math.log(cfg.model.padded_vocab_size) + 0.5 for x in losses)
