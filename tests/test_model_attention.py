@@ -120,11 +120,11 @@ def test_resolve_backend():
         A.resolve_backend("flash", cpu)
 
 
-@pytest.mark.parametrize("impl, unbounded", [("fa3", -1), ("fa4", None)])
-def test_flash_matches_sdpa_per_implementation(monkeypatch, impl, unbounded):
+@pytest.mark.parametrize("impl", ["fa3", "fa4"])
+def test_flash_matches_sdpa_per_implementation(monkeypatch, impl):
     """Both FlashAttention implementations (faked: tests/flash_fakes.py) give the sdpa twin's output
-    and gradients through ``attend``; a window reaching past max_seqlen is passed as unbounded, which
-    FA3 reads as -1 and FA4 as None (its -1 would be a window of -1 tokens)."""
+    and gradients through ``attend``; a window reaching past max_seqlen is passed as max_seqlen (the
+    same mask), never as "unbounded" (FA4 would JIT another kernel for it)."""
     import flash_fakes
     calls = []
     (flash_fakes.install_fa3 if impl == "fa3" else flash_fakes.install_fa4)(monkeypatch, calls)
@@ -146,7 +146,7 @@ def test_flash_matches_sdpa_per_implementation(monkeypatch, impl, unbounded):
             for got, want in zip(*grads):
                 torch.testing.assert_close(got, want)
         fwd = [w for kind, w in calls if kind == "fwd"]
-        assert fwd == [unbounded, 5]
+        assert fwd == [T, 5]
     finally:
         A.flash_attn_impl.cache_clear()
 
@@ -165,6 +165,22 @@ def test_fa4_custom_ops_pass_opcheck(monkeypatch):
     out, lse = flash.fa4_varlen_fwd(q.detach(), k.detach(), v.detach(), cu, 32, torch.tensor(7))
     torch.library.opcheck(flash.fa4_varlen_bwd, (torch.randn(T, 2, 8, generator=gen), q.detach(), k.detach(),
                                                  v.detach(), out, lse, cu, 32, torch.tensor(7)))
+
+
+def test_flash_window_must_be_a_cpu_tensor():
+    from speedrun.model import flash
+    with pytest.raises(ValueError, match="CPU tensor"):
+        flash._left(torch.tensor(5, device="meta"), 64)
+    assert flash._left(torch.tensor(5), 64) == 5 and flash._left(torch.tensor(1 << 30), 64) == 64
+
+
+def test_max_seqlen_bound_applies_only_to_cut_documents():
+    """A batch without cu_seqlens is one document of T tokens, whatever max_seqlen says; with
+    cu_seqlens the bound is the caller's (training batches cut documents there)."""
+    assert A.build_doc_info(None, 100, torch.device("cpu"), "sdpa", max_seqlen=16).max_seqlen == 100
+    cu = torch.tensor([0, 16, 32, 100], dtype=torch.int32)
+    assert A.build_doc_info(cu, 100, torch.device("cpu"), "sdpa", max_seqlen=68).max_seqlen == 68
+    assert A.build_doc_info(cu, 100, torch.device("cpu"), "sdpa", max_seqlen=500).max_seqlen == 100
 
 
 def test_flash_missing_is_a_clear_error(monkeypatch):

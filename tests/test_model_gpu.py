@@ -162,10 +162,12 @@ def test_compiled_flash_model_matches_flex():
     torch._dynamo.reset()
 
 
-def test_fa4_custom_ops_pass_opcheck_on_gpu():
+@pytest.mark.parametrize("window", [384, 4096])
+def test_fa4_custom_ops_pass_opcheck_on_gpu(window):
     """With the real FlashAttention-4: the custom ops' fake functions, schema and autograd
-    registration agree with the kernels (torch.library.opcheck), and the op's gradients match the
-    package's own autograd.Function."""
+    registration agree with the kernels (torch.library.opcheck, forward and backward op), and the
+    op matches the package's own autograd.Function, for a window inside the documents' bound and
+    one past it (which we pass as the bound, FA4's own call as unbounded)."""
     if A.flash_attn_impl() != "fa4":
         pytest.skip("FlashAttention-4 not importable")
     from flash_attn.cute import flash_attn_varlen_func
@@ -176,13 +178,18 @@ def test_fa4_custom_ops_pass_opcheck_on_gpu():
     q, k, v = (F.rms_norm(torch.randn(T, H, D, device=dev, generator=g), (D,)).bfloat16().requires_grad_()
                for _ in range(3))
     cu = F.pad(packed_docs(T, 700, dev), (1, 0))
-    window = torch.tensor(384)
-    torch.library.opcheck(flash.fa4_varlen_fwd, (q, k, v, cu, 2048, window))
+    host_window = torch.tensor(window)
+    torch.library.opcheck(flash.fa4_varlen_fwd, (q, k, v, cu, 2048, host_window))
     dout = torch.randn(T, H, D, device=dev, generator=g).bfloat16()
-    ours = flash.flash_varlen(q, k, v, cu, 2048, window, "fa4")
+    with torch.no_grad():
+        out, lse = flash.fa4_varlen_fwd(q, k, v, cu, 2048, host_window)
+    torch.library.opcheck(flash.fa4_varlen_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, cu, 2048,
+                                                 host_window))
+    ours = flash.flash_varlen(q, k, v, cu, 2048, host_window, "fa4")
     grads = torch.autograd.grad(ours, (q, k, v), dout)
     theirs = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=2048,
-                                    max_seqlen_k=2048, softmax_scale=1.0, causal=True, window_size=(384, 0))
+                                    max_seqlen_k=2048, softmax_scale=1.0, causal=True,
+                                    window_size=(window if window < 2048 else None, 0))
     theirs = theirs[0] if isinstance(theirs, tuple) else theirs
     want = torch.autograd.grad(theirs, (q, k, v), dout)
     assert rel(ours, theirs) < 1e-3

@@ -11,7 +11,9 @@ from test_train import micro_config, train_losses, write_synthetic_shards
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 
-def test_auto_uses_graphs_only_where_they_pay():
+def test_auto_uses_graphs_only_where_they_pay(monkeypatch):
+    from speedrun.model import flash
+    monkeypatch.setattr(flash, "flash_attn_impl", lambda: "fa4")
     assert graphs_wanted("auto", CUDA, compiled=True, backend="flex", world_size=1)
     assert not graphs_wanted("auto", CPU, compiled=True, backend="flex", world_size=1)
     assert not graphs_wanted("auto", CUDA, compiled=False, backend="flex", world_size=1)
@@ -20,6 +22,8 @@ def test_auto_uses_graphs_only_where_they_pay():
     assert not graphs_wanted("auto", CUDA, compiled=True, backend="flex", world_size=8)
     assert graphs_wanted("on", CUDA, compiled=False, backend="sdpa", world_size=8)
     assert graphs_wanted("on", CUDA, compiled=False, backend="flash", world_size=1)
+    monkeypatch.setattr(flash, "flash_attn_impl", lambda: "fa3")   # never recorded here: not auto
+    assert not graphs_wanted("auto", CUDA, compiled=True, backend="flash", world_size=1)
     assert not graphs_wanted("off", CUDA, compiled=True, backend="flex", world_size=1)
     with pytest.raises(ConfigError, match="cuda_graphs.*needs a CUDA device"):
         graphs_wanted("on", CPU, compiled=False, backend="flex", world_size=1)

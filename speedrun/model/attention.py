@@ -114,6 +114,10 @@ def build_doc_info(cu_seqlens: Tensor | None, num_tokens: int, device: torch.dev
         # a leading 0 makes cu_seqlens valid for flash even when the first start is not 0
         # (an extra empty document when it is)
         cu = F.pad(cu_seqlens, (1, 0)) if backend == "flash" else cu_seqlens
+    # the bound holds only for batches whose documents were cut there (one whole-batch document
+    # is num_tokens long whatever max_seqlen says)
+    if cu_seqlens is None:
+        max_seqlen = None
     return DocInfo(doc_ids, cu, num_tokens if max_seqlen is None else min(max_seqlen, num_tokens),
                    backend, flash_attn_impl() if backend == "flash" else None)
 

@@ -18,9 +18,10 @@ reading a CPU tensor costs no GPU sync. A CUDA graph recorded around the op bake
 FA3 has no such entry points here (it is not installable on our machines, so its internals are
 untested): its public function runs eagerly behind ``torch.compiler.disable``, one graph break.
 
-Window semantics: query i sees keys i - w .. i of its document (``window_size=(w, 0)``). A window at
-least max_seqlen long is passed as "unbounded": FA3 reads -1 so, FA4 wants None (its -1 would be a
-window of -1 tokens).
+Window semantics: query i sees keys i - w .. i of its document (``window_size=(w, 0)``). A window
+longer than max_seqlen (or none at all) is passed as max_seqlen, never as "unbounded" (FA3's -1,
+FA4's None): the result is the same, and FA4 JIT-compiles a separate causal-only kernel for
+"unbounded", which a late window stage would otherwise compile in the middle of training.
 """
 from __future__ import annotations
 
@@ -49,9 +50,10 @@ def flash_attn_impl() -> str | None:
         return None
 
 
-def _left(window: Tensor, max_seqlen: int, unbounded):
-    w = int(window)   # a CPU tensor: no device sync
-    return unbounded if w >= max_seqlen else w
+def _left(window: Tensor, max_seqlen: int) -> int:
+    if window.device.type != "cpu":   # int() of a device tensor would sync the GPU every call
+        raise ValueError(f"flash window must be a CPU tensor, got one on {window.device}")
+    return min(int(window), max_seqlen)
 
 
 # ---- FlashAttention-4: custom ops ----------------------------------------------------------------
@@ -63,7 +65,7 @@ def fa4_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seql
     out, lse = _flash_attn_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
         max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, softmax_scale=1.0, causal=True, softcap=0.0,
-        window_size_left=_left(window, max_seqlen, None), window_size_right=0, return_lse=True)[:2]
+        window_size_left=_left(window, max_seqlen), window_size_right=0, return_lse=True)[:2]
     return out, lse
 
 
@@ -80,7 +82,7 @@ def fa4_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     from flash_attn.cute.interface import _flash_attn_bwd
     dq, dk, dv = _flash_attn_bwd(
         q.contiguous(), k.contiguous(), v.contiguous(), out, dout.contiguous(), lse, 1.0, True, 0.0,
-        window_size_left=_left(window, max_seqlen, None), window_size_right=0,
+        window_size_left=_left(window, max_seqlen), window_size_right=0,
         cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
     return dq, dk, dv
 
@@ -97,6 +99,7 @@ def _fa4_setup(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, window)
     ctx.max_seqlen = max_seqlen
+    ctx.set_materialize_grads(False)   # lse's gradient stays None, not a zero-filled (H, T) tensor
 
 
 def _fa4_backward(ctx, dout, dlse):
@@ -116,7 +119,7 @@ def _fa3_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen:
     from flash_attn_interface import flash_attn_varlen_func
     out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                                  max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, softmax_scale=1.0,
-                                 causal=True, window_size=(_left(window, max_seqlen, -1), 0))
+                                 causal=True, window_size=(_left(window, max_seqlen), 0))
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -49,8 +49,9 @@ class CudaGraphError(RuntimeError):
 
 
 def graphs_wanted(mode: str, device: torch.device, compiled: bool, backend: str, world_size: int) -> bool:
-    """Whether the trainer replays micro-steps. "auto": on a CUDA device, compiled, one rank, flex or
-    flash attention; "on": any CUDA run (an error otherwise); "off": never."""
+    """Whether the trainer replays micro-steps. "auto": on a CUDA device, compiled, one rank, flex
+    attention or flash through FlashAttention-4 (the tested paths); "on": any CUDA run (an error
+    otherwise); "off": never."""
     if mode not in MODES:
         raise ValueError(f"train.cuda_graphs: {mode!r}, expected one of {', '.join(MODES)}")
     if mode == "off":
@@ -64,7 +65,11 @@ def graphs_wanted(mode: str, device: torch.device, compiled: bool, backend: str,
         return True
     # auto: the tested path (flex, compiled, one rank). Several ranks run their last micro-step
     # eagerly for the gradient hooks (more memory for a smaller gain); uncompiled runs are slow anyway
-    return compiled and backend in ("flex", "flash") and world_size == 1
+    if backend == "flash":
+        from speedrun.model.flash import flash_attn_impl
+        # FA3 runs behind a graph break, never recorded on our machines (it does not install there)
+        return compiled and world_size == 1 and flash_attn_impl() == "fa4"
+    return compiled and backend == "flex" and world_size == 1
 
 
 class MicroStepGraph:
