@@ -239,9 +239,8 @@ class Trainer:
 
     # ---- warm-up ----------------------------------------------------------------------------------
     def warmup(self) -> float:
-        """Compile every graph the run will need (both Adam step kinds, eval; each window stage
-        where windows are kernel arguments) on throwaway batches, then restore model and optimizer
-        state: the warm-up trains nothing."""
+        """Compile every graph the run will need (both Adam step kinds, eval) on throwaway batches,
+        then restore model and optimizer state: the warm-up trains nothing."""
         if not self.cfg.train.compile:
             return 0.0
         t0 = time.perf_counter()
@@ -255,12 +254,6 @@ class Trainer:
             return time.perf_counter() - t0
         model_state = copy.deepcopy(self.model.state_dict())
         optim_state = copy.deepcopy(self.optimizers.state_dict())
-        from speedrun.optim.schedules import window_stages
-        s = self.cfg.schedule
-        # every backend reads window sizes and YaRN state from tensors (flash: a CPU tensor), so
-        # every window stage runs the graphs compiled for the first one (tests/test_train.py and
-        # tests/test_model_gpt.py check that nothing recompiles): warm up the first stage only
-        first_steps = [first for first, _ in window_stages(s).values()][:1]
         loader = self._train_loader()
         val_batch = next(iter(self._val_loader()))
         phases = self.warmup_phases = {"compile_regions": time.perf_counter() - t0}
@@ -277,19 +270,21 @@ class Trainer:
             done(f"step0_{phase}" + ("_rest" if f"step0_{phase}" in phases else ""))
 
         try:
-            for k in first_steps:
-                self.apply_window(k)
-                for j in range(2):  # an even and an odd step: Muon alone, then Muon + Adam
-                    self.train_step(k + j, loader.next_step(), mark=first_step if k + j == 0 else None)
-                    done(f"step{k + j}")
-                if helper is not None:  # its eval graphs are in the cache if it has finished
-                    self.warmup_helper = helper.settle()
-                    if self.warmup_helper == "failed":
-                        self.log.print("parallel warm-up helper failed; compiling its graphs here. "
-                                       f"Its log ends: {helper.tail()}")
-                    helper = None
-                self.warm_eval(val_batch)
-                done(f"eval{k}")
+            # every backend reads window sizes and YaRN state from tensors (flash: a CPU tensor), so
+            # every window stage runs the graphs compiled for the first one (tests/test_train.py and
+            # tests/test_model_gpt.py check that nothing recompiles): steps 0 and 1 cover them all
+            self.apply_window(0)
+            for step in (0, 1):  # an even and an odd step: Muon alone, then Muon + Adam
+                self.train_step(step, loader.next_step(), mark=first_step if step == 0 else None)
+                done(f"step{step}")
+            if helper is not None:  # its eval graphs are in the cache if it has finished
+                self.warmup_helper = helper.settle()
+                if self.warmup_helper == "failed":
+                    self.log.print("parallel warm-up helper failed; compiling its graphs here. "
+                                   f"Its log ends: {helper.tail()}")
+                helper = None
+            self.warm_eval(val_batch)
+            done("eval0")
         finally:
             loader.close()
             if helper is not None:  # an exception before it was settled: do not leave it running
