@@ -240,7 +240,6 @@ def _profile(trainer, step: int, run_dir: str) -> dict:
     out["profile_top"] = top
     if trainer.device.type == "cuda":
         out.update(idle_gaps(_device_intervals(prof), steps=2))
-    if trainer.device.type == "cuda":
         snap = os.path.join(run_dir, "memory_snapshot.pickle")
         torch.cuda.memory._dump_snapshot(snap)
         torch.cuda.memory._record_memory_history(enabled=None)
