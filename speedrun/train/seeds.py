@@ -66,6 +66,7 @@ def run_seeds(args) -> int:
     if args.report or args.runs == 0:
         if train_args:
             raise ConfigError("seeds --report takes no training arguments (nothing is trained)")
+        report = _write_report(args.runs_dir, args.target, args.against)
     else:
         clash = [a for a in train_args if a.split("=")[0] in _RESERVED]
         if clash:
@@ -73,8 +74,8 @@ def run_seeds(args) -> int:
         os.makedirs(args.runs_dir, exist_ok=True)
         for seed in range(args.first_seed, args.first_seed + args.runs):
             _train_one(args.runs_dir, seed, train_args)
-            _write_report(args.runs_dir, args.target, args.against)  # after each run: nothing lost
-    report = _write_report(args.runs_dir, args.target, args.against)
+            # after each run: nothing lost; the last one's is the report
+            report = _write_report(args.runs_dir, args.target, args.against)
     print(format_report(report))
     return 0
 
