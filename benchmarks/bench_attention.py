@@ -21,27 +21,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_flex import MAX_DOC_LEN, STAGES, document_starts, print_row, time_stages  # noqa: E402
 from speedrun.model import attention  # noqa: E402
-
-STAGES = [(1, 3), (3, 7), (5, 11), (6, 13)]   # (short, long) windows in 128-token blocks
-LAYERS = ((0, 8), (1, 2))                     # 8 short-window layers, 2 long-window layers
-MAX_DOC_LEN = 2048                            # the recipe's data.max_doc_len
 
 
 def cu_seqlens(T: int, device, seed: int = 0, slots: int = 256) -> torch.Tensor:
-    """Document starts (geometric lengths, mean 800, capped at MAX_DOC_LEN), then T, padded with T:
-    the loader's format (a fixed number of slots)."""
-    torch.manual_seed(seed)
-    lengths = torch.distributions.Geometric(probs=torch.tensor(1 / 800)).sample((T // 50,)).long() + 1
-    lengths = lengths.clamp_max(MAX_DOC_LEN)
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
-    starts = starts[starts < T][:slots - 1]
+    """bench_flex's synthetic document starts, then T, padded with T: the loader's format (a fixed
+    number of slots)."""
+    starts = document_starts(T, seed)[:slots - 1]
     cu = torch.cat([starts, torch.full((slots - starts.numel(),), T)])
     return cu.to(torch.int32).to(device)
 
 
 def run(backends: list[str], T: int, H: int, D: int, window_check: int) -> list[dict]:
-    import triton.testing
     dev = torch.device("cuda")
     torch.manual_seed(0)
     cu = cu_seqlens(T, dev)
@@ -57,7 +49,7 @@ def run(backends: list[str], T: int, H: int, D: int, window_check: int) -> list[
             if impl is None:
                 row["error"] = "no FlashAttention importable"
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                print_row(row)
                 continue
             row["impl"] = impl
         doc = attention.build_doc_info(cu, T, dev, backend, MAX_DOC_LEN)
@@ -69,25 +61,12 @@ def run(backends: list[str], T: int, H: int, D: int, window_check: int) -> list[
 
         try:
             t0 = time.perf_counter()
-            for short, long in STAGES[:1]:
-                for blocks in (short, long):
-                    call(blocks)().backward(grad_out)
+            for blocks in STAGES[0]:   # the first stage's short and long window
+                call(blocks)().backward(grad_out)
             torch.cuda.synchronize()
             row["first_call_s"] = time.perf_counter() - t0
             q.grad = k.grad = v.grad = None
-            fwd = bwd = 0.0
-            for short, long in STAGES:
-                for which, layers in LAYERS:
-                    blocks = (short, long)[which]
-                    fn = call(blocks)
-                    with torch.no_grad():
-                        f = triton.testing.do_bench(fn, warmup=5, rep=40)
-                    fb = triton.testing.do_bench(lambda: fn().backward(grad_out), warmup=5, rep=40,
-                                                 grad_to_none=[q, k, v])
-                    row[f"w{blocks}:fwd_ms"], row[f"w{blocks}:fwdbwd_ms"] = f, fb
-                    fwd += layers * f / len(STAGES)
-                    bwd += layers * (fb - f) / len(STAGES)
-            row["fwd_ms_per_microbatch"], row["bwd_ms_per_microbatch"] = fwd, bwd
+            time_stages(call, [q, k, v], grad_out, row)
             q.grad = k.grad = v.grad = None
             out = call(window_check)()
             out.backward(grad_out)
@@ -99,8 +78,7 @@ def run(backends: list[str], T: int, H: int, D: int, window_check: int) -> list[
                 row[f"rel_diff_{name}"] = float((a - b).norm() / b.norm())
         except Exception as e:  # a backend that fails here is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                          if ":" not in k}), flush=True)
+        print_row(row)
         rows.append(row)
     return rows
 

@@ -40,18 +40,50 @@ CANDIDATES.update({
 STAGES = [(1, 3), (3, 7), (5, 11), (6, 13)]   # (short, long) windows in 128-token blocks
 
 
-def doc_ids(T: int, device, seed: int = 0) -> torch.Tensor:
+MAX_DOC_LEN = 2048                            # the recipe's data.max_doc_len
+
+
+def document_starts(T: int, seed: int = 0) -> torch.Tensor:
+    """(n,) int64 starts of synthetic documents in T tokens, the first 0: geometric lengths with
+    mean 800 capped at MAX_DOC_LEN (also bench_attention.py's documents)."""
     torch.manual_seed(seed)
     lengths = torch.distributions.Geometric(probs=torch.tensor(1 / 800)).sample((T // 50,)).long() + 1
-    lengths = lengths.clamp_max(2048)
-    starts = torch.cumsum(lengths, 0)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths.clamp_max(MAX_DOC_LEN), 0)])
+    return starts[starts < T]
+
+
+def doc_ids(T: int, device, seed: int = 0) -> torch.Tensor:
     ids = torch.zeros(T, dtype=torch.int32)
-    ids[starts[starts < T]] = 1
+    ids[document_starts(T, seed)[1:]] = 1
     return torch.cumsum(ids, 0).to(torch.int32).to(device)
 
 
-def run(names: list[str], T: int, H: int, D: int) -> list[dict]:
+def time_stages(call, params: list[torch.Tensor], grad_out: torch.Tensor, row: dict) -> None:
+    """Times ``call(blocks)()`` (attention at a window of that many 128-token blocks) forward and
+    forward+backward at each stage's short and long window into ``row``, and ms per 32768-token
+    micro-batch of the 10 attention layers (8 short-window, 2 long-window) averaged over STAGES."""
     import triton.testing
+    fwd = bwd = 0.0
+    for short, long in STAGES:
+        for blocks, layers in ((short, 8), (long, 2)):
+            fn = call(blocks)
+            with torch.no_grad():
+                f = triton.testing.do_bench(fn, warmup=5, rep=40)
+            fb = triton.testing.do_bench(lambda: fn().backward(grad_out), warmup=5, rep=40, grad_to_none=params)
+            row[f"{short}/{long}:{blocks}:fwd_ms"] = f
+            row[f"{short}/{long}:{blocks}:fwdbwd_ms"] = fb
+            fwd += layers * f / len(STAGES)
+            bwd += layers * (fb - f) / len(STAGES)
+    row["fwd_ms_per_microbatch"], row["bwd_ms_per_microbatch"] = fwd, bwd
+
+
+def print_row(row: dict) -> None:
+    """One JSON line per candidate, without the per-window timings."""
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                      if ":" not in k}), flush=True)
+
+
+def run(names: list[str], T: int, H: int, D: int) -> list[dict]:
     dev = torch.device("cuda")
     docs = doc_ids(T, dev)
     torch.manual_seed(0)
@@ -71,23 +103,15 @@ def run(names: list[str], T: int, H: int, D: int) -> list[dict]:
             torch.cuda.synchronize()
             q.grad = k.grad = v.grad = None
             row["compile_s"] = time.perf_counter() - t0
-            fwd = bwd = 0.0
-            for short, long in STAGES:
-                for blocks, layers in ((short, 8), (long, 2)):   # 8 short-window, 2 long-window layers
-                    w.fill_(blocks * 128)
-                    win = attention.build_window(attention.DocInfo(docs, None, T, "flex"), w, -1)
-                    with torch.no_grad():
-                        f = triton.testing.do_bench(lambda: fn(q, k, v, docs, win), warmup=5, rep=40)
-                    fb = triton.testing.do_bench(lambda: fn(q, k, v, docs, win).backward(grad_out),
-                                                 warmup=5, rep=40, grad_to_none=[q, k, v])
-                    row[f"{short}/{long}:{blocks}:fwd_ms"] = f
-                    row[f"{short}/{long}:{blocks}:fwdbwd_ms"] = fb
-                    fwd += layers * f / len(STAGES)
-                    bwd += layers * (fb - f) / len(STAGES)
-            # per 32768-token micro-batch, all 10 attention layers, averaged over the four stages
-            row["fwd_ms_per_microbatch"], row["bwd_ms_per_microbatch"] = fwd, bwd
+
+            def call(blocks: int):
+                w.fill_(blocks * 128)
+                win = attention.build_window(attention.DocInfo(docs, None, T, "flex"), w, -1)
+                return lambda: fn(q, k, v, docs, win)
+
+            time_stages(call, [q, k, v], grad_out, row)
             q.grad = k.grad = v.grad = None
-            out = fn(q, k, v, docs, win)
+            out = call(STAGES[-1][1])()   # the last stage's long window
             out.backward(grad_out)
             got = (out.detach().float(), q.grad.float())
             q.grad = k.grad = v.grad = None
@@ -98,8 +122,7 @@ def run(names: list[str], T: int, H: int, D: int) -> list[dict]:
             row["max_diff_dq"] = float((got[1] - reference[1]).abs().max())
         except Exception as e:  # a config the kernel rejects (shared memory, divisibility)
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                          if ":" not in k}), flush=True)
+        print_row(row)
         rows.append(row)
     return rows
 
