@@ -55,6 +55,17 @@ def cpu_trainer(shards, run_dir, keep_grads: bool):
     return trainer
 
 
+def cuda_trainer(shards, run_dir, graphs: str, compiled: bool, backend: str = "auto", save_every: int = 0,
+                 resume=None):
+    """A six-step micro-recipe trainer on the GPU with train.cuda_graphs = ``graphs``."""
+    from speedrun.train.trainer import Trainer
+    cfg = micro_config(*shards, run_dir, steps=6)
+    cfg.train.device, cfg.train.compile, cfg.train.cuda_graphs = "cuda", compiled, graphs
+    cfg.model.attention_backend = backend
+    cfg.train.parallel_warmup, cfg.train.save_every = False, save_every
+    return Trainer(cfg, init_world("cuda"), str(run_dir), resume=resume)
+
+
 def test_kept_gradients_are_zeroed_in_place_and_train_identically(tmp_path):
     """keep_grads (what a recorded graph needs) zeroes the same .grad tensors instead of dropping
     them; accumulating onto zeros gives the same parameters as starting from None."""
@@ -84,15 +95,11 @@ def test_kept_gradients_are_zeroed_in_place_and_train_identically(tmp_path):
 def test_graphed_training_matches_eager(tmp_path, compiled):
     """Six steps (two window stages, both Adam step kinds, a validation) with the micro-steps
     replayed from a CUDA graph give the eager run's losses and parameters exactly."""
-    from speedrun.train.trainer import Trainer
-    train_glob, val_glob = write_synthetic_shards(tmp_path)
+    shards = write_synthetic_shards(tmp_path)
     runs = {}
     for mode in ("off", "on"):
         run_dir = tmp_path / mode
-        cfg = micro_config(train_glob, val_glob, run_dir, steps=6)
-        cfg.train.device, cfg.train.compile, cfg.train.cuda_graphs = "cuda", compiled, mode
-        cfg.train.parallel_warmup = False
-        trainer = Trainer(cfg, init_world("cuda"), str(run_dir))
+        trainer = cuda_trainer(shards, run_dir, mode, compiled)
         trainer.run()
         assert (trainer.micro_graph is not None) == (mode == "on")
         if mode == "on":
@@ -112,18 +119,11 @@ def test_graphed_resume_continues_exactly(tmp_path):
     of the uninterrupted graphed run."""
     import os
 
-    from speedrun.train.trainer import Trainer
-    train_glob, val_glob = write_synthetic_shards(tmp_path)
-
-    def trainer(run_dir, resume=None):
-        cfg = micro_config(train_glob, val_glob, run_dir, steps=6)
-        cfg.train.device, cfg.train.compile, cfg.train.cuda_graphs = "cuda", False, "on"
-        cfg.train.parallel_warmup, cfg.train.save_every = False, 3
-        return Trainer(cfg, init_world("cuda"), str(run_dir), resume=resume)
-
-    full = trainer(tmp_path / "full")
+    shards = write_synthetic_shards(tmp_path)
+    full = cuda_trainer(shards, tmp_path / "full", "on", compiled=False, save_every=3)
     full.run()
-    resumed = trainer(tmp_path / "resumed", resume=os.path.join(tmp_path, "full", "checkpoints", "step_000003"))
+    resumed = cuda_trainer(shards, tmp_path / "resumed", "on", compiled=False, save_every=3,
+                           resume=os.path.join(tmp_path, "full", "checkpoints", "step_000003"))
     resumed.run()
     assert resumed.micro_graph.replays > 0
     full_train, full_val = train_losses(tmp_path / "full")
@@ -187,18 +187,13 @@ def test_graphed_flash_training_matches_eager(tmp_path):
     """The flash backend with CUDA-graph micro-steps (re-recorded at each window stage) follows the
     eager flash run (FlashAttention's backward accumulates dq with atomics: equal within noise)."""
     from speedrun.model.flash import flash_attn_impl
-    from speedrun.train.trainer import Trainer
     if flash_attn_impl() is None:
         pytest.skip("no FlashAttention package importable")
-    train_glob, val_glob = write_synthetic_shards(tmp_path)
+    shards = write_synthetic_shards(tmp_path)
     runs = {}
     for mode in ("off", "auto"):
         run_dir = tmp_path / mode
-        cfg = micro_config(train_glob, val_glob, run_dir, steps=6)
-        cfg.train.device, cfg.train.compile, cfg.train.cuda_graphs = "cuda", True, mode
-        cfg.model.attention_backend = "flash"
-        cfg.train.parallel_warmup = False
-        trainer = Trainer(cfg, init_world("cuda"), str(run_dir))
+        trainer = cuda_trainer(shards, run_dir, mode, compiled=True, backend="flash")
         trainer.run()
         assert (trainer.micro_graph is not None) == (mode == "auto")
         if mode == "auto":
