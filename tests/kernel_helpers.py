@@ -2,7 +2,8 @@
 
 - ``run_interpreted``: run a script under Triton's CPU interpreter in a subprocess (TRITON_INTERPRET=1
   only there, so this pytest process never switches Triton into interpreter mode and GPU tests stay
-  real) and return the JSON the script printed after "RESULT ".
+  real), after INTERPRETER_PRELUDE (imports, thread count, ``rel``), and return the JSON the script
+  printed after "RESULT ".
 - ``small_gpu_model``: the 4-layer bf16 GPT and batch on which the GPU tests compare a fused path of
   the model with its plain twin.
 """
@@ -21,13 +22,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def run_interpreted(script: str, tmp_dir) -> dict:
+# every interpreted script starts with this: the interpreter switched on before triton is imported,
+# json / os / sys / torch, a thread count, and the relative error the scripts report
+INTERPRETER_PRELUDE = """\
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+torch.set_num_threads({threads})
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+"""
+
+
+def run_interpreted(script: str, tmp_dir, threads: int = 1) -> dict:
     if not HAS_TRITON:
         pytest.skip("triton is not importable")
     # a file, not `python -c`: @triton.jit reads a kernel's source with inspect
     path = os.path.join(str(tmp_dir), "interpret.py")
     with open(path, "w") as f:
-        f.write(script)
+        f.write(INTERPRETER_PRELUDE.format(threads=threads) + script)
     env = dict(os.environ, TRITON_INTERPRET="1", TEST_DIR=os.path.join(ROOT, "tests"),
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, path], env=env, cwd=ROOT, capture_output=True, text=True,

@@ -50,10 +50,6 @@ def test_dispatch_errors():
 
 INTERPRETER_SCRIPT = textwrap.dedent(
     r"""
-    import json, os
-    os.environ["TRITON_INTERPRET"] = "1"
-    import torch
-    torch.set_num_threads(1)
     from speedrun.kernels.adam_update import adam_update_
 
     out = {}

@@ -192,12 +192,8 @@ def test_auto_dispatch_uses_the_twin_on_cpu(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 INTERPRETER_SCRIPT = textwrap.dedent(
     r"""
-    import json, os, sys
-    os.environ["TRITON_INTERPRET"] = "1"
-    import torch
     import triton
     import triton.language as tl
-    torch.set_num_threads(1)
     sys.path.insert(0, os.environ["TEST_DIR"])
     import test_kernels_fp8_head_ce as T_
     from speedrun.kernels import fp8_head_ce as M
@@ -390,9 +386,6 @@ def test_gpu_model_fused_loss_on_off(compiled, monkeypatch):
 
 TRANSPOSE_SCRIPT = textwrap.dedent(
     """
-    import json, os
-    os.environ["TRITON_INTERPRET"] = "1"
-    import torch
     from speedrun.kernels.fp8_head_ce import transpose_fp8
     torch.manual_seed(0)
     out = {}
