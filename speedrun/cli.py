@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from speedrun.pycache import cache_bytecode
+    try:
+        cache_bytecode()   # before anything imports torch (see speedrun/pycache.py)
+    except ValueError as e:
+        print(f"speedrun: error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
