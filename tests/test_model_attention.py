@@ -120,6 +120,21 @@ def test_resolve_backend():
         A.resolve_backend("flash", cpu)
 
 
+@pytest.mark.parametrize("capability, impl, chosen", [
+    ((9, 0), "fa4", "flash"), ((9, 0), "fa3", "flex"), ((9, 0), None, "flex"),
+    ((8, 0), "fa4", "flex"), ((10, 0), "fa4", "flex")])
+def test_auto_backend_on_cuda(monkeypatch, capability, impl, chosen):
+    """auto takes FlashAttention-4 only where it was measured faster than flex (SM90)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(A, "flash_attn_impl", lambda: impl)
+    A._fa4_on_hopper.cache_clear()
+    try:
+        assert A.resolve_backend("auto", torch.device("cuda", 0)) == chosen
+        assert A.resolve_backend("flex", torch.device("cuda", 0)) == "flex"   # explicit stays
+    finally:
+        A._fa4_on_hopper.cache_clear()
+
+
 @pytest.mark.parametrize("impl", ["fa3", "fa4"])
 def test_flash_matches_sdpa_per_implementation(monkeypatch, impl):
     """Both FlashAttention implementations (faked: tests/flash_fakes.py) give the sdpa twin's output

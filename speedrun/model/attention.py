@@ -80,12 +80,16 @@ class BackendUnavailable(RuntimeError):
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """'auto' -> flex on CUDA, sdpa elsewhere. An explicit 'flash' without the package is an error
-    (never a silent fallback when the user asked for it)."""
+    """'auto' -> flash on an H100/H200 (compute capability 9.0) where FlashAttention-4 is importable
+    (its kernels are the faster there, docs/benchmarks.md), flex on other CUDA devices, sdpa elsewhere.
+    An explicit 'flash' without the package is an error (never a silent fallback when the user asked
+    for it)."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r}: expected one of {', '.join(BACKENDS)}")
     if name == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
+        if device.type != "cuda":
+            return "sdpa"
+        return "flash" if _fa4_on_hopper(device.index) else "flex"
     if name == "flash":
         if device.type != "cuda":
             raise BackendUnavailable("model.attention_backend 'flash' (--use-flash-attn) needs a CUDA "
@@ -97,6 +101,13 @@ def resolve_backend(name: str, device: torch.device) -> str:
                 "flash-attention repo's hopper/ folder) or FlashAttention-4 (pip package "
                 "'flash-attn-4', module 'flash_attn.cute'), or use model.attention_backend=flex")
     return name
+
+
+@functools.cache
+def _fa4_on_hopper(index: int | None) -> bool:
+    # FA3 is left to an explicit request: it runs eager behind a graph break, without CUDA graphs,
+    # and was never measured faster than flex here; FA4 was measured on SM90 only
+    return torch.cuda.get_device_capability(index) == (9, 0) and flash_attn_impl() == "fa4"
 
 
 def build_doc_info(cu_seqlens: Tensor | None, num_tokens: int, device: torch.device, backend: str,
