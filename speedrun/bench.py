@@ -152,7 +152,7 @@ def run_bench(args) -> int:
               "tokens_per_step": cfg.train.tokens_per_step, "stages": rows,
               "schedule_avg_tokens_per_s": cfg.train.tokens_per_step / (sched_ms / 1e3),
               "mean_stage_tokens_per_s": mean_tps, "peak_memory_gib": peak, "peak_reserved_gib": peak_reserved,
-              "cuda_graphs": trainer.micro_graph is not None, "attention": _attention_name(cfg, device),
+              "cuda_graphs": trainer.micro_graph is not None, "attention": _attention_name(trainer.model, device),
               **start,
               # graphs compiled after the warm-up (0 = the warm-up covered every stage)
               "graphs_compiled_after_warmup": counters["stats"]["unique_graphs"] - graphs_after_warmup,
@@ -183,11 +183,10 @@ def run_bench(args) -> int:
     return 0
 
 
-def _attention_name(cfg, device) -> str:
+def _attention_name(model, device) -> str:
     """The attention backend that ran ("flex", "sdpa", "flash (fa4)"...)."""
-    from speedrun.model.attention import resolve_backend
     from speedrun.model.flash import flash_attn_impl
-    backend = resolve_backend(cfg.model.attention_backend, device)
+    backend = model.attention_backend(device)
     return f"flash ({flash_attn_impl()})" if backend == "flash" else backend
 
 

@@ -120,17 +120,22 @@ def test_resolve_backend():
         A.resolve_backend("flash", cpu)
 
 
-@pytest.mark.parametrize("capability, impl, chosen", [
-    ((9, 0), "fa4", "flash"), ((9, 0), "fa3", "flex"), ((9, 0), None, "flex"),
-    ((8, 0), "fa4", "flex"), ((10, 0), "fa4", "flex")])
-def test_auto_backend_on_cuda(monkeypatch, capability, impl, chosen):
-    """auto takes FlashAttention-4 only where it was measured faster than flex (SM90)."""
+@pytest.mark.parametrize("capability, impl, head_dim, dtype, chosen", [
+    ((9, 0), "fa4", 128, torch.bfloat16, "flash"), ((9, 0), "fa4", 64, torch.float16, "flash"),
+    ((9, 0), "fa3", 128, torch.bfloat16, "flex"), ((9, 0), None, 128, torch.bfloat16, "flex"),
+    ((8, 0), "fa4", 128, torch.bfloat16, "flex"), ((10, 0), "fa4", 128, torch.bfloat16, "flex"),
+    ((9, 0), "fa4", 12, torch.bfloat16, "flex"), ((9, 0), "fa4", 264, torch.bfloat16, "flex"),
+    ((9, 0), "fa4", 128, torch.float32, "flex"), ((9, 0), "fa4", None, None, "flex")])
+def test_auto_backend_on_cuda(monkeypatch, capability, impl, head_dim, dtype, chosen):
+    """auto takes FlashAttention-4 only where it was measured faster than flex (SM90) and its
+    kernels take the model's head size and dtype."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
     monkeypatch.setattr(A, "flash_attn_impl", lambda: impl)
     A._fa4_on_hopper.cache_clear()
+    cuda = torch.device("cuda", 0)
     try:
-        assert A.resolve_backend("auto", torch.device("cuda", 0)) == chosen
-        assert A.resolve_backend("flex", torch.device("cuda", 0)) == "flex"   # explicit stays
+        assert A.resolve_backend("auto", cuda, head_dim, dtype) == chosen
+        assert A.resolve_backend("flex", cuda, head_dim, dtype) == "flex"   # explicit stays
     finally:
         A._fa4_on_hopper.cache_clear()
 

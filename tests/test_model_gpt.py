@@ -446,7 +446,7 @@ def test_compiled_flash_backend_matches_eager_sdpa(monkeypatch, impl):
     from speedrun.model import gpt as G
     calls = []
     (flash_fakes.install_fa3 if impl == "fa3" else flash_fakes.install_fa4)(monkeypatch, calls)
-    monkeypatch.setattr(G, "resolve_backend", lambda name, device: name)   # flash on the CPU
+    monkeypatch.setattr(G, "resolve_backend", lambda name, device, *shape: name)   # flash on the CPU
     A.flash_attn_impl.cache_clear()
     torch._dynamo.reset()
     try:
@@ -480,3 +480,20 @@ def test_compiled_flash_backend_matches_eager_sdpa(monkeypatch, impl):
     finally:
         A.flash_attn_impl.cache_clear()
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("head_dim, dtype, chosen", [(32, torch.bfloat16, "flash"), (32, torch.float32, "flex"),
+                                                     (12, torch.bfloat16, "flex")])
+def test_model_resolves_auto_attention_with_its_head_size_and_dtype(monkeypatch, head_dim, dtype, chosen):
+    """What the trainer and bench ask (GPT.attention_backend) is what the forward runs: auto's FA4
+    choice on an H100 (faked here) sees the config's head size and the model's dtype."""
+    from speedrun.model import attention as A
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(A, "flash_attn_impl", lambda: "fa4")
+    A._fa4_on_hopper.cache_clear()
+    try:
+        model = GPT(small_cfg(attention_backend="auto", head_dim=head_dim, model_dim=2 * head_dim), dtype)
+        assert model.attention_backend(torch.device("cuda", 0)) == chosen
+        assert model.attention_backend(torch.device("cpu")) == "sdpa"
+    finally:
+        A._fa4_on_hopper.cache_clear()

@@ -79,17 +79,21 @@ class BackendUnavailable(RuntimeError):
     user_error = True
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device, head_dim: int | None = None,
+                    dtype: torch.dtype | None = None) -> str:
     """'auto' -> flash on an H100/H200 (compute capability 9.0) where FlashAttention-4 is importable
-    (its kernels are the faster there, docs/benchmarks.md), flex on other CUDA devices, sdpa elsewhere.
-    An explicit 'flash' without the package is an error (never a silent fallback when the user asked
-    for it)."""
+    and takes the model's head size and dtype (its kernels are the faster there, docs/benchmarks.md),
+    flex on other CUDA devices, sdpa elsewhere (``GPT.attention_backend`` passes head_dim and dtype;
+    without them auto never picks flash). An explicit 'flash' without the package is an error
+    (never a silent fallback when the user asked for it)."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r}: expected one of {', '.join(BACKENDS)}")
     if name == "auto":
         if device.type != "cuda":
             return "sdpa"
-        return "flash" if _fa4_on_hopper(device.index) else "flex"
+        fits = (head_dim is not None and 8 <= head_dim <= 256 and head_dim % 8 == 0
+                and dtype in (torch.bfloat16, torch.float16))   # FA4's SM90 limits
+        return "flash" if fits and _fa4_on_hopper(device.index) else "flex"
     if name == "flash":
         if device.type != "cuda":
             raise BackendUnavailable("model.attention_backend 'flash' (--use-flash-attn) needs a CUDA "

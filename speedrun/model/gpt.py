@@ -262,6 +262,10 @@ class GPT(nn.Module):
             self.window_short.fill_(UNBOUNDED_WINDOW)
 
     # ---- compilation ---------------------------------------------------------------------------
+    def attention_backend(self, device: torch.device) -> str:
+        """The attention backend this model runs on ``device`` (``model.attention_backend`` resolved)."""
+        return resolve_backend(self.cfg.attention_backend, device, self.cfg.head_dim, self.dtype)
+
     def compile_regions(self, **compile_kwargs) -> "GPT":
         """Compile each block and the embedding / head / loss regions separately.
 
@@ -356,7 +360,7 @@ class GPT(nn.Module):
         cfg, lay = self.cfg, self.layout
         ids = inputs.reshape(-1)
         T, device = ids.numel(), ids.device
-        backend = resolve_backend(cfg.attention_backend, device)
+        backend = self.attention_backend(device)
         # training batches cap documents at max_doc_len (flash's launch bound); eval batches do not
         doc = build_doc_info(cu_seqlens, T, device, backend, self.max_doc_len if self.training else None)
         windows = self._windows(doc)

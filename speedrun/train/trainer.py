@@ -121,10 +121,9 @@ class Trainer:
         from speedrun.optim.build import build_optimizers
         self.optimizers = build_optimizers(self.model, cfg.optim, world)
         done("optimizers")
-        from speedrun.model.attention import resolve_backend
         from speedrun.train.cuda_graph import MicroStepGraph, graphs_wanted
         self.micro_graph = None   # replays the forward/backward micro-step (train.cuda_graphs)
-        backend = resolve_backend(cfg.model.attention_backend, self.device)
+        backend = self.model.attention_backend(self.device)
         if graphs_wanted(cfg.train.cuda_graphs, self.device, cfg.train.compile, backend, world.world_size):
             # flash's kernels take the window as a host value at launch, so a recording bakes it in:
             # re-record when the window sizes change
