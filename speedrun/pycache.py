@@ -44,7 +44,7 @@ def cache_bytecode(environ=os.environ) -> str | None:
     """Turn the bytecode cache on where it is missing (see the module docstring), for this process
     and, through ``environ``, for its children. Returns the cache folder, or None if left alone.
     Call before importing torch."""
-    choice = environ.get(ENV, "auto").strip()
+    choice = environ.get(ENV, "").strip() or "auto"   # set but empty: the default
     if choice.lower() == "off" or sys.pycache_prefix is not None:
         return None   # turned off, or the user already chose where bytecode goes
     if choice.lower() == "auto":

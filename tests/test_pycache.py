@@ -48,6 +48,7 @@ def test_auto_turns_on_only_where_bytecode_is_missing(tmp_path, monkeypatch, pyt
 
     monkeypatch.setattr(pycache, "bytecode_missing", lambda package="torch": True)
     sys.dont_write_bytecode = True
+    env[pycache.ENV] = " "   # set but empty is the default, not a folder named ""
     folder = pycache.cache_bytecode(env)
     assert folder == str(tmp_path / "xdg" / "speedrun" / "pycache") and os.path.isdir(folder)
     assert sys.pycache_prefix == folder and sys.dont_write_bytecode is False
