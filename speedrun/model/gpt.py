@@ -261,11 +261,11 @@ class GPT(nn.Module):
             self.window_long.fill_(UNBOUNDED_WINDOW)
             self.window_short.fill_(UNBOUNDED_WINDOW)
 
-    # ---- compilation ---------------------------------------------------------------------------
     def attention_backend(self, device: torch.device) -> str:
         """The attention backend this model runs on ``device`` (``model.attention_backend`` resolved)."""
         return resolve_backend(self.cfg.attention_backend, device, self.cfg.head_dim, self.dtype)
 
+    # ---- compilation ---------------------------------------------------------------------------
     def compile_regions(self, **compile_kwargs) -> "GPT":
         """Compile each block and the embedding / head / loss regions separately.
 
