@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_flex import MAX_DOC_LEN, STAGES, document_starts, print_row, time_stages  # noqa: E402
+
 from speedrun.model import attention  # noqa: E402
 
 

@@ -112,7 +112,7 @@ def main() -> None:
         opt.adam.kernel = kernel  # fused update kernel vs its torch twin
         record("DistAdam step (6 params, 193M)", kernel,
                time_ms(lambda: opt.adam.step(lr_mult=1.0), args.iters, args.warmup))
-        del model, opt
+        model = opt = None  # free the 193M parameters before the next kernel
         torch.cuda.empty_cache()
 
     import triton

@@ -6,5 +6,5 @@ from speedrun.config import Config, ConfigError  # noqa: E402,F401
 
 def load(path, device="cpu"):
     """Load an exported model directory (``speedrun export``) and return a ready ``GPT`` in eval mode."""
-    from speedrun.eval.export import load_exported
+    from speedrun.eval.loading import load_exported
     return load_exported(path, device=device)

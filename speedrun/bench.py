@@ -43,6 +43,7 @@ def synthetic_shards(directory: str, num_tokens: int, vocab: int, bos_id: int, s
     """Random documents (Zipf-like token ids, geometric lengths, mean ~800 tokens) as train/val shards.
     Never zeros: timing on constant data can flatter the kernels."""
     import numpy as np
+
     from speedrun.data.shards import write_shard
     num_val = num_val_tokens or num_tokens // 4
     num_tokens += num_val  # the val shard is a separate stretch of the same stream
@@ -84,7 +85,7 @@ def run_bench(args) -> int:
         data_s = time.perf_counter() - t_data
     cfg.data.wrap = True
 
-    from speedrun.train.distributed import init_world
+    from speedrun.distributed import init_world
     from speedrun.train.trainer import Trainer, resolve_device
     t_setup = time.perf_counter()
     world = init_world(resolve_device(cfg))

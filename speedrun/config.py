@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from speedrun.utils import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A config file, field or value is wrong; the message names the field and what was expected."""
@@ -274,7 +276,6 @@ class Config:
         return cls.from_dict(data, source=str(path))
 
     def save(self, path: str | os.PathLike) -> None:
-        from speedrun.utils import atomic_write_text
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def override(self, dotted: dict[str, Any]) -> "Config":

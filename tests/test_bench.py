@@ -3,9 +3,9 @@ import json
 import math
 
 import pytest
+from test_train import micro_config
 
 from speedrun.cli import main
-from test_train import micro_config
 
 
 def test_bench_reports_every_window_stage(tmp_path, capsys):

@@ -107,6 +107,7 @@ def test_contradicting_flags_fail():
 
 def test_cuda_flag_without_gpu_fails_clearly(monkeypatch):
     import torch
+
     from speedrun.train.trainer import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = build_config(_train_args(["--cuda"]))

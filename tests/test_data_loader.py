@@ -327,6 +327,7 @@ def test_val_needs_num_tokens_plus_one(tmp_path):
 
 def test_index_of_a_large_shard_is_fast(tmp_path):
     import time
+
     from speedrun.data.loader import index_shard
     tokens = np.random.default_rng(0).integers(0, BOS, 20_000_000, dtype=np.uint16)
     tokens[::1000] = BOS

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from speedrun.data import embedded, prepare
-from speedrun.data.prepare import (DownloadError, InputError, download_fineweb, fineweb_filenames,
-                                   prepare_text, split_document)
+from speedrun.data.prepare import (
+    DownloadError,
+    InputError,
+    download_fineweb,
+    fineweb_filenames,
+    prepare_text,
+    split_document,
+)
 from speedrun.data.shards import read_shard, shard_paths, write_shard
 from speedrun.data.tokenizer import EOT_ID, decode, encode
 

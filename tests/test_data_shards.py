@@ -5,10 +5,17 @@ import struct
 import numpy as np
 import pytest
 
+from speedrun.data.shards import (
+    HEADER_BYTES,
+    MAGIC,
+    VERSION,
+    ShardError,
+    read_header,
+    read_shard,
+    shard_paths,
+    write_shard,
+)
 from speedrun.utils import current_umask
-
-from speedrun.data.shards import (HEADER_BYTES, MAGIC, VERSION, ShardError, read_header, read_shard,
-                                  shard_paths, write_shard)
 
 
 def reference_bytes(tokens, magic=MAGIC, version=VERSION, count=None):

@@ -5,8 +5,15 @@ import functools
 
 import pytest
 
-from speedrun.data.tokenizer import (EOT_ID, GPT2_PATTERN, RANKS_PATH, decode, encode, encode_document,
-                                     get_tokenizer)
+from speedrun.data.tokenizer import (
+    EOT_ID,
+    GPT2_PATTERN,
+    RANKS_PATH,
+    decode,
+    encode,
+    encode_document,
+    get_tokenizer,
+)
 
 regex = pytest.importorskip("regex")  # tiktoken depends on it
 

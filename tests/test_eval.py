@@ -9,6 +9,7 @@ import urllib.error
 
 import pytest
 import torch
+from test_model_gpt import randomized as randomize_parameters
 
 import speedrun
 from speedrun.cli import main
@@ -20,7 +21,6 @@ from speedrun.eval.generate import TextStream, filter_logits, generate
 from speedrun.eval.loading import EvalError, apply_eval_windows, load_model
 from speedrun.model import GPT
 from speedrun.model.kv_cache import KVDecoder
-from test_model_gpt import randomized as randomize_parameters
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hellaswag_tiny.jsonl")
 
@@ -329,6 +329,7 @@ def tiny_run_config() -> Config:
 def write_checkpoint(run_dir, cfg: Config, step: int, seed: int = 0) -> str:
     """The trainer's checkpoint layout (weights + meta + latest), without training."""
     from safetensors.torch import save_file
+
     from speedrun.train.checkpoint import _plain_state_dict, checkpoint_dir
     torch.manual_seed(seed)
     model = randomized(GPT(cfg.model), seed)

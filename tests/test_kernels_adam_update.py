@@ -9,10 +9,9 @@ import textwrap
 
 import pytest
 import torch
+from kernel_helpers import HAS_TRITON, run_interpreted  # noqa: E402
 
 from speedrun.kernels.adam_update import adam_update_, adam_update_reference
-
-from kernel_helpers import HAS_TRITON, run_interpreted  # noqa: E402
 
 
 def test_twin_is_adam_on_the_first_step():

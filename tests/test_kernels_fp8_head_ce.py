@@ -19,12 +19,12 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import run_interpreted, small_gpu_model  # noqa: E402
 
+from speedrun.kernels import fp8 as F8
 from speedrun.kernels import fp8_head_ce as M
 from speedrun.kernels.softcap_ce import softcapped_cross_entropy_reference
-from speedrun.model import fp8 as F8
 
-from kernel_helpers import run_interpreted, small_gpu_model  # noqa: E402
 E5M2 = torch.float8_e5m2
 GRAD_S = 1 / 448
 

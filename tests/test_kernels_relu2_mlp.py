@@ -15,13 +15,16 @@ import textwrap
 
 import pytest
 import torch
+from kernel_helpers import HAS_TRITON, run_interpreted  # noqa: E402
 
 from speedrun.config import ModelConfig
-from speedrun.kernels.relu2_mlp import (linear_relu_square, linear_relu_square_reference, relu2_mlp,
-                                        relu2_mlp_reference)
+from speedrun.kernels.relu2_mlp import (
+    linear_relu_square,
+    linear_relu_square_reference,
+    relu2_mlp,
+    relu2_mlp_reference,
+)
 from speedrun.model.gpt import GPT, MLP
-
-from kernel_helpers import HAS_TRITON, run_interpreted  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,14 +10,13 @@ import textwrap
 
 import pytest
 import torch
+from kernel_helpers import run_interpreted  # noqa: E402
 
 from speedrun.kernels.softcap_ce import (
     softcap,
     softcapped_cross_entropy,
     softcapped_cross_entropy_reference,
 )
-
-from kernel_helpers import run_interpreted  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -175,6 +175,7 @@ def test_fa4_custom_ops_pass_opcheck(monkeypatch):
     """The FA4 custom ops' fake (meta) functions, schema and autograd registration agree with the
     real ones (torch.library.opcheck), on the faked package."""
     import flash_fakes
+
     from speedrun.model import flash
     flash_fakes.install_fa4(monkeypatch, [])
     gen = torch.Generator().manual_seed(5)

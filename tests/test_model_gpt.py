@@ -2,18 +2,17 @@
 independent float64 oracle with every technique on and each one switched off (1.3), "switched off
 == neutral values" equivalences, loss reductions and chunked eval, windows/YaRN, regional
 compilation without recompiles on window changes."""
+import copy
 import dataclasses
 import math
-
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from speedrun.config import ModelConfig
+from speedrun.kernels import fp8 as F8
 from speedrun.model import GPT
-from speedrun.model import fp8 as F8
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -442,6 +441,7 @@ def test_compiled_flash_backend_matches_eager_sdpa(monkeypatch, impl):
     FA3 behind a graph break. Both packages are faked (tests/flash_fakes.py); the GPU tests run FA4."""
     import flash_fakes
     from torch._dynamo.utils import counters
+
     from speedrun.model import attention as A
     from speedrun.model import gpt as G
     calls = []

@@ -7,12 +7,11 @@ Run on the GPU machine: python -m pytest tests/test_model_gpu.py tests/test_mode
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import small_gpu_model  # noqa: E402
 
 from speedrun.config import ModelConfig
 from speedrun.model import GPT
 from speedrun.model import attention as A
-
-from kernel_helpers import small_gpu_model  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -171,6 +170,7 @@ def test_fa4_custom_ops_pass_opcheck_on_gpu(window):
     if A.flash_attn_impl() != "fa4":
         pytest.skip("FlashAttention-4 not importable")
     from flash_attn.cute import flash_attn_varlen_func
+
     from speedrun.model import flash
     dev = torch.device("cuda")
     T, H, D = 4096, 6, 128

@@ -1,8 +1,8 @@
 """DistAdam, one process: bias correction, bf16 state, lr multipliers, (cautious) weight decay."""
 import pytest
 import torch
-
 from optim_helpers import labelled, reference_adam
+
 from speedrun.optim.adam import DistAdam
 
 

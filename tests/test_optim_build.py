@@ -3,9 +3,9 @@ import copy
 
 import pytest
 import torch
+from optim_helpers import FakeModel, labelled
 from torch import nn
 
-from optim_helpers import FakeModel, labelled
 from speedrun.config import OptimConfig
 from speedrun.optim.adam import DistAdam
 from speedrun.optim.build import ADAM_LR_MUL, build_optimizers
@@ -128,7 +128,7 @@ def test_bundle_state_roundtrip():
 
 
 def test_adam_rows_must_divide_world_size():
-    from speedrun.train.distributed import World
+    from speedrun.distributed import World
     model = nn.Module()
     model.scalars = labelled((5,), "scalars")
     with pytest.raises(ValueError, match="'scalars'.*divisible by the world size 2"):

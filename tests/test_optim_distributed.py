@@ -12,13 +12,13 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from optim_helpers import FakeModel, integer_sources
+
+from speedrun import distributed
 from speedrun.config import OptimConfig, ScheduleConfig
+from speedrun.distributed import World, destroy_world, init_world
 from speedrun.optim.build import build_optimizers
 from speedrun.optim.schedules import lr_multiplier
-from speedrun.train import distributed
-from speedrun.train.distributed import World, destroy_world, init_world
 
 STEPS, SOURCES = 4, 4
 SCHED = ScheduleConfig(num_scheduled_steps=4, num_extension_steps=0)

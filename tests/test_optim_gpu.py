@@ -2,8 +2,8 @@
 CUDA results match the CPU run of the same step."""
 import pytest
 import torch
-
 from optim_helpers import labelled
+
 from speedrun.optim.adam import DistAdam
 from speedrun.optim.muon import NorMuon
 

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from optim_helpers import labelled, reference_normuon
+
 from speedrun.optim.muon import NorMuon
 from speedrun.optim.polar_express import polar_express_reference
 
@@ -186,7 +186,7 @@ def test_rejects_non_matrix():
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_shard_layout_any_world_size(world_size):
     """The record's 43 matrices: every slot owned by exactly one rank, chunk = ceil(n / world)."""
-    from speedrun.train.distributed import World
+    from speedrun.distributed import World
     shapes = [((16, 64), "attn")] * 10 + [((16, 64), "mlp_fc")] * 11 + [((16, 64), "mlp_proj")] * 11 \
         + [((6, 12), "attn_gate")] * 10 + [((1, 12), "smear_gate")]
     params = [labelled(s, l) for s, l in shapes]

@@ -2,8 +2,14 @@
 import pytest
 
 from speedrun.config import MuonConfig, ScheduleConfig
-from speedrun.optim.schedules import (batch_size_multiplier, final_window_blocks, lr_multiplier, window_stages,
-                                      muon_momentum, window_blocks)
+from speedrun.optim.schedules import (
+    batch_size_multiplier,
+    final_window_blocks,
+    lr_multiplier,
+    muon_momentum,
+    window_blocks,
+    window_stages,
+)
 
 S, M = ScheduleConfig(), MuonConfig()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from speedrun.config import Config
-from speedrun.train.distributed import init_world
+from speedrun.distributed import init_world
 from speedrun.utils import current_umask
 
 VOCAB, BOS = 256, 255

@@ -2,11 +2,11 @@
 the CPU; on a GPU, a graphed run trains exactly as the eager one."""
 import pytest
 import torch
+from test_train import micro_config, train_losses, write_synthetic_shards
 
 from speedrun.config import ConfigError
+from speedrun.distributed import init_world
 from speedrun.train.cuda_graph import graphs_wanted
-from speedrun.train.distributed import init_world
-from test_train import micro_config, train_losses, write_synthetic_shards
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 

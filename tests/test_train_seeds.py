@@ -5,11 +5,11 @@ import os
 import shutil
 
 import pytest
+from test_train import micro_config, write_synthetic_shards
 
 from speedrun.cli import main
 from speedrun.config import ConfigError
-from speedrun.eval.significance import below_target
-from test_train import micro_config, write_synthetic_shards
+from speedrun.train.significance import below_target
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ import tempfile
 
 import numpy as np
 
+from speedrun.data.prepare import shard_name, split_document
 from speedrun.data.shards import ShardError, read_header, write_shard
+from speedrun.data.tokenizer import EOT_ID
 from speedrun.utils import current_umask
 
 CORPUS = "shakespeare-v1"        # bump when the preparation below changes: old caches are rebuilt
@@ -130,8 +132,6 @@ def load_works() -> list[dict]:
 
 def build(out_dir: str) -> dict:
     """Write the train and val shards and ``info.json`` into ``out_dir``; return the info."""
-    from speedrun.data.prepare import shard_name, split_document
-    from speedrun.data.tokenizer import EOT_ID
     works = load_works()
     titles = [w["title"] for w in works]
     missing = [t for t in VAL_WORKS if t not in titles]

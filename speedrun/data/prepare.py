@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from speedrun.data.shards import DataError, ShardError, read_header, write_shard
+from speedrun.data.tokenizer import EOT_ID, encode_document, get_tokenizer
+from speedrun.utils import human_count
 
 DEFAULT_VAL_TOKENS = 1_000_000
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -148,7 +150,6 @@ def split_document(text: str, max_tokens: int) -> list[np.ndarray]:
     Whole paragraphs (blank-line separated) are packed greedily; a paragraph too long for one
     document is packed line by line, and a line too long for one is cut at token boundaries. The
     token stream without the BOS separators equals the tokens of ``text``."""
-    from speedrun.data.tokenizer import EOT_ID, get_tokenizer
     if max_tokens < 2:
         raise InputError(f"documents need at least 2 tokens (BOS + text), got max_tokens={max_tokens}")
     enc, limit = get_tokenizer(), max_tokens - 1
@@ -181,14 +182,12 @@ def _pack(docs: list[list[int]], tokens: list[int], limit: int) -> None:
 def _encode_chunk(texts: list[str], max_doc_tokens: int = 0) -> list[np.ndarray]:
     """Per input document one uint16 array: ``[EOT] + tokens``, or several such documents when
     ``max_doc_tokens`` > 0 (see :func:`split_document`), concatenated."""
-    from speedrun.data.tokenizer import encode_document
     if max_doc_tokens <= 0:
         return [encode_document(t) for t in texts]
     return [np.concatenate(split_document(t, max_doc_tokens)) for t in texts]
 
 
 def _warm_worker() -> None:
-    from speedrun.data.tokenizer import get_tokenizer
     get_tokenizer()
 
 
@@ -320,7 +319,6 @@ class PrepareSummary:
     removed: list[str]         # stale shards of an earlier run with the same prefix
 
     def __str__(self) -> str:
-        from speedrun.utils import human_count
         rate = self.tokens / max(self.seconds, 1e-9)
         skipped = f" ({self.empty_documents} empty skipped)" if self.empty_documents else ""
         split = f" cut into {self.shard_documents}" if self.shard_documents != self.documents else ""
@@ -381,7 +379,6 @@ def prepare_text(inputs: list[str], out_dir: str, *, field: str = "text", val_to
 
 
 def _count_documents(tokens: np.ndarray, counts: dict) -> None:
-    from speedrun.data.tokenizer import EOT_ID
     starts = np.flatnonzero(tokens == EOT_ID)   # text never encodes to EOT_ID: separators only
     counts["out_docs"] += len(starts)
     if len(starts):

@@ -95,6 +95,7 @@ def _describe(loaded) -> str:
 
 def cmd_sample(args) -> int:
     import time
+
     from speedrun.data.tokenizer import EOT_ID, encode
     from speedrun.eval.generate import TextStream, check_sampling, generate
     from speedrun.eval.loading import load_model
@@ -185,6 +186,7 @@ def cmd_val(args) -> int:
 
 def cmd_export(args) -> int:
     import os
+
     from speedrun.eval.export import CONFIG, TOKENIZER, WEIGHTS, export_model
     out = export_model(args.checkpoint, args.out)
     size = os.path.getsize(os.path.join(out, WEIGHTS))

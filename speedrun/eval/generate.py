@@ -14,7 +14,9 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from speedrun.data.tokenizer import EOT_ID
+from speedrun.data.tokenizer import EOT_ID, get_tokenizer
+from speedrun.eval.loading import EvalError
+from speedrun.model.kv_cache import KVDecoder
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -45,7 +47,6 @@ def next_token(logits: Tensor, temperature: float, top_k: int, top_p: float,
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, max_tokens: int) -> None:
-    from speedrun.eval.loading import EvalError
     if temperature < 0:
         raise EvalError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
     if top_k < 0:
@@ -64,7 +65,6 @@ def generate(model, prompt_ids: list[int], max_tokens: int, *, temperature: floa
 
     The same seed gives the same tokens on the same device. Ids of the padded vocabulary (rows
     past the tokenizer's vocabulary, never seen in training) are never produced."""
-    from speedrun.model.kv_cache import KVDecoder
     check_sampling(temperature, top_k, top_p, max_tokens)
     device = model.embed.weight.device
     context = ([EOT_ID] if bos else []) + list(prompt_ids)
@@ -96,7 +96,6 @@ class TextStream:
     GPT-2 token may end in the middle of a multi-byte character)."""
 
     def __init__(self):
-        from speedrun.data.tokenizer import get_tokenizer
         self.tokenizer = get_tokenizer()
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 

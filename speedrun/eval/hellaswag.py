@@ -21,14 +21,18 @@ import gzip
 import json
 import os
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from speedrun.data.embedded import cache_root
 from speedrun.data.tokenizer import EOT_ID
+from speedrun.data.tokenizer import encode as encode_text
 from speedrun.eval.loading import EvalError
+from speedrun.utils import atomic_open
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 NUM_ITEMS = 10042
@@ -76,7 +80,6 @@ class Result:
 # ---- data ------------------------------------------------------------------------------------------
 
 def cache_path(cache_dir: str | None = None) -> str:
-    from speedrun.data.embedded import cache_root
     return os.path.join(cache_root(cache_dir), "hellaswag", CACHE_NAME)
 
 
@@ -101,8 +104,6 @@ def data_file(path: str | None = None, cache_dir: str | None = None, url: str = 
 
 def download(url: str, dest: str) -> None:
     """Fetch ``url`` into ``dest`` atomically (a broken download never becomes the cache)."""
-    import urllib.request
-    from speedrun.utils import atomic_open
     with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, atomic_open(dest, "wb") as f:
         while chunk := response.read(1 << 20):
             f.write(chunk)
@@ -157,8 +158,7 @@ def parse_item(line: str, where: str) -> Item:
 
 
 def render(item: Item, encode: Callable[[str], list[int]] | None = None) -> Rendered:
-    if encode is None:
-        from speedrun.data.tokenizer import encode
+    encode = encode or encode_text
     return Rendered(encode(item.context), [encode(" " + e) for e in item.endings], item.label)
 
 

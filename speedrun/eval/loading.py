@@ -9,13 +9,23 @@ gets the final validation's longer window without a YaRN update (reference-spec 
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load_file
 
 from speedrun.config import Config, ModelConfig
 from speedrun.model import GPT
+from speedrun.optim.schedules import final_window_blocks
+from speedrun.train.checkpoint import find_checkpoint, load_model_weights, read_meta
+from speedrun.train.trainer import replay_windows
+
+FORMAT = "speedrun-gpt"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 
 
 class EvalError(ValueError):
@@ -56,7 +66,6 @@ def eval_model_config(model_cfg: ModelConfig) -> ModelConfig:
     """The model config for inference: the attention backend is chosen for this machine ('auto':
     flex on CUDA, sdpa on CPU). All backends compute the same function; a run trained with
     FlashAttention must still load where FlashAttention is not installed."""
-    import dataclasses
     return dataclasses.replace(model_cfg, attention_backend="auto")
 
 
@@ -66,8 +75,6 @@ def apply_eval_windows(model: GPT, schedule, step: int) -> None:
     Mid-run (step < total steps): the windows of step ``step``, reached by replaying every window
     change of steps 0..step with YaRN updates (Trainer.apply_window). Finished run: the last
     training step's windows, then the final validation window without a YaRN update."""
-    from speedrun.optim.schedules import final_window_blocks
-    from speedrun.train.trainer import replay_windows
     total = schedule.total_steps
     replay_windows(model, schedule, min(step, total - 1))
     if step >= total:
@@ -77,7 +84,6 @@ def apply_eval_windows(model: GPT, schedule, step: int) -> None:
 
 def load_model(path: str, device: str | torch.device = "auto", dtype: str = "auto") -> LoadedModel:
     """A ready model (eval mode, eval windows) from a checkpoint, run or export directory."""
-    from speedrun.eval.export import is_export_dir, load_export
     if not os.path.exists(path):
         raise EvalError(f"{path}: no such checkpoint, run or export directory")
     device = resolve_device(device) if isinstance(device, str) else device
@@ -88,7 +94,6 @@ def load_model(path: str, device: str | torch.device = "auto", dtype: str = "aut
 
 
 def load_checkpoint_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    from speedrun.train.checkpoint import find_checkpoint, load_model_weights, read_meta
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
     if not isinstance(meta.get("config"), dict):
@@ -100,3 +105,55 @@ def load_checkpoint_model(path: str, device: torch.device, dtype: torch.dtype) -
     apply_eval_windows(model, cfg.schedule, step)
     model.eval()
     return LoadedModel(model, cfg, step, ckpt)
+
+
+def is_export_dir(path: str) -> bool:
+    """True for a directory written by ``export_model`` (a run's own config.json has no format tag)."""
+    try:
+        with open(os.path.join(path, CONFIG), encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_export(path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    config_path = os.path.join(path, CONFIG)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{config_path}: unreadable ({e})") from None
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise EvalError(f"{config_path}: format version {config['format_version']} is newer than this "
+                        f"speedrun understands ({FORMAT_VERSION}); upgrade speedrun")
+    model_cfg = Config.from_dict({"model": config.get("model", {})}, source=config_path).model
+    training = config.get("training_config")
+    train_cfg = Config.from_dict(training, source=config_path) if training else None
+    model = GPT(eval_model_config(model_cfg), dtype=dtype).to(device)
+    weights = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(weights):
+        raise EvalError(f"{weights}: missing")
+    state = load_file(weights, device=str(device))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise EvalError(f"{weights}: weights do not match the config ({detail})") from None
+    window = config.get("window") or {}
+    long, short = window.get("long_blocks"), window.get("short_blocks")
+    if long is not None and short is not None:
+        # the buffers already hold the YaRN state: record its window first, then set the
+        # windows without another update
+        model.set_window(window.get("yarn_blocks") or long, short, update_yarn=False)
+        model.set_window(long, short, update_yarn=False)
+    elif train_cfg is not None:
+        apply_eval_windows(model, train_cfg.schedule, config.get("source", {}).get("step") or 0)
+    model.eval()
+    return LoadedModel(model, train_cfg, config.get("source", {}).get("step"), path)
+
+
+def load_exported(path: str, device: str | torch.device = "cpu", dtype: str = "auto"):
+    """A ready ``GPT`` (eval mode, eval windows) from an export directory; for convenience a
+    checkpoint or run directory is accepted too."""
+    return load_model(os.fspath(path), device=device, dtype=dtype).model

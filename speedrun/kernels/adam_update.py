@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor
 
 try:  # Triton is optional: CPU installs use the twin.

@@ -38,8 +38,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from speedrun.kernels.fp8 import E4M3, E5M2, _scaled_mm, fp8_linear, head_scales
 from speedrun.kernels.softcap_ce import HAS_TRITON, _interpreting, softcap, softcapped_cross_entropy
-from speedrun.model.fp8 import E4M3, E5M2, _scaled_mm, fp8_linear, head_scales
 
 if HAS_TRITON:
     import triton

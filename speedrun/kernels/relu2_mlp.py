@@ -41,7 +41,6 @@ interpreter (TRITON_INTERPRET=1), which the tests use with small tiles.
 from __future__ import annotations
 
 import functools
-
 import os
 from dataclasses import dataclass
 

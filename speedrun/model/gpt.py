@@ -5,7 +5,7 @@ the cross-entropy loss.
 Owns the model's parameters and their labels, the ``scalars`` vector layout, initialization, the
 window/YaRN state (``set_window`` / ``reset_window``) and regional compilation
 (``compile_regions``). Attention lives in attention.py, rotary/YaRN in rotary.py, the FP8 head
-matmul in fp8.py.
+matmul in kernels/fp8.py.
 
 Every technique is switched by a ``ModelConfig`` field; switched off, the math is the plain
 transformer's (no extra parameter is used and no extra op is run).
@@ -21,13 +21,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speedrun.config import ModelConfig
+from speedrun.kernels.fp8 import fp8_active, head_matmul, linear_head
+from speedrun.kernels.fp8_head_ce import fp8_head_softcap_ce_fused
 from speedrun.kernels.relu2_mlp import relu2_mlp
 from speedrun.kernels.softcap_ce import softcapped_cross_entropy
-from speedrun.model.attention import (FLEX_BLOCK_SIZE, UNBOUNDED_WINDOW, AttnWindow,
-                                      CausalSelfAttention, DocInfo, build_doc_info, build_window,
-                                      resolve_backend, rms_norm)
+from speedrun.model.attention import (
+    FLEX_BLOCK_SIZE,
+    UNBOUNDED_WINDOW,
+    AttnWindow,
+    CausalSelfAttention,
+    DocInfo,
+    build_doc_info,
+    build_window,
+    resolve_backend,
+    rms_norm,
+)
 from speedrun.model.flash import flash_attn_impl
-from speedrun.model.fp8 import fp8_active, head_matmul, linear_head
 from speedrun.model.rotary import Rotary
 
 EVAL_CHUNK_TOKENS = 16384   # eval logits are made this many tokens at a time (16K x 50304 fp32 = 3.3 GB)
@@ -330,9 +339,7 @@ class GPT(nn.Module):
         xn = self._final(x, backout)
         if use_fp8 and self.cfg.fused_loss and self.cfg.logit_softcap and xn.is_cuda:
             # FP8 head + softcapped CE as one op pair: the backward writes the logit gradient straight
-            # to e5m2 (and its transpose), no bf16 gradient, no quantize/transpose pass. Imported here:
-            # fp8_head_ce imports model.fp8, so a module-level import would be circular.
-            from speedrun.kernels.fp8_head_ce import fp8_head_softcap_ce_fused
+            # to e5m2 (and its transpose), no bf16 gradient, no quantize/transpose pass
             return fp8_head_softcap_ce_fused(xn, self.lm_head.weight, targets, self.cfg.logit_softcap)
         logits = head_matmul(xn, self.lm_head.weight, use_fp8)
         if self.cfg.fused_loss and self.cfg.logit_softcap and logits.is_cuda:

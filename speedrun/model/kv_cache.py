@@ -94,7 +94,7 @@ class KVDecoder:
         """CausalSelfAttention.forward with the keys/values of earlier tokens read from the cache."""
         w = attn.weights(x.dtype)
         q, k, v = attn.project(x, w, ve, value_lambdas, cos, sin)
-        n, end = x.shape[0], start + x.shape[0]
+        end = start + x.shape[0]
         self.keys[layer][start:end] = k
         self.values[layer][start:end] = v
         # only keys inside the first query's window can be seen: attend over that slice

@@ -4,8 +4,13 @@ from speedrun.optim.adam import DistAdam
 from speedrun.optim.build import Optimizers, build_optimizers
 from speedrun.optim.muon import NorMuon
 from speedrun.optim.polar_express import polar_express, polar_express_reference
-from speedrun.optim.schedules import (batch_size_multiplier, final_window_blocks, lr_multiplier,
-                                      muon_momentum, window_blocks)
+from speedrun.optim.schedules import (
+                                      batch_size_multiplier,
+                                      final_window_blocks,
+                                      lr_multiplier,
+                                      muon_momentum,
+                                      window_blocks,
+)
 
 __all__ = ["DistAdam", "NorMuon", "Optimizers", "build_optimizers", "polar_express",
            "polar_express_reference", "lr_multiplier", "muon_momentum", "window_blocks",

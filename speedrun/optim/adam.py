@@ -23,8 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from speedrun.distributed import World, all_gather, reduce_scatter_avg
 from speedrun.kernels.adam_update import adam_update_
-from speedrun.train.distributed import World, all_gather, reduce_scatter_avg
 
 
 class DistAdam(torch.optim.Optimizer):

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from speedrun.config import OptimConfig
+from speedrun.distributed import World
 from speedrun.optim.adam import DistAdam
 from speedrun.optim.muon import NorMuon
-from speedrun.train.distributed import World
 
 MUON_LABELS = ("attn", "mlp_fc", "mlp_proj", "smear_gate", "attn_gate")
 ADAM_LR_MUL = {"embed": "embed_lr_mul", "value_embed": "value_embed_lr_mul", "lm_head": "head_lr_mul",

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from speedrun.distributed import World, all_gather, reduce_scatter_avg
 from speedrun.optim.polar_express import polar_express
-from speedrun.train.distributed import World, all_gather, reduce_scatter_avg
 
 # Order inside a bucket: attention first, so chunks are runs of one kind (fewer, larger batches).
 _LABEL_ORDER = {"attn": 0, "mlp_fc": 1, "mlp_proj": 2, "attn_gate": 3, "smear_gate": 4}

@@ -147,7 +147,8 @@ def _default_run_dir() -> str:
 def launch_workers(args, cfg: Config) -> int:
     """Re-run this command in N local processes through torch.distributed.run (torchrun's code)."""
     import torch
-    from torch.distributed.run import parse_args as torchrun_args, run as torchrun
+    from torch.distributed.run import parse_args as torchrun_args
+    from torch.distributed.run import run as torchrun
     on_cpu = cfg.train.device == "cpu"
     available = 0 if on_cpu else torch.cuda.device_count()
     n = args.num_gpus or available
@@ -195,7 +196,7 @@ def _strip_launch_flags(argv: list[str]) -> list[str]:
 
 
 def train_here(args, cfg: Config) -> int:
-    from speedrun.train.distributed import destroy_world, init_world
+    from speedrun.distributed import destroy_world, init_world
     from speedrun.train.trainer import Trainer, resolve_device
     device = resolve_device(cfg)
     world = init_world(device)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from speedrun.config import ConfigError
+from speedrun.model import flash
 
 MODES = ("auto", "on", "off")
 
@@ -66,9 +67,8 @@ def graphs_wanted(mode: str, device: torch.device, compiled: bool, backend: str,
     # auto: the tested path (flex, compiled, one rank). Several ranks run their last micro-step
     # eagerly for the gradient hooks (more memory for a smaller gain); uncompiled runs are slow anyway
     if backend == "flash":
-        from speedrun.model.flash import flash_attn_impl
         # FA3 runs behind a graph break, never recorded on our machines (it does not install there)
-        return compiled and world_size == 1 and flash_attn_impl() == "fa4"
+        return compiled and world_size == 1 and flash.flash_attn_impl() == "fa4"
     return compiled and backend == "flex" and world_size == 1
 
 

@@ -10,7 +10,8 @@ helper only costs what the trainer would have spent anyway: a helper still runni
 gets there is stopped (a warm cache makes the trainer faster than the helper's own start-up) and the
 trainer compiles or loads those graphs itself, as without a helper.
 
-Run as ``python -m speedrun.train.precompile CONFIG_JSON DEVICE`` (cuda:N); the trainer starts it
+This module is the trainer's handle on the helper; the helper's own work is
+``python -m speedrun.train.precompile_worker CONFIG_JSON DEVICE`` (cuda:N), which the trainer starts
 (``train.parallel_warmup``) on local rank 0 of CUDA runs.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Precompile:
         env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
         self.log_path = os.path.join(self.dir, "log.txt")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "speedrun.train.precompile", config_path,
+        self.proc = subprocess.Popen([sys.executable, "-m", "speedrun.train.precompile_worker", config_path,
                                       device], env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
 
@@ -57,36 +58,3 @@ class Precompile:
     def tail(self, chars: int = 600) -> str:
         with open(self.log_path, errors="replace") as f:
             return f.read()[-chars:]
-
-
-def run(config_path: str, device: str) -> float:
-    """The helper's work (see the module docstring); returns the eval loss it computed."""
-    import torch
-
-    from speedrun.config import Config
-    from speedrun.train.distributed import World
-    from speedrun.train.trainer import Trainer
-    cfg = Config.load(config_path)
-    cfg.train.parallel_warmup = False
-    cfg.train.cuda_graphs = "off"  # it runs no training step
-    world = World(device=torch.device(device))
-    if world.device.type == "cuda":
-        torch.cuda.set_device(world.device)
-    trainer = Trainer(cfg, world, os.path.dirname(config_path))
-    trainer.loader.close()
-    model = trainer.model
-    if cfg.train.compile:
-        model.compile_regions()
-    # one optimizer step of each kind on random gradients: the Triton kernels of Polar Express and
-    # Adam are JIT-compiled into Triton's on-disk cache (this copy of the model is thrown away)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    trainer.optimizers.step(1, 1.0, cfg.optim.muon.momentum)
-    trainer.apply_window(0)
-    loss = trainer.warm_eval(next(iter(trainer._val_loader())))
-    print(f"precompile done: eval loss {loss:.4f}", flush=True)
-    return loss
-
-
-if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2])

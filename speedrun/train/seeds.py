@@ -25,7 +25,8 @@ import subprocess
 import sys
 
 from speedrun.config import ConfigError
-from speedrun.eval.significance import below_target, compare
+from speedrun.train.significance import below_target, compare
+from speedrun.utils import atomic_write_text
 
 DEFAULT_TARGET = 3.28
 
@@ -150,7 +151,6 @@ def _write_report(runs_dir: str, target: float, against: str | None) -> dict:
             report["against"] = {"runs_dir": against, **compare(losses, other).as_dict()}
     except ValueError as e:  # a diverged run (NaN loss), too few runs to compare
         raise SeedsError(f"seeds: {runs_dir}: {e}") from None
-    from speedrun.utils import atomic_write_text
     atomic_write_text(os.path.join(runs_dir, "seeds.json"), json.dumps(report, indent=1))
     return report
 

@@ -9,17 +9,35 @@ follows the 8-GPU trajectory.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import signal
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from speedrun.config import Config, ConfigError
+from speedrun.data.embedded import embedded_shards
+from speedrun.data.loader import TrainLoader, ValLoader
+from speedrun.data.shards import read_shard, shard_paths
+from speedrun.model import GPT
+from speedrun.optim.build import build_optimizers
+from speedrun.optim.schedules import (
+    final_window_blocks,
+    lr_multiplier,
+    muon_momentum,
+    window_blocks,
+    window_stages,
+)
 from speedrun.train import checkpoint as ckpt
+from speedrun.train.cuda_graph import MicroStepGraph, graphs_wanted
 from speedrun.train.metrics import MetricsLogger, device_peak_flops, flops_per_token, unigram_entropy
+from speedrun.train.precompile import Precompile
+from speedrun.train.validation import loss_sum_and_count
+from speedrun.utils import atomic_write_text
 
 
 class TrainingError(RuntimeError):
@@ -60,10 +78,8 @@ def resolve_dtype(cfg: Config, device: str) -> torch.dtype:
 
 def resolve_data(cfg: Config) -> tuple[str, str]:
     """Train / val shard globs; the embedded corpus when none is configured. Fails before any compile."""
-    from speedrun.data.shards import shard_paths
     train, val = cfg.data.train_path, cfg.data.val_path
     if not train or not val:
-        from speedrun.data.embedded import embedded_shards
         emb_train, emb_val = embedded_shards()
         train, val = train or emb_train, val or emb_val
     shard_paths(train)  # raises a one-line ShardError naming the pattern if nothing is there
@@ -74,7 +90,6 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
 def replay_windows(model, schedule, step: int) -> tuple[int, int]:
     """Reset the model's windows and YaRN state, then apply every window change of steps 0..step
     in order (YaRN updates compound, so a jump must replay them). Returns step's (short, long)."""
-    from speedrun.optim.schedules import window_stages
     model.reset_window()
     current = None
     for window, (first, _) in window_stages(schedule).items():
@@ -109,7 +124,6 @@ class Trainer:
             phases[name], t = now - t, now
 
         torch.manual_seed(cfg.train.seed)
-        from speedrun.model import GPT
         # built on the device: initializing 190M parameters there takes milliseconds, on the host
         # seconds (CUDA draws its init from the CUDA generator, seeded by manual_seed above)
         with torch.device(self.device):
@@ -118,10 +132,8 @@ class Trainer:
         self.model.max_doc_len = cfg.data.max_doc_len   # the loader caps training documents there
         self._broadcast_parameters()
         done("model")
-        from speedrun.optim.build import build_optimizers
         self.optimizers = build_optimizers(self.model, cfg.optim, world)
         done("optimizers")
-        from speedrun.train.cuda_graph import MicroStepGraph, graphs_wanted
         self.micro_graph = None   # replays the forward/backward micro-step (train.cuda_graphs)
         backend = self.model.attention_backend(self.device)
         if graphs_wanted(cfg.train.cuda_graphs, self.device, cfg.train.compile, backend, world.world_size):
@@ -157,7 +169,6 @@ class Trainer:
                 dist.broadcast(p.data, src=0)
 
     def _train_loader(self):
-        from speedrun.data.loader import TrainLoader
         c = self.cfg
         return TrainLoader(self.train_glob, tokens_per_step=c.train.tokens_per_step,
                            sequence_tokens=c.train.sequence_tokens, world_size=self.world.world_size,
@@ -165,7 +176,6 @@ class Trainer:
                            wrap=c.data.wrap, async_loading=c.data.async_loading, device=str(self.device))
 
     def _val_loader(self):
-        from speedrun.data.loader import ValLoader
         c = self.cfg
         return ValLoader(self.val_glob, num_tokens=c.train.val_tokens,
                          sequence_tokens=c.train.val_sequence_tokens, world_size=self.world.world_size,
@@ -178,7 +188,6 @@ class Trainer:
         YaRN updates compound over window changes, so on a jump (resume) the changes are replayed
         from the base frequencies in order.
         """
-        from speedrun.optim.schedules import window_blocks
         target = window_blocks(step, self.cfg.schedule)
         if target == self.window:
             return
@@ -206,7 +215,6 @@ class Trainer:
         ``mark(phase)``, if given, is called as each phase ends ("forward", "backward" per
         micro-batch, or "forward_backward" for a CUDA-graph replay, then "optimizer"): ``speedrun bench``
         times the phases with it."""
-        from speedrun.optim.schedules import lr_multiplier, muon_momentum
         self.optimizers.begin_step(step)
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         for i, batch in enumerate(batches):
@@ -227,7 +235,6 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float:
-        from speedrun.eval.val import loss_sum_and_count
         self.model.eval()
         total = loss_sum_and_count(self.model, self._val_loader(), self.device)
         if self.world.world_size > 1:
@@ -246,7 +253,6 @@ class Trainer:
         helper = None
         if self.cfg.train.warmup_compile and self.cfg.train.parallel_warmup \
                 and self.device.type == "cuda" and self.world.local_rank == 0:
-            from speedrun.train.precompile import Precompile
             helper = Precompile(self.cfg, str(self.device))  # compiles the eval graphs meanwhile
         self.model.compile_regions()
         if not self.cfg.train.warmup_compile:
@@ -385,7 +391,6 @@ class Trainer:
                 if last or (cfg.train.val_every and step % cfg.train.val_every == 0) or step == self.start_step == 0:
                     stop_timing()
                     if last and step == self.total_steps:
-                        from speedrun.optim.schedules import final_window_blocks
                         short, long = final_window_blocks(cfg.schedule)
                         self.apply_window(step - 1)
                         self.model.set_window(long, short, update_yarn=False)
@@ -492,15 +497,11 @@ class Trainer:
             self.log.print(line)
         self.log.log({"summary": summary.as_dict()})
         if self.world.is_main:
-            from speedrun.utils import atomic_write_text
-            import json
             atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(summary.as_dict(), indent=1))
         self.log.close()
         return summary
 
     def _val_unigram_entropy(self) -> float:
-        import numpy as np
-        from speedrun.data.shards import read_shard, shard_paths
         need, parts = self.cfg.train.val_tokens, []
         for path in shard_paths(self.val_glob):
             tokens = read_shard(path)

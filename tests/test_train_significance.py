@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from speedrun.eval import significance as S
+from speedrun.train import significance as S
 
 
 def t_sf_by_integration(t, df, steps=200000):

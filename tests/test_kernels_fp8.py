@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speedrun.model import fp8 as F8
+from speedrun.kernels import fp8 as F8
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 

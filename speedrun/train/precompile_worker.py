@@ -1,0 +1,44 @@
+"""The parallel warm-up helper's work (train/precompile.py explains why it exists): build the run's
+trainer from its saved config, JIT-compile the optimizers' Triton kernels and compile the evaluation
+graphs into the shared on-disk caches, then exit.
+
+Run as ``python -m speedrun.train.precompile_worker CONFIG_JSON DEVICE`` by ``Precompile``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from speedrun.config import Config
+from speedrun.distributed import World
+from speedrun.train.trainer import Trainer
+
+
+def run(config_path: str, device: str) -> float:
+    """The helper's work (see the module docstring); returns the eval loss it computed."""
+    cfg = Config.load(config_path)
+    cfg.train.parallel_warmup = False
+    cfg.train.cuda_graphs = "off"  # it runs no training step
+    world = World(device=torch.device(device))
+    if world.device.type == "cuda":
+        torch.cuda.set_device(world.device)
+    trainer = Trainer(cfg, world, os.path.dirname(config_path))
+    trainer.loader.close()
+    model = trainer.model
+    if cfg.train.compile:
+        model.compile_regions()
+    # one optimizer step of each kind on random gradients: the Triton kernels of Polar Express and
+    # Adam are JIT-compiled into Triton's on-disk cache (this copy of the model is thrown away)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    trainer.optimizers.step(1, 1.0, cfg.optim.muon.momentum)
+    trainer.apply_window(0)
+    loss = trainer.warm_eval(next(iter(trainer._val_loader())))
+    print(f"precompile done: eval loss {loss:.4f}", flush=True)
+    return loss
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2])
