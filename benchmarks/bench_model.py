@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, ROOT)
     import torch
 
-    from speedrun.config import ModelConfig
+    from speedrun.config import ModelConfig, Window
     from speedrun.model import GPT
 
     if args.smoke:
@@ -123,14 +123,14 @@ def main(argv=None) -> int:
     # ---- cold compile: the first step at each window (YaRN updates between) ----
     if not args.no_compile:
         model.compile_regions()
-    model.set_window(windows[0], max(1, windows[0] // 2))
+    model.set_window(Window(max(1, windows[0] // 2), windows[0]))
     sync()
     t0 = time.perf_counter()
     step()
     sync()
     first_step_s = time.perf_counter() - t0
     for w in windows[1:]:
-        model.set_window(w, max(1, w // 2))
+        model.set_window(Window(max(1, w // 2), w))
         step()
     sync()
     all_windows_s = time.perf_counter() - t0
@@ -141,9 +141,9 @@ def main(argv=None) -> int:
     # ---- timed steps per window ----
     rows = []
     model.reset_window()
-    model.set_window(windows[0], max(1, windows[0] // 2))
+    model.set_window(Window(max(1, windows[0] // 2), windows[0]))
     for w in windows:
-        model.set_window(w, max(1, w // 2))
+        model.set_window(Window(max(1, w // 2), w))
         step()                                  # warm-up at this window
         sync()
         ms = timed(step, args.steps)
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         targets = torch.cat([b[1] for b in batches])
         cu = torch.cat([b[2][b[2] < T] + i * T for i, b in enumerate(batches)]
                        + [torch.tensor([T * M], dtype=torch.int32).to(dev)])
-        model.set_window(windows[-1], max(1, windows[-1] // 2), update_yarn=False)
+        model.set_window(Window(max(1, windows[-1] // 2), windows[-1]), update_yarn=False)
         with torch.no_grad():
             sync()
             t0 = time.perf_counter()
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     result = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke)", "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "backend": args.backend,
-        "compiled": not args.no_compile, "fp8_head": model.use_fp8,
+        "compiled": not args.no_compile, "fp8_head": model.fp8_head_active(dev),
         "tokens_per_step": T * M, "micro_batch_tokens": T,
         "first_step_s": first_step_s, "cold_compile_s": first_step_s - steady_first,
         "first_steps_all_windows_s": all_windows_s, "graphs": graphs,

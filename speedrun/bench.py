@@ -95,7 +95,7 @@ def run_bench(args) -> int:
     warmup_s = trainer.warmup()
     from torch._dynamo.utils import counters
     graphs_after_warmup = counters["stats"]["unique_graphs"]
-    batches = trainer.loader.next_step()
+    batches = trainer.next_batches(0)
     trainer.apply_window(0)
     trainer.train_step(0, batches)
     _sync(device)
@@ -109,21 +109,20 @@ def run_bench(args) -> int:
     start["cold_start_to_first_step_s"] = start.pop("start_to_first_step_s")
 
     from speedrun.optim.schedules import window_stages
-    from speedrun.train.metrics import flops_per_token
     stages = window_stages(cfg.schedule)
     rows = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for first, _ in stages.values():
         trainer.apply_window(first)
-        short, long = trainer.window
         for k in range(args.skip_steps):
-            trainer.train_step(first + k, trainer.loader.next_step())
+            trainer.train_step(first + k, trainer.next_batches(first + k))
         # ms/step from free-running steps (no syncs inside, as in training) ...
         _sync(device)
         t0 = time.perf_counter()
         for k in range(args.steps):
-            loss = trainer.train_step(first + args.skip_steps + k, trainer.loader.next_step())
+            step = first + args.skip_steps + k
+            loss = trainer.train_step(step, trainer.next_batches(step))
         _sync(device)
         ms = 1e3 * (time.perf_counter() - t0) / args.steps
         # the last timed step's training loss (read after the timing): same seed and data give the
@@ -135,11 +134,9 @@ def run_bench(args) -> int:
         for k in range(split_steps):
             _timed_step(trainer, first + args.skip_steps + args.steps + k, split)
         tokens_per_s = cfg.train.tokens_per_step / (ms / 1e3)
-        block = cfg.model.block_size
-        fpt = flops_per_token(cfg.model, long * block, short * block)
-        mfu = fpt * tokens_per_s / trainer.peak_flops / world.world_size if trainer.peak_flops else None
-        rows.append({"window_long": long, "window_short": short, "ms_per_step": ms,
-                     "tokens_per_s": tokens_per_s, "mfu": mfu, "train_loss": train_loss,
+        rows.append({"window_long": trainer.window.long, "window_short": trainer.window.short,
+                     "ms_per_step": ms, "tokens_per_s": tokens_per_s, "mfu": trainer.mfu(tokens_per_s),
+                     "train_loss": train_loss,
                      **{f"{k}_ms": v / split_steps for k, v in split.items()}})
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     # reserved counts the CUDA graph's private pool and the allocator's cache too
@@ -168,7 +165,7 @@ def run_bench(args) -> int:
         pass
     if args.warm_start:
         # give the GPU and the compile workers back first: the second process starts like a restart
-        trainer.loader.close()
+        trainer.close()
         del trainer
         import gc
         gc.collect()
@@ -212,7 +209,7 @@ def _timed_step(trainer, step: int, split: dict) -> None:
         split[phase] += 1e3 * (now - last)
         last = now
 
-    batches = trainer.loader.next_step()
+    batches = trainer.next_batches(step)
     mark("data")
     trainer.train_step(step, batches, mark=mark)
 
@@ -226,7 +223,7 @@ def _profile(trainer, step: int, run_dir: str) -> dict:
         torch.cuda.memory._record_memory_history(max_entries=200000)
     with profile(activities=activities) as prof:
         for k in range(2):
-            trainer.train_step(step + k, trainer.loader.next_step())
+            trainer.train_step(step + k, trainer.next_batches(step + k))
         _sync(trainer.device)
     trace = os.path.join(run_dir, "trace.json")
     prof.export_chrome_trace(trace)

@@ -14,13 +14,37 @@ import json
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from speedrun.utils import atomic_write_text
 
 
 class ConfigError(ValueError):
     """A config file, field or value is wrong; the message names the field and what was expected."""
+
+
+class Window(NamedTuple):
+    """Attention windows in blocks of ``model.block_size`` tokens: ``short`` for the short-window
+    layers, ``long`` for ``model.long_window_layers``. The one order in which windows travel
+    (schedules -> trainer -> model -> export)."""
+    short: int
+    long: int
+
+
+# The allowed values of each enum-like field, written once: loading, overrides and validate() check
+# a field against its annotation, and the code that dispatches on a field reads the same list
+# (``choices(AttentionBackend)``).
+AttentionBackend = Literal["auto", "flex", "flash", "sdpa"]
+KernelChoice = Literal["auto", "triton", "torch"]
+StateDtype = Literal["bfloat16", "float32"]
+ActivationDtype = Literal["auto", "bfloat16", "float32"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+CudaGraphs = Literal["auto", "on", "off"]
+
+
+def choices(literal) -> tuple[str, ...]:
+    """The allowed values of an enum-like field type (a ``Literal``)."""
+    return typing.get_args(literal)
 
 
 @dataclass
@@ -65,7 +89,7 @@ class ModelConfig:
     backout: bool = True
     zero_init_outputs: bool = True     # zero-init attention/MLP output projections and lm_head
     fp8_head: bool = True              # FP8 lm_head matmul in training on GPUs that support it
-    attention_backend: str = "auto"    # auto | flex | flash | sdpa
+    attention_backend: AttentionBackend = "auto"
     fused_loss: bool = True            # training loss through the Triton softcapped cross-entropy on
     #                                    CUDA (no fp32 logits); with the FP8 head, head + loss are one
     #                                    op whose backward writes the e5m2 logit gradient and its
@@ -105,7 +129,7 @@ class MuonConfig:
     cautious_weight_decay: bool = True # False: decoupled decay everywhere
     nesterov: bool = True
     c_fc_lr_mul: float = 2.0           # lr multiplier of the MLP up-projection (transposed layout)
-    kernel: str = "auto"               # auto | triton | torch  (Polar Express implementation)
+    kernel: KernelChoice = "auto"      # Polar Express implementation
 
 
 @dataclass
@@ -122,8 +146,8 @@ class AdamConfig:
     head_lr_mul: float = 1.0
     scalar_lr_mul: float = 5.0
     every_other_step: bool = True      # step on odd steps with the summed gradients of two steps
-    state_dtype: str = "bfloat16"      # bfloat16 | float32
-    kernel: str = "auto"               # auto | triton | torch  (the fused update or its twin)
+    state_dtype: StateDtype = "bfloat16"
+    kernel: KernelChoice = "auto"      # the fused update or its twin
 
 
 @dataclass
@@ -173,10 +197,10 @@ class TrainConfig:
     save_every: int = 0                # checkpoint every N steps (0 = only at the end)
     save_path: str = ""                # run directory ("" = runs/<timestamp>)
     log_every: int = 1
-    device: str = "auto"               # auto | cpu | cuda
-    dtype: str = "auto"                # activation dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
+    device: DeviceChoice = "auto"
+    dtype: ActivationDtype = "auto"    # activations: auto = bf16 on CUDA, fp32 on CPU
     memory_pool: bool = False          # expandable-segments CUDA allocator (less fragmentation)
-    cuda_graphs: str = "auto"          # replay forward/backward micro-steps as a CUDA graph: auto | on | off
+    cuda_graphs: CudaGraphs = "auto"   # replay forward/backward micro-steps as a CUDA graph
     nan_guard: bool = True
     max_steps: int = 0                 # stop after this many steps (0 = the whole schedule); the
     #                                    schedules stay the full recipe's, so a short run is its prefix
@@ -207,6 +231,7 @@ class Config:
 
     def validate(self) -> "Config":
         m, t, s, d = self.model, self.train, self.schedule, self.data
+        _check_choices(self, "")
         _check(m.num_heads * m.head_dim == m.model_dim, "model.head_dim",
                f"num_heads*head_dim ({m.num_heads}*{m.head_dim}) must equal model_dim ({m.model_dim})")
         _check(m.head_dim % 4 == 0, "model.head_dim", "a multiple of 4 (rotary pairs)")
@@ -221,15 +246,7 @@ class Config:
                    "0 <= skip_from_layer < skip_to_layer < num_layers")
         if m.backout:
             _check(0 <= m.backout_layer < m.num_layers, "model.backout_layer", f"in [0, {m.num_layers})")
-        _check(m.attention_backend in ("auto", "flex", "flash", "sdpa"), "model.attention_backend",
-               "one of auto, flex, flash, sdpa")
         _check(m.logit_softcap >= 0, "model.logit_softcap", ">= 0 (0 disables)")
-        _check(self.optim.muon.kernel in ("auto", "triton", "torch"), "optim.muon.kernel",
-               "one of auto, triton, torch")
-        _check(self.optim.adam.kernel in ("auto", "triton", "torch"), "optim.adam.kernel",
-               "one of auto, triton, torch")
-        _check(self.optim.adam.state_dtype in ("bfloat16", "float32"), "optim.adam.state_dtype",
-               "bfloat16 or float32")
         _check(t.tokens_per_step > 0 and t.sequence_tokens > 0, "train.tokens_per_step", "> 0")
         _check(t.tokens_per_step % t.sequence_tokens == 0, "train.sequence_tokens",
                f"a divisor of train.tokens_per_step ({t.tokens_per_step})")
@@ -238,7 +255,6 @@ class Config:
                "a positive multiple of 16")
         _check(t.val_tokens > 0 and t.val_tokens % t.val_sequence_tokens == 0, "train.val_tokens",
                f"a positive multiple of train.val_sequence_tokens ({t.val_sequence_tokens})")
-        _check(t.dtype in ("auto", "bfloat16", "float32"), "train.dtype", "one of auto, bfloat16, float32")
         _check(t.sequence_tokens <= m.rope_max_positions, "train.sequence_tokens",
                f"at most model.rope_max_positions ({m.rope_max_positions})")
         _check(d.max_doc_len >= 2, "data.max_doc_len", ">= 2")
@@ -247,8 +263,6 @@ class Config:
         _check(0 <= s.cooldown_frac <= 1, "schedule.cooldown_frac", "in [0, 1]")
         _check(len(s.window_stages) > 0 and all(w > 0 for w in s.window_stages),
                "schedule.window_stages", "a non-empty list of positive window sizes (blocks)")
-        _check(t.device in ("auto", "cpu", "cuda"), "train.device", "one of auto, cpu, cuda")
-        _check(t.cuda_graphs in ("auto", "on", "off"), "train.cuda_graphs", "one of auto, on, off")
         _check(t.max_steps >= 0, "train.max_steps", ">= 0 (0 = the whole schedule)")
         _check(t.val_every >= 0 and t.save_every >= 0 and t.log_every >= 1, "train.val_every",
                "val_every >= 0, save_every >= 0, log_every >= 1")
@@ -302,6 +316,17 @@ def _check(ok: bool, field_name: str, expected: str) -> None:
         raise ConfigError(f"config field '{field_name}': expected {expected}")
 
 
+def _check_choices(obj, prefix: str) -> None:
+    """Every enum-like (Literal) field of the tree holds one of its values (fields may have been
+    assigned in code, past the checks of loading and overrides)."""
+    for f in dataclasses.fields(obj):
+        value, ftype = getattr(obj, f.name), _field_types(type(obj))[f.name]
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(ftype) is Literal:
+            _check(value in choices(ftype), f"{prefix}{f.name}", "one of " + ", ".join(choices(ftype)))
+
+
 def _field_names(obj) -> set[str]:
     return {f.name for f in dataclasses.fields(obj)}
 
@@ -330,6 +355,11 @@ def _build(cls, data: dict, source: str, prefix: str):
 def _coerce(value, ftype, name: str, source: str = "override"):
     """Check a JSON value against the annotated type (int accepted for float; nothing else implicit)."""
     origin = typing.get_origin(ftype)
+    if origin is Literal:
+        if value in choices(ftype):
+            return value
+        raise ConfigError(f"{source}: config field '{name}': expected one of {', '.join(choices(ftype))}, "
+                          f"got {value!r}")
     if origin in (list, tuple):
         (elem,) = typing.get_args(ftype)[:1]
         if not isinstance(value, (list, tuple)):
@@ -355,6 +385,8 @@ def _parse_value(raw: str, ftype, name: str):
     """Parse a command-line string as the field's type: JSON for numbers/lists/bools, raw for str."""
     if ftype is str:
         return raw
+    if typing.get_origin(ftype) is Literal:
+        return _coerce(raw, ftype, name)
     if ftype is bool and raw.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
         return raw.lower() in ("true", "1", "yes", "on")
     try:

@@ -47,6 +47,26 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.item() / self.world_size
 
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place: ``tensor`` <- its sum / max over ranks (op "sum" | "max"); returns it."""
+        if self.distributed:
+            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """In place: every rank's ``tensor`` <- rank ``src``'s; returns it."""
+        if self.distributed:
+            dist.broadcast(tensor, src=src)
+        return tensor
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s picklable ``obj`` on every rank (e.g. a run directory name)."""
+        if not self.distributed:
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+
 
 def init_world(device_kind: str) -> World:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun) and start NCCL (cuda) or gloo (cpu).

@@ -13,14 +13,14 @@ from test_model_gpt import randomized as randomize_parameters
 
 import speedrun
 from speedrun.cli import main
-from speedrun.config import Config, ModelConfig
+from speedrun.config import Config, ModelConfig, Window
 from speedrun.data.tokenizer import EOT_ID, encode
 from speedrun.eval import hellaswag as hs
 from speedrun.eval.export import export_model, is_export_dir
 from speedrun.eval.generate import TextStream, filter_logits, generate
 from speedrun.eval.loading import EvalError, apply_eval_windows, load_model
 from speedrun.model import GPT
-from speedrun.model.kv_cache import KVDecoder
+from speedrun.model.kv_cache import KVCache
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hellaswag_tiny.jsonl")
 
@@ -44,8 +44,8 @@ def randomized(model: GPT, seed: int = 0) -> GPT:
 def model_with_windows(cfg=None, seed=0) -> GPT:
     torch.manual_seed(seed)
     model = randomized(GPT(cfg or tiny_cfg()), seed)
-    model.set_window(2, 1)          # long 16 tokens, short 8: smaller than the test sequences
-    model.set_window(3, 1)          # a YaRN update: rescaled frequencies and attention scale
+    model.set_window(Window(1, 2))          # long 16 tokens, short 8: smaller than the test sequences
+    model.set_window(Window(1, 3))          # a YaRN update: rescaled frequencies and attention scale
     return model
 
 
@@ -57,13 +57,14 @@ def test_kv_cache_logits_equal_full_forward(split):
     ids = torch.randint(0, 500, (sum(split),), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids)
-    decoder = KVDecoder(model, 64)
+    cache = KVCache(model, 64)
     pieces, at = [], 0
-    for n in split:
-        pieces.append(decoder.forward(ids[at:at + n]))
-        at += n
+    with torch.no_grad():
+        for n in split:
+            pieces.append(model(ids[at:at + n], kv_cache=cache))
+            at += n
     torch.testing.assert_close(torch.cat(pieces), full, atol=1e-4, rtol=1e-4)
-    assert decoder.length == 40
+    assert cache.length == 40
 
 
 @pytest.mark.parametrize("off", ["smear", "rotary", "value_embeds", "skip_connection", "backout",
@@ -73,30 +74,34 @@ def test_kv_cache_with_a_switch_off(off):
     ids = torch.randint(0, 500, (30,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full = model(ids)
-    decoder = KVDecoder(model, 30)
-    got = torch.cat([decoder.forward(ids[:5])] + [decoder.forward(ids[t:t + 1]) for t in range(5, 30)])
+    cache = KVCache(model, 30)
+    with torch.no_grad():
+        got = torch.cat([model(ids[:5], kv_cache=cache)] + [model(ids[t:t + 1], kv_cache=cache)
+                                                            for t in range(5, 30)])
     torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
 
 
 def test_kv_cache_window_matters_and_no_window():
     model = model_with_windows()
     ids = torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(5))
-    windowed = torch.cat([KVDecoder(model, 40).forward(ids)])
-    model.reset_window()            # no window: every earlier token is visible
     with torch.no_grad():
+        windowed = model(ids, kv_cache=KVCache(model, 40))
+        model.reset_window()            # no window: every earlier token is visible
         full = model(ids)
-    decoder = KVDecoder(model, 40)
-    got = torch.cat([decoder.forward(ids[:10]), decoder.forward(ids[10:])])
+        cache = KVCache(model, 40)
+        got = torch.cat([model(ids[:10], kv_cache=cache), model(ids[10:], kv_cache=cache)])
     torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
     # the windows (and their YaRN state) did change what the decoder computed
     assert not torch.allclose(windowed, full, atol=1e-3)
 
 
 def test_kv_cache_overflow_is_an_error():
-    decoder = KVDecoder(model_with_windows(), 4)
-    decoder.forward(torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match="cache size"):
-        decoder.forward(torch.tensor([4, 5]))
+    model = model_with_windows()
+    cache = KVCache(model, 4)
+    with torch.no_grad():
+        model(torch.tensor([1, 2, 3]), kv_cache=cache)
+        with pytest.raises(ValueError, match="cache size"):
+            model(torch.tensor([4, 5]), kv_cache=cache)
 
 
 # ---- generation ----------------------------------------------------------------------------------
@@ -354,22 +359,22 @@ def test_eval_windows_match_the_trainers_validation():
     cfg = tiny_run_config()
     model = GPT(cfg.model)
     apply_eval_windows(model, cfg.schedule, 8)                  # finished: final validation
-    assert (model.long_blocks, model.short_blocks) == (5, 2)
+    assert model.window == Window(2, 5)
     reference = GPT(cfg.model)                                  # the trainer's sequence of calls
     for long, short in [(1, 1), (2, 1), (3, 1), (4, 2)]:
-        reference.set_window(long, short, update_yarn=True)
-    reference.set_window(5, 2, update_yarn=False)
+        reference.set_window(Window(short, long), update_yarn=True)
+    reference.set_window(Window(2, 5), update_yarn=False)
     torch.testing.assert_close(model.rotary.freqs, reference.rotary.freqs, atol=0, rtol=0)
     torch.testing.assert_close(model.rotary.attn_scale, reference.rotary.attn_scale, atol=0, rtol=0)
     apply_eval_windows(model, cfg.schedule, 2)                  # mid-run: the windows of step 2
-    assert (model.long_blocks, model.short_blocks) == (2, 1)
+    assert model.window == Window(1, 2)
 
 
 def test_load_accepts_run_and_checkpoint_dirs(run_dir):
     by_run = load_model(run_dir, "cpu")
     by_ckpt = load_model(by_run.source, "cpu")
     assert by_run.source.endswith("step_000008") and by_run.step == 8
-    assert not by_run.model.training and by_run.model.long_blocks == 5
+    assert not by_run.model.training and by_run.model.window.long == 5
     ids = torch.tensor([EOT_ID, 10, 20, 30])
     with torch.no_grad():
         torch.testing.assert_close(by_run.model(ids), by_ckpt.model(ids), atol=0, rtol=0)
@@ -400,10 +405,10 @@ def test_export_round_trip(run_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids), original(ids), atol=0, rtol=0)
     torch.testing.assert_close(model.rotary.freqs, original.rotary.freqs, atol=0, rtol=0)
-    assert (model.long_blocks, model.short_blocks) == (5, 2)
+    assert model.window == Window(2, 5)
 
     export_model(out, out)                                      # re-export over an earlier export
-    assert speedrun.load(out).long_blocks == 5
+    assert speedrun.load(out).window.long == 5
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     config["model"]["mlp_ratio"] = 2

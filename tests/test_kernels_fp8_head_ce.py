@@ -362,7 +362,7 @@ def test_gpu_model_fused_loss_on_off(compiled, monkeypatch):
     real = M.fp8_head_softcap_ce_fused
     monkeypatch.setattr(M, "fp8_head_softcap_ce_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg, model, ids, targets = small_gpu_model(T=8192)
-    assert model.use_fp8
+    assert model.fp8_head_active(ids.device)
     if compiled:
         model.compile_regions()
     model.train()

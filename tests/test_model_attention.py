@@ -235,7 +235,8 @@ def test_attention_layer_vs_direct(qk_norm, rotary, gate, with_ve):
     cu = torch.tensor([0, 15, 40], dtype=torch.int32)
     doc = A.build_doc_info(cu, T, torch.device("cpu"), "sdpa")
     win = A.build_window(doc, torch.tensor(9, dtype=torch.int32), 9)
-    y = layer(x, ve, lam, cos, sin, torch.tensor(0.1, dtype=torch.float64), doc, win)
+    y = layer(x, A.LayerInputs(x0=x, ve=ve, value_lambdas=lam, rope=(cos, sin),
+                               attn_scale=torch.tensor(0.1, dtype=torch.float64), doc=doc, window=win))
 
     Wq, Wk, Wv, Wo = layer.qkvo.view(4, dim, dim)
     q, k, v = ((x @ W.T).view(T, H, D) for W in (Wq, Wk, Wv))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speedrun.config import ModelConfig
+from speedrun.config import ModelConfig, Window
 from speedrun.kernels import fp8 as F8
 from speedrun.model import GPT
 
@@ -105,7 +105,7 @@ def oracle_logits(model: GPT, ids, cu) -> torch.Tensor:
                 if cfg.value_embed_layers[i] >= 0:
                     ve = P[f"value_embeds.{cfg.value_embed_layers[i]}.weight"][ids].view(T, H, D)
                     v = v + s[lay.value + 2 * i + 1] * ve
-            blocks = model.long_blocks if i in cfg.long_window_layers else model.short_blocks
+            blocks = (model.window.long if i in cfg.long_window_layers else model.window.short) if model.window else None
             window = math.inf if blocks is None else blocks * cfg.block_size
             y = torch.zeros(T, H, D, dtype=torch.float64)
             for t in range(T):
@@ -130,14 +130,13 @@ def oracle_logits(model: GPT, ids, cu) -> torch.Tensor:
     return cap * torch.sigmoid(logits / (cap / 4)) if cap > 0 else logits
 
 
-def check_against_oracle(cfg, windows=(3, 1), backend="sdpa"):
+def check_against_oracle(cfg, windows=Window(1, 3), backend="sdpa"):
     cfg = dataclasses.replace(cfg, attention_backend=backend)
     torch.manual_seed(0)
-    model = randomized(GPT(cfg, torch.float64))
-    model.flex_block_size = 16
+    model = randomized(GPT(cfg, torch.float64, flex_block_size=16))
     if windows is not None:
-        model.set_window(2, 1)
-        model.set_window(*windows)      # a YaRN update, so rescaled frequencies/scale are exercised
+        model.set_window(Window(1, 2))
+        model.set_window(windows)       # a YaRN update, so rescaled frequencies/scale are exercised
     ids, _, cu = batch()
     with torch.no_grad():
         logits = model(ids, None, cu)
@@ -202,8 +201,8 @@ def test_off_equals_neutral_on(switch):
     missing, unexpected = off.load_state_dict(on.state_dict(), strict=False)
     assert not missing
     ids, targets, cu = batch()
-    on.set_window(3, 1)
-    off.set_window(3, 1)
+    on.set_window(Window(1, 3))
+    off.set_window(Window(1, 3))
     with torch.no_grad():
         torch.testing.assert_close(on(ids, targets, cu), off(ids, targets, cu), rtol=1e-12, atol=1e-9)
 
@@ -291,7 +290,7 @@ def test_zero_init_outputs_off():
 def test_loss_reductions_agree():
     torch.manual_seed(0)
     model = randomized(GPT(small_cfg()))
-    model.set_window(3, 1)
+    model.set_window(Window(1, 3))
     ids, targets, cu = batch()
     T = ids.numel()
     with torch.no_grad():
@@ -331,7 +330,7 @@ def test_training_backward_bf16_and_fp8_dispatch_on_cpu(monkeypatch):
     monkeypatch.setattr(F8, "fp8_linear", lambda *a: (_ for _ in ()).throw(AssertionError("fp8 on CPU")))
     torch.manual_seed(0)
     model = randomized(GPT(small_cfg(fp8_head=True), torch.bfloat16))
-    assert model.use_fp8
+    assert model.cfg.fp8_head and not model.fp8_head_active(torch.device("cpu"))   # no FP8 on a CPU
     model.train()
     ids, targets, cu = batch()
     loss = model(ids, targets, cu)
@@ -355,27 +354,27 @@ def test_single_document_default_and_int64_inputs():
 # ------------------------------------------------------------------------------------------------
 def test_set_window_yarn_and_reset():
     model = GPT(small_cfg(block_size=128, head_dim=32))
-    model.set_window(3, 1)                                    # first call records, no update
+    model.set_window(Window(1, 3))                                    # first call records, no update
     assert model.rotary.attn_scale.item() == pytest.approx(0.1)
     assert model.window_long.item() == 384 and model.window_short.item() == 128
     expected = [0.11695, 0.12752, 0.13178]
-    for (long, short), scale in zip([(7, 3), (11, 5), (13, 6)], expected):
-        model.set_window(long, short)
+    for window, scale in zip([Window(3, 7), Window(5, 11), Window(6, 13)], expected):
+        model.set_window(window)
         assert model.rotary.attn_scale.item() == pytest.approx(scale, abs=5e-6)
     freqs = model.rotary.freqs.clone()
-    model.set_window(20, 6, update_yarn=False)                # final validation: no YaRN update
+    model.set_window(Window(6, 20), update_yarn=False)                # final validation: no YaRN update
     assert model.window_long.item() == 2560 and model.rotary.attn_scale.item() == pytest.approx(0.13178, abs=5e-6)
     assert torch.equal(model.rotary.freqs, freqs)
     model.reset_window()
     assert model.rotary.attn_scale.item() == pytest.approx(0.1)
     assert torch.equal(model.rotary.freqs, model.rotary.base_freqs)
-    assert model.long_blocks is None
+    assert model.window is None
 
 
 def test_yarn_off_keeps_scale():
     model = GPT(small_cfg(yarn=False))
-    model.set_window(3, 1)
-    model.set_window(7, 3)
+    model.set_window(Window(1, 3))
+    model.set_window(Window(3, 7))
     assert model.rotary.attn_scale.item() == pytest.approx(0.1)
     assert torch.equal(model.rotary.freqs, model.rotary.base_freqs)
 
@@ -397,9 +396,9 @@ def test_window_changes_do_not_recompile():
     ids, targets, _ = batch(T=128)
     g = torch.Generator().manual_seed(3)
     counts = []
-    model.set_window(3, 1)
+    model.set_window(Window(1, 3))
     for long in (3, 7, 11, 13):
-        model.set_window(long, max(1, long // 2))
+        model.set_window(Window(max(1, long // 2), long))
         for _ in range(2):
             starts = torch.randperm(127, generator=g)[:5].sort().values + 1
             cu = torch.cat([torch.tensor([0]), starts, torch.tensor([128, 128])]).to(torch.int32)
@@ -420,7 +419,7 @@ def test_compiled_regions_match_eager():
     compiled = copy.deepcopy(eager).compile_regions(backend="eager")
     ids, targets, cu = batch(T=128)
     for m in (eager, compiled):
-        m.set_window(3, 1)
+        m.set_window(Window(1, 3))
         m(ids, targets, cu).backward()
     assert compiled._compiled and not eager._compiled
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
@@ -461,7 +460,7 @@ def test_compiled_flash_backend_matches_eager_sdpa(monkeypatch, impl):
         for long, short in ((3, 1), (7, 3)):
             for m in (eager, compiled):
                 m.zero_grad(set_to_none=True)
-                m.set_window(long, short)
+                m.set_window(Window(short, long))
             losses = [m(ids, targets, cu) for m in (eager, compiled)]
             for loss in losses:
                 loss.backward()

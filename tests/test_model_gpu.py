@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from kernel_helpers import small_gpu_model  # noqa: E402
 
-from speedrun.config import ModelConfig
+from speedrun.config import ModelConfig, Window
 from speedrun.model import GPT
 from speedrun.model import attention as A
 
@@ -81,8 +81,8 @@ def test_compiled_record_model_matches_eager_and_never_recompiles():
     ids = torch.randint(0, 50256, (T,), device=dev, generator=g, dtype=torch.int32)
     targets = torch.randint(0, 50256, (T,), device=dev, generator=g)
     cu = packed_docs(T, 700, dev)
-    model.set_window(3, 1)
-    model.set_window(7, 3)
+    model.set_window(Window(1, 3))
+    model.set_window(Window(3, 7))
 
     cfg.attention_backend = "sdpa"
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_compiled_record_model_matches_eager_and_never_recompiles():
     model(ids, targets, cu).backward()
     graphs = counters["stats"]["unique_graphs"]
     for long in (11, 13):
-        model.set_window(long, long // 2)
+        model.set_window(Window(long // 2, long))
         model(ids, targets, cu).backward()
     assert counters["stats"]["unique_graphs"] == graphs, "window change recompiled"
     torch._dynamo.reset()
@@ -141,7 +141,7 @@ def test_compiled_flash_model_matches_flex():
     from torch._dynamo.utils import counters
     graphs = []
     for long, short in ((3, 1), (11, 5)):
-        model.set_window(long, short)
+        model.set_window(Window(short, long))
         results = {}
         for backend in ("flex", "flash"):
             cfg.attention_backend = backend

@@ -242,8 +242,7 @@ def test_warmup_compiles_everything_once(shards, tmp_path, monkeypatch):
         for k in range(2):
             trainer.train_step(first + k, trainer.loader.next_step())
         trainer.validate()
-    short, long = final_window_blocks(cfg.schedule)
-    trainer.model.set_window(long, short, update_yarn=False)
+    trainer.model.set_window(final_window_blocks(cfg.schedule), update_yarn=False)
     trainer.validate()
     trainer.loader.close()
     assert counters["stats"]["unique_graphs"] == compiled

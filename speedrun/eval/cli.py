@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from speedrun.config import ActivationDtype, choices
+
 MODEL_HELP = "a checkpoint directory, a run directory (its latest checkpoint) or an exported model"
 
 
@@ -15,7 +17,7 @@ def _model_arguments(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help=MODEL_HELP)
     if device:
         p.add_argument("--device", default="auto", help="auto (cuda if visible), cpu, cuda, cuda:N")
-        p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+        p.add_argument("--dtype", default="auto", choices=choices(ActivationDtype),
                        help="activation dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
@@ -88,8 +90,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def _describe(loaded) -> str:
     m = loaded.model
-    windows = ("no window" if m.long_blocks is None
-               else f"windows long {m.long_blocks} / short {m.short_blocks} blocks")
+    windows = ("no window" if m.window is None
+               else f"windows long {m.window.long} / short {m.window.short} blocks")
     return f"{loaded.describe()}, {windows}, {m.embed.weight.device}"
 
 

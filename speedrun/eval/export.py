@@ -50,8 +50,8 @@ def export_model(path: str, out: str) -> str:
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model": dataclasses.asdict(cfg),
-        "window": {"long_blocks": model.long_blocks, "short_blocks": model.short_blocks,
-                   "yarn_blocks": getattr(model, "_yarn_blocks", model.long_blocks)},
+        "window": ({"long_blocks": model.window.long, "short_blocks": model.window.short,
+                    "yarn_blocks": model.yarn_blocks} if model.window is not None else None),
         "tokenizer": tokenizer_reference(cfg.vocab_size),
         "source": {"path": os.path.abspath(loaded.source), "step": loaded.step},
         "training_config": loaded.config.to_dict() if loaded.config is not None else None,

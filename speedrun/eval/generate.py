@@ -16,7 +16,7 @@ from torch import Tensor
 
 from speedrun.data.tokenizer import EOT_ID, get_tokenizer
 from speedrun.eval.loading import EvalError
-from speedrun.model.kv_cache import KVDecoder
+from speedrun.model.kv_cache import KVCache
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -80,15 +80,15 @@ def generate(model, prompt_ids: list[int], max_tokens: int, *, temperature: floa
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     vocab = model.cfg.vocab_size
-    decoder = KVDecoder(model, len(context) + max_tokens)
-    logits = decoder.forward(torch.tensor(context, dtype=torch.long, device=device))[-1]
+    cache = KVCache(model, len(context) + max_tokens)
+    logits = model(torch.tensor(context, dtype=torch.long, device=device), kv_cache=cache)[-1]
     for i in range(max_tokens):
         token = next_token(logits[:vocab], temperature, top_k, top_p, generator)
         yield token
         if stop_at_eot and token == EOT_ID:
             return
         if i + 1 < max_tokens:
-            logits = decoder.forward(torch.tensor([token], dtype=torch.long, device=device))[-1]
+            logits = model(torch.tensor([token], dtype=torch.long, device=device), kv_cache=cache)[-1]
 
 
 class TextStream:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from speedrun.config import Config, ModelConfig
+from speedrun.config import ActivationDtype, Config, ModelConfig, Window, choices
 from speedrun.model import GPT
 from speedrun.optim.schedules import final_window_blocks
 from speedrun.train.checkpoint import find_checkpoint, load_model_weights, read_meta
-from speedrun.train.trainer import replay_windows
+from speedrun.train.trainer import replay_windows, resolve_dtype
 
 FORMAT = "speedrun-gpt"
 FORMAT_VERSION = 1
@@ -53,15 +53,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bf16 activations on CUDA (as training and validation run), fp32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in ("bfloat16", "float32"):
-        raise EvalError(f"--dtype {name}: expected auto, bfloat16 or float32")
-    return getattr(torch, name)
-
-
 def eval_model_config(model_cfg: ModelConfig) -> ModelConfig:
     """The model config for inference: the attention backend is chosen for this machine ('auto':
     flex on CUDA, sdpa on CPU). All backends compute the same function; a run trained with
@@ -78,8 +69,7 @@ def apply_eval_windows(model: GPT, schedule, step: int) -> None:
     total = schedule.total_steps
     replay_windows(model, schedule, min(step, total - 1))
     if step >= total:
-        short, long = final_window_blocks(schedule)
-        model.set_window(long, short, update_yarn=False)
+        model.set_window(final_window_blocks(schedule), update_yarn=False)
 
 
 def load_model(path: str, device: str | torch.device = "auto", dtype: str = "auto") -> LoadedModel:
@@ -87,7 +77,9 @@ def load_model(path: str, device: str | torch.device = "auto", dtype: str = "aut
     if not os.path.exists(path):
         raise EvalError(f"{path}: no such checkpoint, run or export directory")
     device = resolve_device(device) if isinstance(device, str) else device
-    torch_dtype = resolve_dtype(dtype, device)
+    if dtype not in choices(ActivationDtype):
+        raise EvalError(f"--dtype {dtype}: expected one of {', '.join(choices(ActivationDtype))}")
+    torch_dtype = resolve_dtype(dtype, device.type)
     if is_export_dir(path):
         return load_export(path, device, torch_dtype)
     return load_checkpoint_model(path, device, torch_dtype)
@@ -145,8 +137,8 @@ def load_export(path: str, device: torch.device, dtype: torch.dtype) -> LoadedMo
     if long is not None and short is not None:
         # the buffers already hold the YaRN state: record its window first, then set the
         # windows without another update
-        model.set_window(window.get("yarn_blocks") or long, short, update_yarn=False)
-        model.set_window(long, short, update_yarn=False)
+        model.set_window(Window(short, window.get("yarn_blocks") or long), update_yarn=False)
+        model.set_window(Window(short, long), update_yarn=False)
     elif train_cfg is not None:
         apply_eval_windows(model, train_cfg.schedule, config.get("source", {}).get("step") or 0)
     model.eval()

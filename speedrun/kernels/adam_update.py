@@ -19,6 +19,8 @@ import os
 
 from torch import Tensor
 
+from speedrun.config import KernelChoice, choices
+
 try:  # Triton is optional: CPU installs use the twin.
     import triton
     import triton.language as tl
@@ -29,7 +31,7 @@ except ImportError:  # pragma: no cover - depends on the install
     tl = None
     HAS_TRITON = False
 
-_KERNELS = ("auto", "triton", "torch")
+_KERNELS = choices(KernelChoice)   # optim.adam.kernel
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

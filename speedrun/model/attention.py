@@ -28,12 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from speedrun.config import AttentionBackend, choices
 from speedrun.model.flash import flash_attn_impl, flash_varlen
+from speedrun.model.kv_cache import LayerKV
 from speedrun.model.rotary import apply_rotary
 
 FLEX_BLOCK_SIZE = 128     # FlexAttention tile (tokens); the kernels on the GPU are tuned for 128
 UNBOUNDED_WINDOW = 1 << 30  # "no window" (int32-safe)
-BACKENDS = ("auto", "flex", "flash", "sdpa")
+BACKENDS = choices(AttentionBackend)
 # FlexAttention kernel options (tile sizes, ...); None = torch's defaults. benchmarks/bench_flex.py
 # sweeps candidates.
 FLEX_KERNEL_OPTIONS: dict | None = None
@@ -72,6 +74,29 @@ class AttnWindow(NamedTuple):
     kv_indices: Tensor | None = None
     full_kv_num_blocks: Tensor | None = None
     full_kv_indices: Tensor | None = None
+
+
+class LayerInputs(NamedTuple):
+    """Everything one layer's block reads besides the residual stream x, built per layer by
+    ``GPT.forward`` (tensors only, so one compiled block serves every layer of its variant):
+
+    x0: the normed embedding; lambdas: (a, b) of x <- a x + b x0 or None; skip / skip_gate: the
+    U-net skip activation and its gate logit (the skip's target layer only); ve / value_lambdas:
+    the value embedding mixed into v and (l0, l1) of v <- l0 v + l1 ve (attention layers);
+    rope: rotary (cos, sin) or None; attn_scale: the 0-d softmax scale; doc / window: the batch's
+    documents and this layer's window (None when decoding); kv: this layer's slice of a KV cache
+    (decoding only, model/kv_cache.py)."""
+    x0: Tensor
+    lambdas: tuple[Tensor, Tensor] | None = None
+    skip: Tensor | None = None
+    skip_gate: Tensor | None = None
+    ve: Tensor | None = None
+    value_lambdas: tuple[Tensor, Tensor] | None = None
+    rope: tuple[Tensor, Tensor] | None = None
+    attn_scale: Tensor | float = 1.0
+    doc: DocInfo | None = None
+    window: AttnWindow | None = None
+    kv: LayerKV | None = None
 
 
 class BackendUnavailable(RuntimeError):
@@ -255,8 +280,9 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    """q, k, v = rmsnorm(x) W{q,k,v}^T; QK-norm; rotary; v <- l0 v + l1 ve; attention; per-head
-    sigmoid gate read from the first gate_dim dims of the (normed) input; output projection.
+    """q, k, v = rmsnorm(x) W{q,k,v}^T; QK-norm; rotary; v <- l0 v + l1 ve; attention (over the
+    batch, or over a KV cache when decoding); per-head sigmoid gate read from the first gate_dim
+    dims of the (normed) input; output projection.
 
     ``qkvo`` (label "attn") is ONE fp32 parameter of shape (dim, 4*dim) whose memory is four
     stacked dim x dim matrices [Wq, Wk, Wv, Wo] in nn.Linear (out, in) form (``view(4, dim, dim)``),
@@ -275,37 +301,24 @@ class CausalSelfAttention(nn.Module):
             self.gate = nn.Linear(gate_dim, num_heads, bias=False, dtype=dtype)
             self.gate.weight.label = "attn_gate"
 
-    def forward(self, x: Tensor, ve: Tensor | None, value_lambdas: Tensor | None,
-                cos: Tensor | None, sin: Tensor | None, attn_scale: Tensor | float,
-                doc: DocInfo, window: AttnWindow) -> Tensor:
-        w = self.weights(x.dtype)
-        q, k, v = self.project(x, w, ve, value_lambdas, cos, sin)
-        y = attend(q, k, v, doc, window, attn_scale, doc.backend)
-        return self.output(x, w, y)
-
-    # forward in three pieces, so the KV-cache decoder (kv_cache.py) runs the same math around
-    # its own attention over cached keys
-    def weights(self, dtype: torch.dtype) -> Tensor:
-        """[Wq, Wk, Wv, Wo] as (4, dim, dim) in the activation dtype: one cast per forward."""
-        return self.qkvo.to(dtype).view(4, self.dim, self.dim)
-
-    def project(self, x: Tensor, w: Tensor, ve: Tensor | None, value_lambdas: Tensor | None,
-                cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v (T, H, D) of the normed input x: projection, QK-norm, rotary, value mixing."""
+    def forward(self, x: Tensor, inp: LayerInputs) -> Tensor:
+        """x: the normed layer input (T, dim); ``inp`` carries the rest (see LayerInputs)."""
         T, H, D = x.shape[0], self.num_heads, self.head_dim
+        w = self.qkvo.to(x.dtype).view(4, self.dim, self.dim)   # [Wq, Wk, Wv, Wo]: one cast
         q, k, v = F.linear(x, w[:3].flatten(0, 1)).view(T, 3 * H, D).chunk(3, dim=1)
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
         if self.rotary:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if value_lambdas is not None:
-            v = value_lambdas[0] * v
-            if ve is not None:
-                v = v + value_lambdas[1] * ve.view(T, H, D)
-        return q, k, v
-
-    def output(self, x: Tensor, w: Tensor, y: Tensor) -> Tensor:
-        """Per-head sigmoid gate (read from the normed input x), then the output projection."""
+            q, k = apply_rotary(q, *inp.rope), apply_rotary(k, *inp.rope)
+        if inp.value_lambdas is not None:
+            v = inp.value_lambdas[0] * v
+            if inp.ve is not None:
+                v = v + inp.value_lambdas[1] * inp.ve.view(T, H, D)
+        if inp.kv is not None:   # decoding: keys and values of earlier tokens come from the cache
+            y = inp.kv.attend(q, k, v, inp.attn_scale)
+        else:
+            y = attend(q, k, v, inp.doc, inp.window, inp.attn_scale, inp.doc.backend)
         if self.gate is not None:
+            # per-head sigmoid gate read from the first gate_dim dims of the (normed) input
             y = y * torch.sigmoid(self.gate(x[:, :self.gate_dim])).unsqueeze(-1)
-        return F.linear(y.reshape(x.shape[0], self.dim), w[3])
+        return F.linear(y.reshape(T, self.dim), w[3])

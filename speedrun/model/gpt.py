@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speedrun.config import ModelConfig
+from speedrun.config import ModelConfig, Window
 from speedrun.kernels.fp8 import fp8_active, head_matmul, linear_head
 from speedrun.kernels.fp8_head_ce import fp8_head_softcap_ce_fused
 from speedrun.kernels.relu2_mlp import relu2_mlp
@@ -31,12 +31,14 @@ from speedrun.model.attention import (
     AttnWindow,
     CausalSelfAttention,
     DocInfo,
+    LayerInputs,
     build_doc_info,
     build_window,
     resolve_backend,
     rms_norm,
 )
 from speedrun.model.flash import flash_attn_impl
+from speedrun.model.kv_cache import KVCache
 from speedrun.model.rotary import Rotary
 
 EVAL_CHUNK_TOKENS = 16384   # eval logits are made this many tokens at a time (16K x 50304 fp32 = 3.3 GB)
@@ -105,9 +107,9 @@ class Block(nn.Module):
     """One layer: [skip add] -> x <- a x + b x0 -> x + attn(norm x) -> x + mlp(norm x).
 
     One class for all layers; everything layer-specific (lambdas, value embedding, window, skip)
-    comes in as *tensor arguments*, never as Python numbers read from the module. That keeps the
-    compiled code identical across layers, so regional compilation compiles it once per variant
-    (with/without attention, value embedding, skip) and reuses it for every layer."""
+    comes in through ``LayerInputs`` as *tensors*, never as Python numbers read from the module.
+    That keeps the compiled code identical across layers, so regional compilation compiles it once
+    per variant (with/without attention, value embedding, skip) and reuses it for every layer."""
 
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
         super().__init__()
@@ -119,24 +121,25 @@ class Block(nn.Module):
                                             dtype=dtype)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_dim, cfg.relu_squared, cfg.fused_mlp)
 
-    def forward(self, x: Tensor, x0: Tensor, lambdas: tuple[Tensor, Tensor] | None,
-                skip: Tensor | None, skip_gate: Tensor | None, ve: Tensor | None,
-                value_lambdas: tuple[Tensor, Tensor] | None, cos: Tensor | None,
-                sin: Tensor | None, attn_scale: Tensor, doc: DocInfo,
-                window: AttnWindow | None) -> Tensor:
-        if skip is not None:
-            x = x + torch.sigmoid(skip_gate) * skip
-        if lambdas is not None:
-            x = lambdas[0] * x + lambdas[1] * x0
+    def forward(self, x: Tensor, inp: LayerInputs) -> Tensor:
+        if inp.skip is not None:
+            x = x + torch.sigmoid(inp.skip_gate) * inp.skip
+        if inp.lambdas is not None:
+            x = inp.lambdas[0] * x + inp.lambdas[1] * inp.x0
         if self.attn is not None:
-            x = x + self.attn(rms_norm(x), ve, value_lambdas, cos, sin, attn_scale, doc, window)
+            x = x + self.attn(rms_norm(x), inp)
         return x + self.mlp(rms_norm(x))
 
 
 class GPT(nn.Module):
     """See the module docstring and docs/architecture.md (model contract)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, *,
+                 max_doc_len: int | None = None, flex_block_size: int = FLEX_BLOCK_SIZE,
+                 eval_chunk_tokens: int = EVAL_CHUNK_TOKENS):
+        """``max_doc_len``: the bound on training documents (the loader cuts them there; flash uses
+        it as its launch bound, None = the batch length); ``flex_block_size``: FlexAttention's tile;
+        ``eval_chunk_tokens``: eval logits are made this many tokens at a time."""
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         assert cfg.num_heads * cfg.head_dim == cfg.model_dim, "num_heads * head_dim != model_dim"
@@ -156,14 +159,12 @@ class GPT(nn.Module):
                              persistent=False)
         self.register_buffer("window_short", torch.tensor(UNBOUNDED_WINDOW, dtype=torch.int32),
                              persistent=False)
-        self.long_blocks: int | None = None      # None: no window (full causal within documents)
-        self.short_blocks: int | None = None
-        self._yarn_blocks: int | None = None     # the window the current YaRN state was made for
+        self.window: Window | None = None        # None: no window (full causal within documents)
+        self.yarn_blocks: int | None = None      # the long window the current YaRN state was made for
 
-        self.use_fp8: bool = cfg.fp8_head        # FP8 head in training (CUDA with FP8 only)
-        self.max_doc_len: int | None = None      # flash only: longest training document (None: T)
-        self.flex_block_size: int = FLEX_BLOCK_SIZE
-        self.eval_chunk_tokens: int = EVAL_CHUNK_TOKENS
+        self.max_doc_len = max_doc_len
+        self.flex_block_size = flex_block_size
+        self.eval_chunk_tokens = eval_chunk_tokens
         self._label_parameters()
         self.reset_parameters()
         for m in (self.embed, *self.value_embeds, self.smear_gate, self.lm_head):
@@ -243,32 +244,37 @@ class GPT(nn.Module):
         return "\n".join(lines)
 
     # ---- windows -------------------------------------------------------------------------------
-    def set_window(self, long_blocks: int, short_blocks: int, update_yarn: bool = True) -> None:
-        """Windows in blocks of cfg.block_size tokens for long-window and short-window layers.
+    def set_window(self, window: Window, update_yarn: bool = True) -> None:
+        """Attention windows (in blocks of cfg.block_size tokens) for short- and long-window layers.
 
         With update_yarn (and rotary + yarn on) a change of the long window rescales rotary
         frequencies and attn_scale from the window the YaRN state was made for (spec 1.5); the
         first call after construction / reset_window only records it. update_yarn=False (the final
         validation's 13 -> 20) changes the windows but not the YaRN state. Host-side only: the
         device buffers are filled in place (no sync, no recompilation)."""
-        if long_blocks < 1 or short_blocks < 1:
-            raise ValueError(f"window sizes must be >= 1 block, got long={long_blocks} short={short_blocks}")
-        if update_yarn and self._yarn_blocks is not None and self.cfg.rotary and self.cfg.yarn:
-            self.rotary.yarn_update(self._yarn_blocks, long_blocks)
-        if update_yarn or self._yarn_blocks is None:
-            self._yarn_blocks = long_blocks
-        self.long_blocks, self.short_blocks = long_blocks, short_blocks
+        window = Window(*window)
+        if window.long < 1 or window.short < 1:
+            raise ValueError(f"window sizes must be >= 1 block, got {window}")
+        if update_yarn and self.yarn_blocks is not None and self.cfg.rotary and self.cfg.yarn:
+            self.rotary.yarn_update(self.yarn_blocks, window.long)
+        if update_yarn or self.yarn_blocks is None:
+            self.yarn_blocks = window.long
+        self.window = window
         with torch.no_grad():
-            self.window_long.fill_(long_blocks * self.cfg.block_size)
-            self.window_short.fill_(short_blocks * self.cfg.block_size)
+            self.window_long.fill_(window.long * self.cfg.block_size)
+            self.window_short.fill_(window.short * self.cfg.block_size)
 
     def reset_window(self) -> None:
         """Base rotary frequencies and attn_scale; no window until the next set_window."""
         self.rotary.reset()
-        self._yarn_blocks = self.long_blocks = self.short_blocks = None
+        self.yarn_blocks = self.window = None
         with torch.no_grad():
             self.window_long.fill_(UNBOUNDED_WINDOW)
             self.window_short.fill_(UNBOUNDED_WINDOW)
+
+    def fp8_head_active(self, device: torch.device) -> bool:
+        """Whether the training head runs in FP8 on ``device`` (model.fp8_head and FP8 hardware)."""
+        return fp8_active(self.cfg.fp8_head, device)
 
     def attention_backend(self, device: torch.device) -> str:
         """The attention backend this model runs on ``device`` (``model.attention_backend`` resolved)."""
@@ -310,21 +316,24 @@ class GPT(nn.Module):
         return self
 
     # ---- regions -------------------------------------------------------------------------------
-    def _embed(self, ids: Tensor) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
-        """Embedding -> smear -> rmsnorm = x0; value embeddings; rotary tables."""
+    def _embed(self, ids: Tensor, previous: Tensor | None = None, start: int = 0
+               ) -> tuple[Tensor, list[Tensor], tuple[Tensor, Tensor] | None]:
+        """Embedding -> smear -> rmsnorm = x0; value embeddings; rotary tables (cos, sin) for
+        positions start.. . ``previous``: the raw embedding of the token before ids[0] (decoding
+        with a KV cache); None: ids[0] has no predecessor."""
         cfg = self.cfg
         x = self.embed(ids)
         if self.smear_gate is not None:
-            # one-token look-back: x_t += lambda * sigmoid(w . x_t[:gate_dim]) * x_{t-1}, t >= 1
+            # one-token look-back: x_t += lambda * sigmoid(w . x_t[:gate_dim]) * x_{t-1}
             # (crosses document boundaries, as the reference does)
-            gate = self.scalars[self.layout.smear] * torch.sigmoid(self.smear_gate(x[1:, :cfg.gate_dim]))
-            x = torch.cat([x[:1], x[1:] + gate * x[:-1]])
+            first = 1 if previous is None else 0
+            before = x[:-1] if previous is None else torch.cat([previous, x[:-1]])
+            gate = self.scalars[self.layout.smear] * torch.sigmoid(self.smear_gate(x[first:, :cfg.gate_dim]))
+            x = torch.cat([x[:first], x[first:] + gate * before])
         x0 = rms_norm(x)
         ves = [ve(ids) for ve in self.value_embeds]
-        cos = sin = None
-        if cfg.rotary:
-            cos, sin = self.rotary.cos_sin(ids.numel(), x0.dtype)
-        return x0, ves, cos, sin
+        rope = self.rotary.cos_sin(ids.numel(), x0.dtype, start=start) if cfg.rotary else None
+        return x0, ves, rope
 
     def _final(self, x: Tensor, backout: Tensor | None) -> Tensor:
         """Backout (subtract the scaled output of backout_layer), then the final rmsnorm."""
@@ -358,28 +367,41 @@ class GPT(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, inputs: Tensor, targets: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                *, reduction: str = "sum") -> Tensor:
+                *, reduction: str = "sum", kv_cache: KVCache | None = None) -> Tensor:
         """inputs (T,) token ids; cu_seqlens int32 document starts + T padded with T (None: one
         document). targets None -> fp32 softcapped logits (T, padded_vocab). Otherwise the loss:
-        "sum" (training), "mean" (eval, fp32, chunked), "none" (per-token (T,) fp32)."""
+        "sum" (training), "mean" (eval, fp32, chunked), "none" (per-token (T,) fp32).
+
+        ``kv_cache`` (decoding, kv_cache.py): ``inputs`` continue the one sequence held in the cache;
+        their keys and values are appended to it and each layer attends to the cached positions in
+        its window. Returns their logits, equal to the full forward's rows for them."""
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
         cfg, lay = self.cfg, self.layout
         ids = inputs.reshape(-1)
         T, device = ids.numel(), ids.device
-        backend = self.attention_backend(device)
-        # training batches cap documents at max_doc_len (flash's launch bound); eval batches do not
-        doc = build_doc_info(cu_seqlens, T, device, backend, self.max_doc_len if self.training else None)
-        windows = self._windows(doc)
-
-        x0, ves, cos, sin = self._embed_fn(ids)
+        decoding = kv_cache is not None
+        if decoding:
+            if targets is not None or cu_seqlens is not None:
+                raise ValueError("GPT.forward with a kv_cache decodes one sequence: no targets, no cu_seqlens")
+            start = kv_cache.claim(T)
+            doc, windows = None, [None] * cfg.num_layers
+            # decoding runs the eager modules: compiled regions would specialize on the cache
+            x0, ves, rope = self._embed(ids, kv_cache.last_embedding, start)
+            kv_cache.last_embedding = self.embed(ids[-1:])
+        else:
+            backend = self.attention_backend(device)
+            # training batches cap documents at max_doc_len (flash's launch bound); eval batches do not
+            doc = build_doc_info(cu_seqlens, T, device, backend, self.max_doc_len if self.training else None)
+            windows = self._windows(doc)
+            x0, ves, rope = self._embed_fn(ids)
         # compiled: attention layers without a value embedding get a zero one, so every attention
         # layer runs one compiled graph (v = l0 v + l1 * 0 = l0 v exactly; l1 gets a zero gradient,
         # as an unused entry of the scalars vector does); one variant fewer to compile, train and eval.
         # It requires grad exactly when the real ones do (else dynamo guards tell them apart); its
         # own gradient (a few pointwise ops per layer) is thrown away with it.
         no_ve = None
-        if self._compiled and cfg.value_embeds:
+        if self._compiled and cfg.value_embeds and not decoding:
             no_ve = x0.new_zeros(x0.shape).requires_grad_(bool(ves) and ves[0].requires_grad)
         # one unbind (a single autograd node) instead of a slice per use
         s = self.scalars.unbind()
@@ -388,26 +410,31 @@ class GPT(nn.Module):
         x, skip, backout = x0.view_as(x0), None, None
         for i, block in enumerate(self.blocks):
             has_skip = cfg.skip_connection and i == cfg.skip_to_layer
+            attn = block.attn is not None
             ve_index = cfg.value_embed_layers[i] if cfg.value_embeds else -1
-            x = block(
-                x, x0,
-                (s[lay.block + 2 * i], s[lay.block + 2 * i + 1]) if cfg.block_lambdas else None,
-                skip if has_skip else None,
-                s[lay.skip + i] if has_skip else None,
-                (ves[ve_index] if ve_index >= 0 else no_ve) if block.attn is not None else None,
-                (s[lay.value + 2 * i], s[lay.value + 2 * i + 1])
-                if cfg.value_embeds and block.attn is not None else None,
-                cos, sin, self.rotary.attn_scale, doc, windows[i])
+            inp = LayerInputs(
+                x0=x0,
+                lambdas=(s[lay.block + 2 * i], s[lay.block + 2 * i + 1]) if cfg.block_lambdas else None,
+                skip=skip if has_skip else None,
+                skip_gate=s[lay.skip + i] if has_skip else None,
+                ve=(ves[ve_index] if ve_index >= 0 else no_ve) if attn else None,
+                value_lambdas=(s[lay.value + 2 * i], s[lay.value + 2 * i + 1])
+                if cfg.value_embeds and attn else None,
+                rope=rope, attn_scale=self.rotary.attn_scale, doc=doc, window=windows[i],
+                kv=kv_cache.layer(i, self.window_tokens(i)) if decoding and attn else None)
+            x = block.forward(x, inp) if decoding else block(x, inp)
             if cfg.skip_connection and i == cfg.skip_from_layer:
                 skip = x
             if cfg.backout and i == cfg.backout_layer:
                 backout = x
 
+        if decoding:
+            return self._logits(self._final(x, backout))
         if targets is None:
             return self._logits_fn(self._final_fn(x, backout))
         targets = targets.reshape(-1).long()
         if reduction == "sum":
-            use_fp8 = fp8_active(self.use_fp8 and self.training, device)
+            use_fp8 = self.training and self.fp8_head_active(device)
             return self._train_loss_fn(x, backout, targets, use_fp8)
         # eval: fp32 logits, chunk by chunk, so a 262,144-token forward never holds them all
         xn = self._final_fn(x, backout)
@@ -421,8 +448,10 @@ class GPT(nn.Module):
 
     def window_tokens(self, layer: int) -> int:
         """The attention window of ``layer`` in tokens under the current window config."""
-        blocks = self.long_blocks if layer in self.cfg.long_window_layers else self.short_blocks
-        return UNBOUNDED_WINDOW if blocks is None else blocks * self.cfg.block_size
+        if self.window is None:
+            return UNBOUNDED_WINDOW
+        blocks = self.window.long if layer in self.cfg.long_window_layers else self.window.short
+        return blocks * self.cfg.block_size
 
     def _windows(self, doc: DocInfo) -> list[AttnWindow | None]:
         """Per layer: its window's mask data, built once per window size for this batch."""

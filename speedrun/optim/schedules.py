@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from speedrun.config import MuonConfig, ScheduleConfig
+from speedrun.config import MuonConfig, ScheduleConfig, Window
 
 
 def lr_multiplier(step: int, sched: ScheduleConfig) -> float:
@@ -43,8 +43,8 @@ def _short(long_blocks: int, sched: ScheduleConfig) -> int:
     return max(1, math.floor(long_blocks * sched.short_window_ratio))
 
 
-def window_blocks(step: int, sched: ScheduleConfig) -> tuple[int, int]:
-    """(short, long) attention windows in blocks for a training step.
+def window_blocks(step: int, sched: ScheduleConfig) -> Window:
+    """The attention windows (short, long) in blocks for a training step.
 
     The scheduled steps are split into len(window_stages) equal stages (stage = floor(len * step /
     num_scheduled_steps), integer arithmetic); the extension steps use extension_window.
@@ -55,14 +55,14 @@ def window_blocks(step: int, sched: ScheduleConfig) -> tuple[int, int]:
         long = sched.extension_window
     else:
         long = stages[min(len(stages) - 1, len(stages) * max(step, 0) // sched.num_scheduled_steps)]
-    return _short(long, sched), long
+    return Window(_short(long, sched), long)
 
 
-def window_stages(sched: ScheduleConfig) -> dict[tuple[int, int], tuple[int, int]]:
-    """Every distinct (short, long) window of the training steps -> (first step, number of steps),
+def window_stages(sched: ScheduleConfig) -> dict[Window, tuple[int, int]]:
+    """Every distinct window of the training steps -> (first step, number of steps),
     in step order. Record: (1, 3) -> (0, 729), (3, 7) -> (729, 728), (5, 11) -> (1457, 728),
     (6, 13) -> (2185, 40)."""
-    stages: dict[tuple[int, int], tuple[int, int]] = {}
+    stages: dict[Window, tuple[int, int]] = {}
     for step in range(sched.total_steps):
         window = window_blocks(step, sched)
         first, count = stages.get(window, (step, 0))
@@ -70,12 +70,12 @@ def window_stages(sched: ScheduleConfig) -> dict[tuple[int, int], tuple[int, int
     return stages
 
 
-def final_window_blocks(sched: ScheduleConfig) -> tuple[int, int]:
-    """(short, long) for the final validation only: the long window grows to final_val_window and
+def final_window_blocks(sched: ScheduleConfig) -> Window:
+    """The windows of the final validation only: the long window grows to final_val_window and
     the short window stays that of the last training step (record: (6, 20)). The model must not
     apply a YaRN update for this change (reference-spec 1.5)."""
     last_long = sched.extension_window if sched.num_extension_steps > 0 else sched.window_stages[-1]
-    return _short(last_long, sched), sched.final_val_window
+    return Window(_short(last_long, sched), sched.final_val_window)
 
 
 def batch_size_multiplier(step: int, sched: ScheduleConfig) -> float:

@@ -197,22 +197,17 @@ def _strip_launch_flags(argv: list[str]) -> list[str]:
 
 def train_here(args, cfg: Config) -> int:
     from speedrun.distributed import destroy_world, init_world
+    from speedrun.kernels.fp8 import fp8_supported
     from speedrun.train.trainer import Trainer, resolve_device
     device = resolve_device(cfg)
     world = init_world(device)
     try:
-        if args.use_fp8 and device == "cuda":
-            import torch
-            if torch.cuda.get_device_capability() < (8, 9):
-                raise ConfigError("--use-fp8: this GPU has no FP8 matmul (compute capability < 8.9)")
-        if args.use_fp8 and device != "cuda":
-            raise ConfigError("--use-fp8 needs a CUDA GPU with FP8 support; this run is on the CPU")
+        if args.use_fp8 and not fp8_supported(world.device.type, world.device.index):
+            raise ConfigError(f"--use-fp8 needs a CUDA GPU with FP8 matmuls (compute capability >= 8.9); "
+                              f"this run is on {world.device}")
         run_dir = cfg.train.save_path or (_run_dir_of(args.resume) if args.resume else _default_run_dir())
-        if world.world_size > 1 and not cfg.train.save_path and not args.resume:
-            import torch.distributed as dist
-            holder = [run_dir]
-            dist.broadcast_object_list(holder, src=0)
-            run_dir = holder[0]
+        if not cfg.train.save_path and not args.resume:   # a timestamped name: rank 0's for all
+            run_dir = world.broadcast_object(run_dir)
         trainer = Trainer(cfg, world, run_dir, resume=args.resume)
         trainer.run()
     finally:

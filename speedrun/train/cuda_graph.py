@@ -38,10 +38,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from speedrun.config import ConfigError
+from speedrun.config import ConfigError, CudaGraphs, choices
 from speedrun.model import flash
 
-MODES = ("auto", "on", "off")
+MODES = choices(CudaGraphs)
 
 
 class CudaGraphError(RuntimeError):

@@ -9,6 +9,10 @@ import os
 import sys
 import time
 
+import numpy as np
+
+from speedrun.config import Window
+
 # dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s); MFU is reported against these
 DATASHEET_BF16_PEAK = {
     "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
@@ -23,13 +27,13 @@ def device_peak_flops(device_name: str) -> float | None:
     return None
 
 
-def flops_per_token(model_cfg, window_tokens_long: int, window_tokens_short: int,
-                    mean_doc_len: float = 1024.0) -> float:
+def flops_per_token(model_cfg, window: Window, mean_doc_len: float = 1024.0) -> float:
     """Training FLOPs per token: 6 x matmul parameters (forward 2, backward 4) plus attention.
 
     Attention: per layer and query, QK^T and PV cost 2*2*d FLOPs per attended key forward, 3x that
     with backward; a query attends min(window, its position in the document) keys, which averages
-    about min(window, mean_doc_len/2) with causal documents.
+    about min(window, mean_doc_len/2) with causal documents. ``window`` in blocks of
+    model_cfg.block_size tokens.
     """
     d, hdim = model_cfg.model_dim, model_cfg.num_heads * model_cfg.head_dim
     attn_layers = [i for i in range(model_cfg.num_layers) if model_cfg.has_attention(i)]
@@ -37,14 +41,13 @@ def flops_per_token(model_cfg, window_tokens_long: int, window_tokens_short: int
     matmul_params += model_cfg.padded_vocab_size * d  # lm_head
     attn = 0.0
     for i in attn_layers:
-        window = window_tokens_long if i in model_cfg.long_window_layers else window_tokens_short
-        attn += 12 * hdim * min(window, mean_doc_len / 2)
+        blocks = window.long if i in model_cfg.long_window_layers else window.short
+        attn += 12 * hdim * min(blocks * model_cfg.block_size, mean_doc_len / 2)
     return 6 * matmul_params + attn
 
 
 def unigram_entropy(tokens) -> float:
     """Cross-entropy (nats) of a model that knows only the token frequencies of ``tokens``."""
-    import numpy as np
     counts = np.bincount(np.asarray(tokens, dtype=np.int64))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

@@ -25,7 +25,7 @@ def run(config_path: str, device: str) -> float:
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)
     trainer = Trainer(cfg, world, os.path.dirname(config_path))
-    trainer.loader.close()
+    trainer.close()
     model = trainer.model
     if cfg.train.compile:
         model.compile_regions()
@@ -35,7 +35,7 @@ def run(config_path: str, device: str) -> float:
         p.grad = torch.randn_like(p) * 1e-3
     trainer.optimizers.step(1, 1.0, cfg.optim.muon.momentum)
     trainer.apply_window(0)
-    loss = trainer.warm_eval(next(iter(trainer._val_loader())))
+    loss = trainer.warm_eval(next(iter(trainer.val_loader())))
     print(f"precompile done: eval loss {loss:.4f}", flush=True)
     return loss
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from speedrun.config import Config, ConfigError
+from speedrun.config import Config, ConfigError, Window
 from speedrun.data.embedded import embedded_shards
-from speedrun.data.loader import TrainLoader, ValLoader
+from speedrun.data.loader import DataExhaustedError, TrainLoader, ValLoader
 from speedrun.data.shards import read_shard, shard_paths
 from speedrun.model import GPT
 from speedrun.optim.build import build_optimizers
@@ -70,10 +70,12 @@ def resolve_device(cfg: Config) -> str:
     return want
 
 
-def resolve_dtype(cfg: Config, device: str) -> torch.dtype:
-    if cfg.train.dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, cfg.train.dtype)
+def resolve_dtype(name: str, device_type: str) -> torch.dtype:
+    """Activation dtype ``train.dtype`` (or eval's --dtype): 'auto' = bf16 on CUDA (as the record
+    trains and validates), fp32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def resolve_data(cfg: Config) -> tuple[str, str]:
@@ -87,15 +89,15 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
     return train, val
 
 
-def replay_windows(model, schedule, step: int) -> tuple[int, int]:
+def replay_windows(model, schedule, step: int) -> Window:
     """Reset the model's windows and YaRN state, then apply every window change of steps 0..step
-    in order (YaRN updates compound, so a jump must replay them). Returns step's (short, long)."""
+    in order (YaRN updates compound, so a jump must replay them). Returns step's window."""
     model.reset_window()
     current = None
     for window, (first, _) in window_stages(schedule).items():
         if first > step:
             break
-        model.set_window(window[1], window[0], update_yarn=True)
+        model.set_window(window, update_yarn=True)
         current = window
     return current
 
@@ -106,7 +108,7 @@ class Trainer:
         self.world = world
         self.run_dir = run_dir
         self.device = world.device
-        self.dtype = resolve_dtype(cfg, self.device.type)
+        self.dtype = resolve_dtype(cfg.train.dtype, self.device.type)
         self.grad_accum = cfg.grad_accum(world.world_size)
         self.total_steps = cfg.schedule.total_steps
         # where this run stops: the schedule's end unless train.max_steps cuts it short
@@ -127,9 +129,8 @@ class Trainer:
         # built on the device: initializing 190M parameters there takes milliseconds, on the host
         # seconds (CUDA draws its init from the CUDA generator, seeded by manual_seed above)
         with torch.device(self.device):
-            self.model = GPT(cfg.model, dtype=self.dtype)
-        self.model.use_fp8 = self._fp8_wanted()
-        self.model.max_doc_len = cfg.data.max_doc_len   # the loader caps training documents there
+            # the loader cuts training documents at data.max_doc_len: the model's bound on them
+            self.model = GPT(cfg.model, dtype=self.dtype, max_doc_len=cfg.data.max_doc_len)
         self._broadcast_parameters()
         done("model")
         self.optimizers = build_optimizers(self.model, cfg.optim, world)
@@ -139,7 +140,7 @@ class Trainer:
         if graphs_wanted(cfg.train.cuda_graphs, self.device, cfg.train.compile, backend, world.world_size):
             # flash's kernels take the window as a host value at launch, so a recording bakes it in:
             # re-record when the window sizes change
-            windows = (lambda: (self.model.long_blocks, self.model.short_blocks)) if backend == "flash" else None
+            windows = (lambda: self.model.window) if backend == "flash" else None
             self.micro_graph = MicroStepGraph(self.micro_step, self.model, self.device, host_state=windows)
             self.optimizers.keep_grads = True
         self.loader = self._train_loader()
@@ -150,23 +151,16 @@ class Trainer:
             self._load_pending_grads(ckpt.find_checkpoint(resume))
             self.loader.load_state_dict(state.loader_state)
             self.start_step, self.train_time_ms = state.step, state.train_time_ms
-        self.window = None  # (short, long) blocks currently applied to the model
+        self.window: Window | None = None  # the windows currently applied to the model
         self.warmup_phases: dict[str, float] = {}
         self.warmup_helper: str | None = None   # parallel warm-up helper: finished / stopped / failed
         self.peak_flops = (device_peak_flops(torch.cuda.get_device_name(self.device))
                            if self.device.type == "cuda" else None)
 
     # ---- setup helpers --------------------------------------------------------------------------
-    def _fp8_wanted(self) -> bool:
-        if not self.cfg.model.fp8_head or self.device.type != "cuda":
-            return False
-        return torch.cuda.get_device_capability(self.device) >= (8, 9)
-
     def _broadcast_parameters(self) -> None:
-        if self.world.world_size > 1:
-            import torch.distributed as dist
-            for p in self.model.parameters():
-                dist.broadcast(p.data, src=0)
+        for p in self.model.parameters():
+            self.world.broadcast_(p.data)
 
     def _train_loader(self):
         c = self.cfg
@@ -175,11 +169,23 @@ class Trainer:
                            rank=self.world.rank, max_doc_len=c.data.max_doc_len, bos_id=c.data.bos_id,
                            wrap=c.data.wrap, async_loading=c.data.async_loading, device=str(self.device))
 
-    def _val_loader(self):
+    def val_loader(self) -> ValLoader:
+        """This rank's share of the validation tokens (a fresh pass over the fixed first N)."""
         c = self.cfg
         return ValLoader(self.val_glob, num_tokens=c.train.val_tokens,
                          sequence_tokens=c.train.val_sequence_tokens, world_size=self.world.world_size,
                          rank=self.world.rank, bos_id=c.data.bos_id, device=str(self.device))
+
+    def next_batches(self, step: int) -> list:
+        """This rank's micro-batches of optimizer step ``step``, in order."""
+        try:
+            return self.loader.next_step()
+        except DataExhaustedError as e:
+            raise TrainingError(f"{e} (stopped before step {step}; set data.wrap=true to cycle the data)") from None
+
+    def close(self) -> None:
+        """Stop the loader's background thread (the trainer is not used afterwards)."""
+        self.loader.close()
 
     # ---- windows ----------------------------------------------------------------------------------
     def apply_window(self, step: int) -> None:
@@ -191,10 +197,10 @@ class Trainer:
         target = window_blocks(step, self.cfg.schedule)
         if target == self.window:
             return
-        if self.window is None or target[1] < self.window[1]:
+        if self.window is None or target.long < self.window.long:
             self.window = replay_windows(self.model, self.cfg.schedule, step)
         else:
-            self.model.set_window(target[1], target[0], update_yarn=True)
+            self.model.set_window(target, update_yarn=True)
             self.window = target
 
     # ---- one optimizer step ---------------------------------------------------------------------
@@ -236,10 +242,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         self.model.eval()
-        total = loss_sum_and_count(self.model, self._val_loader(), self.device)
-        if self.world.world_size > 1:
-            import torch.distributed as dist
-            dist.all_reduce(total)
+        total = self.world.all_reduce_(loss_sum_and_count(self.model, self.val_loader(), self.device))
         self.model.train()
         return float(total[0] / total[1])
 
@@ -260,7 +263,7 @@ class Trainer:
         model_state = copy.deepcopy(self.model.state_dict())
         optim_state = copy.deepcopy(self.optimizers.state_dict())
         loader = self._train_loader()
-        val_batch = next(iter(self._val_loader()))
+        val_batch = next(iter(self.val_loader()))
         phases = self.warmup_phases = {"compile_regions": time.perf_counter() - t0}
         last = time.perf_counter()
 
@@ -344,10 +347,8 @@ class Trainer:
     def _stop_agreed(self) -> bool:
         if self.world.world_size == 1:
             return self._stop_requested
-        import torch.distributed as dist
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(self.world.all_reduce_(flag, "max").item())
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -391,9 +392,8 @@ class Trainer:
                 if last or (cfg.train.val_every and step % cfg.train.val_every == 0) or step == self.start_step == 0:
                     stop_timing()
                     if last and step == self.total_steps:
-                        short, long = final_window_blocks(cfg.schedule)
                         self.apply_window(step - 1)
-                        self.model.set_window(long, short, update_yarn=False)
+                        self.model.set_window(final_window_blocks(cfg.schedule), update_yarn=False)
                         self.window = None  # forces a replay if anything runs after this
                     else:
                         self.apply_window(step)
@@ -408,14 +408,7 @@ class Trainer:
                 if timed_from is None:
                     self._sync()
                     timed_from = time.perf_counter()
-                try:
-                    batches = self.loader.next_step()
-                except Exception as e:
-                    if type(e).__name__ == "DataExhaustedError":
-                        raise TrainingError(f"{e} (stopped before step {step}; "
-                                            f"set data.wrap=true to cycle the data)") from None
-                    raise
-                loss = self.train_step(step, batches)
+                loss = self.train_step(step, self.next_batches(step))
                 step += 1
                 logging_now = step % cfg.train.log_every == 0 or step == self.end_step
                 if logging_now or self.device.type == "cpu":
@@ -436,7 +429,7 @@ class Trainer:
                         ms = 1e3 * (now - last_log_time) / max(1, step - last_log_step)
                     last_log_time, last_log_step = now, step
                     tokens_per_s = tokens_per_step / (ms / 1e3)
-                    mfu = self._mfu(tokens_per_s)
+                    mfu = self.mfu(tokens_per_s)
                     log.progress(step, loss_value, ms, tokens_per_s, mfu)
                     log.log({"step": step, "train_loss": loss_value, "ms_per_step": ms,
                              "tokens_per_s": tokens_per_s, "mfu": mfu,
@@ -463,18 +456,14 @@ class Trainer:
         return self._finish(val_loss, warmup_s, tokens_per_s)
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
-        if self.world.world_size > 1:
-            import torch.distributed as dist
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.world.world_size
-        return float(value)
+        return float(self.world.all_reduce_(value.clone())) / self.world.world_size
 
-    def _mfu(self, tokens_per_s: float) -> float | None:
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilization of ``tokens_per_s`` (all ranks) at the current windows; None where
+        the device's peak is unknown (CPU, unlisted GPUs)."""
         if not self.peak_flops or self.window is None:
             return None
-        block = self.cfg.model.block_size
-        fpt = flops_per_token(self.cfg.model, self.window[1] * block, self.window[0] * block)
+        fpt = flops_per_token(self.cfg.model, self.window)
         return fpt * tokens_per_s / (self.peak_flops * self.world.world_size)
 
     def _finish(self, val_loss, warmup_s, tokens_per_s) -> Summary:
