@@ -85,7 +85,14 @@ class LayerInputs(NamedTuple):
     the value embedding mixed into v and (l0, l1) of v <- l0 v + l1 ve (attention layers);
     rope: rotary (cos, sin) or None; attn_scale: the 0-d softmax scale; doc / window: the batch's
     documents and this layer's window (None when decoding); kv: this layer's slice of a KV cache
-    (decoding only, model/kv_cache.py)."""
+    (decoding only, model/kv_cache.py).
+
+    Record-89 inputs, None where the layer's technique is off (produced by the model's residual
+    side, consumed by attention): attn_lambdas: (qkv, o) scalars multiplying [Wq;Wk;Wv] and Wo
+    (record 47); with value_lambdas None, ``ve`` is the whole value injection (T, dim) added to v
+    (gated value embedding, MUDD value sources); xsa_alpha: (T, H) pre-tanh XSA strengths;
+    out_gate: (T, H) linear per-head output gate; dc_weights: (w1, w2), each (T, H), of the
+    lightweight DC-MHA (w1 before its RMS norm over heads)."""
     x0: Tensor
     lambdas: tuple[Tensor, Tensor] | None = None
     skip: Tensor | None = None
@@ -97,6 +104,10 @@ class LayerInputs(NamedTuple):
     doc: DocInfo | None = None
     window: AttnWindow | None = None
     kv: LayerKV | None = None
+    attn_lambdas: tuple[Tensor, Tensor] | None = None
+    xsa_alpha: Tensor | None = None
+    out_gate: Tensor | None = None
+    dc_weights: tuple[Tensor, Tensor] | None = None
 
 
 class BackendUnavailable(RuntimeError):
