@@ -13,6 +13,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config, items):
+    # tests reading the results of a Triton-interpreter script (a subprocess running the kernels on
+    # the CPU, seconds to tens of seconds each) or of whole training runs are slow: the fast lane
+    # (-m "not slow") leaves them out
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if any(n.endswith("interpreter_results") for n in names) or "two_seeds" in names:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -106,6 +106,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_kernels_equal_twins_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
