@@ -307,6 +307,7 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm, self.rotary, self.gate_dim = qk_norm, rotary, gate_dim
         self.qkvo = nn.Parameter(torch.empty(dim, 4 * dim))
         self.qkvo.label = "attn"
+        self.qkvo.num_heads = num_heads   # NorMuon cuts Wq, Wk per head pair (optim.muon.qk_head_pairs)
         self.gate = None
         if attn_gate:
             self.gate = nn.Linear(gate_dim, num_heads, bias=False, dtype=dtype)
