@@ -107,6 +107,8 @@ class ModelConfig:
     dc_window: int = 112               # DC's own softmax sees this many keys (the query included)
     attn_out_gate_layers: list[int] = field(default_factory=list)  # y_h *= g_h (linear, init 0.25)
     attn_lambdas: bool = False         # learned scalars scaling [Wq;Wk;Wv] (init 0.5) and Wo (1.0)
+    fused_dc: bool = True              # DC-MHA through its Triton kernels on CUDA (kernels/dc_mha.py);
+    #                                    the plain twin elsewhere and with it off
 
     @property
     def padded_vocab_size(self) -> int:

@@ -108,7 +108,8 @@ def test_decoding_form_equals_the_last_rows():
 
 def test_dispatch_on_cpu_and_errors():
     y, q, k, v, w1, w2, _ = (t.float() for t in inputs(20, 2, 16))
-    assert torch.equal(dc_mha(y, q, k, v, w1, w2, DOC[:20], 5), dc_mha_reference(y, q, k, v, w1, w2, DOC[:20], 5))
+    want = dc_mha_reference(y, q, k, v, w1, w2, DOC[:20], 5)
+    assert torch.equal(dc_mha(y, q, k, v, w1, w2, DOC[:20], 5), want)
     with pytest.raises(ValueError, match="kernel must be one of"):
         dc_mha(y, q, k, v, w1, w2, DOC[:20], 5, kernel="cuda")
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():

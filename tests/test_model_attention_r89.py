@@ -19,7 +19,8 @@ def rotate(x, positions, freqs):
     """x (T, H, D) with pair (d, d + D/2) rotated by -positions[t, h] * freqs[d] (complex form);
     the angles' cos and sin in fp32, as the model's tables are made."""
     theta = positions.float()[..., None] * freqs.float()
-    z = torch.complex(x[..., :D // 2], x[..., D // 2:]) * torch.complex(theta.cos().double(), -theta.sin().double())
+    turn = torch.complex(theta.cos().double(), -theta.sin().double())
+    z = torch.complex(x[..., :D // 2], x[..., D // 2:]) * turn
     return torch.cat([z.real, z.imag], dim=-1)
 
 
@@ -115,7 +116,8 @@ def test_paired_layer_matches_index_formula(window):
     rot.yarn_update(1, 4)
     doc, win = batch("sdpa", window=window, paired=True)
     scale = torch.tensor(0.3, dtype=F64)
-    y = layer(x, A.LayerInputs(x0=x, rope=rot.paired_cos_sin(T, H, F64), attn_scale=scale, doc=doc, window=win))
+    rope = rot.paired_cos_sin(T, H, F64)
+    y = layer(x, A.LayerInputs(x0=x, rope=rope, attn_scale=scale, doc=doc, window=win))
 
     q, k, v, Wo = projections(layer, x)
     pos = 2 * torch.arange(T)[:, None] + torch.arange(H)[None, :] % 2
@@ -238,7 +240,7 @@ def test_neutral_coefficients_equal_the_plain_layer():
     rope = Rotary(D, 1024.0, 0.1, 16).cos_sin(T, F64)
     doc, win = batch("sdpa")
     base = dict(x0=x, rope=rope, attn_scale=torch.tensor(0.3, dtype=F64), doc=doc, window=win)
-    alpha, w2 = torch.zeros(1, H, dtype=F64, requires_grad=True), torch.zeros(1, H, dtype=F64, requires_grad=True)
+    alpha, w2 = (torch.zeros(1, H, dtype=F64, requires_grad=True) for _ in range(2))
     one = torch.tensor(1.0, dtype=F64)
     y = full(x, A.LayerInputs(**base, xsa_alpha=alpha, out_gate=torch.ones(1, H, dtype=F64),
                               dc_weights=(torch.ones(1, H, dtype=F64), w2), attn_lambdas=(one, one)))

@@ -314,9 +314,9 @@ def dc_mha_triton(y: Tensor, q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Te
         raise RuntimeError(f"dc_mha: kernel='triton' needs CUDA tensors (got device {q.device}); use "
                            "kernel='torch' or 'auto' on CPU (or TRITON_INTERPRET=1 for Triton's interpreter)")
     if not triton_supports(q, k, v, window):
-        raise RuntimeError(f"dc_mha: kernel='triton' takes equal (T, H, D) q/k/v in bf16/fp16/fp32 with D a "
-                           f"power of two in [16, 256] and window in [1, {MAX_WINDOW}]; got q {tuple(q.shape)} "
-                           f"{q.dtype}, k {tuple(k.shape)}, v {tuple(v.shape)}, window {window}")
+        raise RuntimeError(f"dc_mha: kernel='triton' takes equal (T, H, D) q/k/v in bf16/fp16/fp32 with D "
+                           f"a power of two in [16, 256] and window in [1, {MAX_WINDOW}]; got q "
+                           f"{tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, v {tuple(v.shape)}, window {window}")
     T = q.shape[0]
     # (1, H) weights (one per layer) become stride-0 (T, H) views: autograd sums their gradient
     return dc_mha_fwd(y, q, k, v, w1.expand(T, -1), w2.expand(T, -1), doc_ids, int(window))[0]

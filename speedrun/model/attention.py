@@ -360,15 +360,17 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, *, qk_norm: bool, rotary: bool,
                  attn_gate: bool, gate_dim: int, dtype: torch.dtype, paired: bool = False,
-                 key_offset: bool = False, dc_window: int = 112):
+                 key_offset: bool = False, dc_window: int = 112, dc_kernel: str = "auto"):
         """paired / key_offset: this layer's record-89 structure (config lists); dc_window: keys
-        of DC's softmax, used where ``LayerInputs.dc_weights`` is given."""
+        of DC's softmax, used where ``LayerInputs.dc_weights`` is given; dc_kernel: dc_mha's
+        kernel choice ("auto": Triton on CUDA, "torch": the twin)."""
         super().__init__()
         assert num_heads * head_dim == dim, "num_heads * head_dim must equal model_dim"
         assert not paired or num_heads % 2 == 0, "paired heads need an even head count"
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.qk_norm, self.rotary, self.gate_dim = qk_norm, rotary, gate_dim
-        self.paired, self.key_offset, self.dc_window = paired, key_offset, dc_window
+        self.paired, self.key_offset = paired, key_offset
+        self.dc_window, self.dc_kernel = dc_window, dc_kernel
         self.qkvo = nn.Parameter(torch.empty(dim, 4 * dim))
         self.qkvo.label = "attn"
         self.gate = None
@@ -407,7 +409,7 @@ class CausalSelfAttention(nn.Module):
             if inp.kv is not None:
                 y = inp.kv.dc(y, q, w1, w2, self.dc_window)
             else:
-                y = dc_mha(y, q, k, v, w1, w2, inp.doc.doc_ids, self.dc_window)
+                y = dc_mha(y, q, k, v, w1, w2, inp.doc.doc_ids, self.dc_window, kernel=self.dc_kernel)
         else:
             y = self._attend(q, k, v, inp)
         if inp.xsa_alpha is not None:

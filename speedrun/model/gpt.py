@@ -122,7 +122,8 @@ class Block(nn.Module):
                                             attn_gate=cfg.attn_gate, gate_dim=cfg.gate_dim,
                                             dtype=dtype, paired=layer in cfg.paired_head_layers,
                                             key_offset=cfg.key_offset and layer in cfg.long_window_layers,
-                                            dc_window=cfg.dc_window)
+                                            dc_window=cfg.dc_window,
+                                            dc_kernel="auto" if cfg.fused_dc else "torch")
         self.mlp = MLP(cfg.model_dim, cfg.mlp_dim, cfg.relu_squared, cfg.fused_mlp)
 
     def forward(self, x: Tensor, inp: LayerInputs) -> Tensor:
@@ -307,6 +308,11 @@ class GPT(nn.Module):
         # Block.forward legitimately has several graphs: 2 variants x (train, no-grad eval) x each
         # sequence length used (train, val, HellaSwag...). Room for them (the reference used 64).
         limit = 32
+        c = self.cfg
+        if c.paired_head_layers or c.xsa_layers or c.dc_layers or c.attn_out_gate_layers or c.key_offset:
+            # record 89's attention makes more block variants (6 at its layout: paired, XSA, long +
+            # offset + XSA + gate, long + offset + DC + gate, plain, MLP + skip)
+            limit = 64
         if self.cfg.attention_backend == "flash" and flash_attn_impl() == "fa3":
             # FlashAttention-3 runs eagerly behind a graph break (model/flash.py); FA4 is traced
             kw["fullgraph"] = False
@@ -483,7 +489,8 @@ class GPT(nn.Module):
             key = (i in cfg.long_window_layers, i in cfg.paired_head_layers)
             if key not in built:
                 layer_doc = stream_doc if key[1] else doc
-                built[key] = (layer_doc, build_window(layer_doc, self.window_long if key[0] else self.window_short,
-                                                      self.window_tokens(i), self.flex_block_size))
+                window = self.window_long if key[0] else self.window_short
+                built[key] = (layer_doc, build_window(layer_doc, window, self.window_tokens(i),
+                                                      self.flex_block_size))
             out.append(built[key])
         return out
