@@ -79,10 +79,10 @@ def dc_mha_reference(y: Tensor, q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2:
     if doc_ids is not None:
         valid = valid & (doc_ids[Tk - Tq:, None] == doc_ids[None, :])
     scores = torch.einsum("thd,jhd->htj", q.to(acc), k.to(acc))
-    probs = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1)
-    mix = torch.einsum("th,htj->tj", w1.to(acc).expand(Tq, -1), probs)
-    corr = torch.einsum("tj,jhd->thd", mix, v.to(acc)) * w2.to(acc).expand(Tq, -1)[..., None]
-    return (y.to(acc) + corr).to(y.dtype)
+    probs = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1)             # (H, Tq, Tk)
+    mix = (w1.to(acc).expand(Tq, -1).T[..., None] * probs).sum(0)                  # (Tq, Tk)
+    read = (mix @ v.to(acc).reshape(Tk, -1)).view(q.shape)                          # sum_j A v_h[j]
+    return (y.to(acc) + w2.to(acc).expand(Tq, -1)[..., None] * read).to(y.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
