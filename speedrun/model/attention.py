@@ -185,8 +185,8 @@ def stream_doc_info(doc: DocInfo) -> DocInfo:
     t): doc ids repeated twice, cu_seqlens and max_seqlen doubled (padding entries T become 2T).
     Windows are NOT doubled (the public code's choice): counted in stream rows, a paired layer's
     window reaches about half as many tokens back."""
-    return doc._replace(doc_ids=doc.doc_ids.repeat_interleave(2), cu_seqlens=doc.cu_seqlens * 2,
-                        max_seqlen=2 * doc.max_seqlen)
+    doc_ids = doc.doc_ids[:, None].expand(-1, 2).reshape(-1)   # each id twice, no host sync
+    return doc._replace(doc_ids=doc_ids, cu_seqlens=doc.cu_seqlens * 2, max_seqlen=2 * doc.max_seqlen)
 
 
 def flex_block_tensors(doc_ids: Tensor, window: Tensor, block_size: int
@@ -352,7 +352,9 @@ def dc_mixing_weights(w1: Tensor, w2: Tensor, dtype: torch.dtype) -> tuple[Tenso
 class CausalSelfAttention(nn.Module):
     """q, k, v = rmsnorm(x) W{q,k,v}^T; QK-norm; rotary; v <- l0 v + l1 ve; attention (over the
     batch, or over a KV cache when decoding); per-head sigmoid gate read from the first gate_dim
-    dims of the (normed) input; output projection.
+    dims of the (normed) input; output projection. Record 89 (each off unless its config switch
+    or LayerInputs field is given): lambdas on the weights, paired heads, key offset, the whole
+    value injection, DC-MHA after attention, XSA, the linear output gate (forward's docstring).
 
     ``qkvo`` (label "attn") is ONE fp32 parameter of shape (dim, 4*dim) whose memory is four
     stacked dim x dim matrices [Wq, Wk, Wv, Wo] in nn.Linear (out, in) form (``view(4, dim, dim)``),
