@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One pass over everything that needs a GPU: the GPU-marked tests, the component benchmarks and
 # `speedrun bench` of the record recipe. Usage: benchmarks/gpu_check.sh OUT_DIR [parts...]
-# parts: tests kernels mlp flex attention model optim bench (default: all but attention); tests-kernels + tests-rest split
+# parts: tests kernels mlp flex attention attention-r89 model optim bench (default: all but the attention ones); tests-kernels + tests-rest split
 # tests in two. Each part has its own time limit and a log in OUT_DIR, and a failing part does not
 # stop the next one.
 set -u
-out=${1:?usage: gpu_check.sh OUT_DIR [tests|tests-kernels|tests-rest|kernels|mlp|flex|attention|model|optim|bench]...}
+out=${1:?usage: gpu_check.sh OUT_DIR [tests|tests-kernels|tests-rest|kernels|mlp|flex|attention|attention-r89|model|optim|bench]...}
 shift
 parts=${*:-tests kernels mlp flex model optim bench}
 mkdir -p "$out"
@@ -32,6 +32,8 @@ for part in $parts; do
         mlp)     step bench_mlp 90 python3 benchmarks/bench_mlp.py --out "$out/bench_mlp.json" ;;
         flex)    step bench_flex 240 python3 benchmarks/bench_flex.py --out "$out/bench_flex.json" ;;
         attention) step bench_attention 120 python3 benchmarks/bench_attention.py --out "$out/bench_attention.json" ;;
+        attention-r89) step bench_attention_r89 240 python3 benchmarks/bench_attention_r89.py \
+                     --out "$out/bench_attention_r89.json" ;;
         model)   step bench_model 150 python3 benchmarks/bench_model.py --out "$out/bench_model.json" ;;
         optim)   step bench_optim 90 python3 benchmarks/bench_optim.py --out "$out/bench_optim.json" ;;
         bench)   step bench ${BENCH_LIMIT:-330} python3 -m speedrun bench --config record_124m --warm-start \

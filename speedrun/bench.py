@@ -2,7 +2,8 @@
 
 For each attention-window stage of the schedule it runs a short timed window of real optimizer steps
 (synthetic documents unless ``--data-path`` is given) and prints one table: ms/step, tokens/s, MFU,
-peak memory, and the split of a step into forward / backward / optimizer / data wait. It also reports
+peak memory, and the split of a step into forward / backward / optimizer / data wait (with record
+89's DC-MHA on, also DC's own forward+backward per step, timed alone: ``dc_step_ms``). It also reports
 the cold start (process start to first timed step, empty compile cache) and, with ``--warm-start``,
 the start of a second process that finds the compile cache on disk. ``--profile`` writes a torch
 profiler trace and a CUDA memory snapshot into the run directory.
@@ -122,7 +123,8 @@ def run_bench(args) -> int:
         t0 = time.perf_counter()
         for k in range(args.steps):
             step = first + args.skip_steps + k
-            loss = trainer.train_step(step, trainer.next_batches(step))
+            batches = trainer.next_batches(step)
+            loss = trainer.train_step(step, batches)
         _sync(device)
         ms = 1e3 * (time.perf_counter() - t0) / args.steps
         # the last timed step's training loss (read after the timing): same seed and data give the
@@ -134,9 +136,10 @@ def run_bench(args) -> int:
         for k in range(split_steps):
             _timed_step(trainer, first + args.skip_steps + args.steps + k, split)
         tokens_per_s = cfg.train.tokens_per_step / (ms / 1e3)
+        dc = dc_step_ms(trainer, batches[0])   # the documents of the last timed step
         rows.append({"window_long": trainer.window.long, "window_short": trainer.window.short,
                      "ms_per_step": ms, "tokens_per_s": tokens_per_s, "mfu": trainer.mfu(tokens_per_s),
-                     "train_loss": train_loss,
+                     "train_loss": train_loss, **({"dc_ms": dc} if dc is not None else {}),
                      **{f"{k}_ms": v / split_steps for k, v in split.items()}})
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     # reserved counts the CUDA graph's private pool and the allocator's cache too
@@ -186,6 +189,43 @@ def _attention_name(model, device) -> str:
     from speedrun.model.flash import flash_attn_impl
     backend = model.attention_backend(device)
     return f"flash ({flash_attn_impl()})" if backend == "flash" else backend
+
+
+def dc_step_ms(trainer, batch, repeats: int | None = None) -> float | None:
+    """DC-MHA's forward+backward per optimizer step at this run's shapes (None without DC layers):
+    the op timed alone on random q, k, v, y, weights and ``batch``'s documents, with the kernel
+    the model uses (model.fused_dc), times the DC layers and the micro-steps per step. Measured in
+    isolation, so it is DC's share of the fwd + bwd columns as far as it runs apart from the rest
+    (in the compiled model it is an opaque custom op: nothing fuses into it)."""
+    import torch
+
+    from speedrun.kernels.dc_mha import dc_mha
+    from speedrun.model.attention import build_doc_info
+    cfg, device = trainer.cfg.model, trainer.device
+    if not cfg.dc_layers:
+        return None
+    T, H, D, dtype = batch.inputs.numel(), cfg.num_heads, cfg.head_dim, trainer.model.dtype
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, y, g = (torch.randn(T, H, D, device=device, generator=gen).to(dtype) for _ in range(5))
+    q = (q * 0.1).requires_grad_()
+    w1, w2 = (torch.randn(T, H, device=device, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+    k, v, y = (t.requires_grad_() for t in (k, v, y))
+    doc_ids = build_doc_info(batch.cu_seqlens, T, device, "sdpa").doc_ids
+    kernel = "auto" if cfg.fused_dc else "torch"
+
+    def once():
+        out = dc_mha(y, q, k, v, w1, w2, doc_ids, cfg.dc_window, kernel=kernel)
+        torch.autograd.grad(out, (y, q, k, v, w1, w2), g)
+
+    once()   # compiles / warms the kernels
+    repeats = repeats or (10 if device.type == "cuda" else 2)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    _sync(device)
+    per_call = 1e3 * (time.perf_counter() - t0) / repeats
+    return per_call * len(cfg.dc_layers) * trainer.grad_accum
 
 
 def _sync(device) -> None:
@@ -310,8 +350,9 @@ def _warm_start(args, cache: str) -> dict:
 def _print_table(r: dict) -> None:
     print(f"\n{r['config']} on {r['device']} x{r['world_size']} (grad_accum {r['grad_accum']}), "
           f"{r['tokens_per_step']} tokens/step, torch {r['torch']}")
+    dc = any("dc_ms" in s for s in r["stages"])
     head = (f"{'window':>8} {'ms/step':>9} {'tok/s':>10} {'MFU':>6} {'data':>7} {'fwd':>7} {'bwd':>7} {'optim':>7}"
-            f" {'loss':>7}")
+            f" {'loss':>7}" + (f" {'dc':>7}" if dc else ""))
     print(head)
     for s in r["stages"]:
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "-"
@@ -319,7 +360,11 @@ def _print_table(r: dict) -> None:
         fwd = f"{s['forward_ms']:7.1f}" if s.get("forward_backward_ms", 0) == 0 else f"{'-':>7}"
         bwd = s["backward_ms"] + s.get("forward_backward_ms", 0)
         print(f"{s['window_short']:>3}/{s['window_long']:<4} {s['ms_per_step']:9.1f} {s['tokens_per_s'] / 1e3:9.1f}k "
-              f"{mfu:>6} {s['data_ms']:7.1f} {fwd} {bwd:7.1f} {s['optimizer_ms']:7.1f} {s['train_loss']:7.4f}")
+              f"{mfu:>6} {s['data_ms']:7.1f} {fwd} {bwd:7.1f} {s['optimizer_ms']:7.1f} {s['train_loss']:7.4f}"
+              + (f" {s['dc_ms']:7.2f}" if dc else ""))
+    if dc:
+        print("dc: DC-MHA forward+backward per step (all DC layers and micro-steps), timed alone at this "
+              "run's shapes; part of fwd + bwd")
     if r["peak_memory_gib"] is None:
         memory = "peak memory - GiB"
     elif r.get("cuda_graphs"):

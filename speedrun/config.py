@@ -98,6 +98,18 @@ class ModelConfig:
     #                                    softcap + F.cross_entropy else
     fused_mlp: bool = True             # MLP through the fused Triton kernels on CUDA (bf16 relu² only);
     #                                    the plain twin elsewhere
+    # record 89: attention (head-spec.md; all off = record 45's attention). Record 89's values:
+    # paired [0,2,5,9], key_offset on, xsa [1,3,4,7], dc [10] (window 112), out gates [3,10], lambdas on
+    paired_head_layers: list[int] = field(default_factory=list)  # heads h and h+H/2 share one softmax
+    #                                    over a 2T-row stream (model/attention.py: to_stream)
+    key_offset: bool = False           # long-window layers: the stationary half of k shifted one token
+    xsa_layers: list[int] = field(default_factory=list)  # y -= tanh(a) (y.v / |v|^2) v per head
+    dc_layers: list[int] = field(default_factory=list)   # lightweight DC-MHA (kernels/dc_mha.py)
+    dc_window: int = 112               # DC's own softmax sees this many keys (the query included)
+    attn_out_gate_layers: list[int] = field(default_factory=list)  # y_h *= g_h (linear, init 0.25)
+    attn_lambdas: bool = False         # learned scalars scaling [Wq;Wk;Wv] (init 0.5) and Wo (1.0)
+    fused_dc: bool = True              # DC-MHA through its Triton kernels on CUDA (kernels/dc_mha.py);
+    #                                    the plain twin elsewhere and with it off
 
     @property
     def padded_vocab_size(self) -> int:
@@ -250,6 +262,7 @@ class Config:
         for name in ("no_attention_layers", "long_window_layers"):
             for i in getattr(m, name):
                 _check(0 <= i < m.num_layers, f"model.{name}", f"layer indices in [0, {m.num_layers})")
+        _check_attention_layers(m)
         if m.skip_connection:
             _check(0 <= m.skip_from_layer < m.skip_to_layer < m.num_layers, "model.skip_to_layer",
                    "0 <= skip_from_layer < skip_to_layer < num_layers")
@@ -326,6 +339,29 @@ class Config:
 def _check(ok: bool, field_name: str, expected: str) -> None:
     if not ok:
         raise ConfigError(f"config field '{field_name}': expected {expected}")
+
+
+def _check_attention_layers(m: ModelConfig) -> None:
+    """Record 89's per-layer attention lists: attention layers only, no repeats, and the public
+    code's exclusions (a paired layer's stream has no per-token v to project against (XSA), no
+    token-level 112-key window (DC) and no token order to shift keys along (key offset))."""
+    for name in ("paired_head_layers", "xsa_layers", "dc_layers", "attn_out_gate_layers"):
+        layers = getattr(m, name)
+        for i in layers:
+            _check(0 <= i < m.num_layers and m.has_attention(i), f"model.{name}",
+                   f"indices of attention layers (in [0, {m.num_layers}), not in no_attention_layers)")
+        _check(len(set(layers)) == len(layers), f"model.{name}", "no repeated layer")
+    paired = set(m.paired_head_layers)
+    if paired:
+        _check(m.num_heads % 2 == 0, "model.paired_head_layers", f"an even num_heads (got {m.num_heads})")
+    for name in ("xsa_layers", "dc_layers"):
+        both = sorted(paired & set(getattr(m, name)))
+        _check(not both, f"model.{name}", f"no paired-head layer (both lists hold {both})")
+    if m.key_offset:
+        both = sorted(paired & set(m.long_window_layers))
+        _check(not both, "model.key_offset",
+               f"no paired-head layer among the long-window layers it shifts (both hold {both})")
+    _check(1 <= m.dc_window <= 128, "model.dc_window", "in [1, 128] (keys, the query included)")
 
 
 def _check_choices(obj, prefix: str) -> None:

@@ -15,21 +15,21 @@ PACKAGE = os.path.join(ROOT, "speedrun")
 
 
 def table_rows() -> list[tuple[str, str, str]]:
-    """(technique, switches cell, file:function cell) of every row of the techniques tables."""
+    """(technique, switches cell, file:function cell) of every row of the techniques tables: tables
+    whose header starts with "technique" and has "config switch" and "file:function" columns."""
     with open(DOC, encoding="utf-8") as f:
         text = f.read()
-    rows, in_table = [], False
+    rows, columns = [], None
     for line in text.splitlines():
-        if line.startswith("| technique | config switch | file:function"):
-            in_table = True
-            continue
-        if in_table and line.startswith("|---"):
-            continue
-        if in_table and line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            rows.append((cells[0], cells[1], cells[2]))
-        else:
-            in_table = False
+        # cells split at unescaped pipes (a formula may hold an escaped one)
+        cells = ([c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+                 if line.startswith("|") else None)
+        if cells and cells[0] == "technique" and "config switch" in cells and "file:function" in cells:
+            columns = (cells.index("config switch"), cells.index("file:function"))
+        elif cells and columns and not line.startswith("|---"):
+            rows.append((cells[0], cells[columns[0]], cells[columns[1]]))
+        elif not cells:
+            columns = None
     return rows
 
 

@@ -54,3 +54,23 @@ def test_idle_gaps_unions_overlaps_and_names_the_waits():
     assert r["gpu_idle_gaps"][0]["ms_per_step"] == pytest.approx(0.015)
     assert r["gpu_idle_gaps"][1]["count_per_step"] == pytest.approx(0.5)
     assert idle_gaps([], steps=1) == {}
+
+
+def test_bench_with_record89_attention_reports_dc(tmp_path, capsys):
+    """Every record-89 attention switch on (a short end-to-end run: warm-up, stages, validation):
+    each stage row carries DC-MHA's forward+backward per step, printed as the dc column."""
+    cfg = micro_config("", "", tmp_path / "run")
+    cfg.data.train_path = cfg.data.val_path = ""
+    m = cfg.model
+    m.paired_head_layers, m.key_offset, m.xsa_layers, m.dc_layers = [0], True, [2], [2]
+    m.attn_out_gate_layers, m.attn_lambdas, m.dc_window = [2], True, 24
+    config_file = tmp_path / "r89.json"
+    cfg.save(str(config_file))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--config", str(config_file), "--cpu", "--steps", "1", "--skip-steps", "0",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert all(row["dc_ms"] > 0 and math.isfinite(row["train_loss"]) for row in result["stages"])
+    printed = capsys.readouterr().out
+    assert " dc" in printed.splitlines()[[i for i, ln in enumerate(printed.splitlines()) if "ms/step" in ln][0]]
+    assert "dc: DC-MHA forward+backward per step" in printed

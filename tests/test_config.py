@@ -113,3 +113,44 @@ def test_cuda_flag_without_gpu_fails_clearly(monkeypatch):
     cfg = build_config(_train_args(["--cuda"]))
     with pytest.raises(ConfigError, match="cuda was requested but no CUDA GPU is visible"):
         resolve_device(cfg)
+
+
+R89_ATTENTION = dict(paired_head_layers=[0, 2, 5, 9], key_offset=True, xsa_layers=[1, 3, 4, 7],
+                     dc_layers=[10], attn_out_gate_layers=[3, 10], attn_lambdas=True)
+
+
+def test_record89_attention_switches_default_off_and_validate():
+    m = Config().model
+    assert (m.paired_head_layers, m.key_offset, m.xsa_layers, m.dc_layers, m.attn_out_gate_layers,
+            m.attn_lambdas, m.dc_window) == ([], False, [], [], [], False, 112)
+    cfg = Config()
+    for k, v in R89_ATTENTION.items():
+        setattr(cfg.model, k, v)
+    cfg.validate()                                   # record 89's layer lists are accepted
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("xsa_layers", [11], "model.xsa_layers': expected indices of attention layers"),
+    ("dc_layers", [6], "model.dc_layers': expected indices of attention layers"),   # layer 6: MLP only
+    ("attn_out_gate_layers", [3, 3], "model.attn_out_gate_layers': expected no repeated layer"),
+    ("paired_head_layers", [-1], "model.paired_head_layers': expected indices"),
+    ("xsa_layers", [0, 1], r"model.xsa_layers': expected no paired-head layer \(both lists hold \[0\]\)"),
+    ("dc_layers", [9], "model.dc_layers': expected no paired-head layer"),
+    ("long_window_layers", [3, 5, 10], r"model.key_offset': expected no paired-head layer among .* \[5\]"),
+    ("dc_window", 0, "model.dc_window': expected in"),
+    ("dc_window", 129, "model.dc_window': expected in"),
+])
+def test_record89_attention_bad_values_name_the_field(field, value, expected):
+    cfg = Config()
+    for k, v in R89_ATTENTION.items():
+        setattr(cfg.model, k, v)
+    setattr(cfg.model, field, value)
+    with pytest.raises(ConfigError, match=expected):
+        cfg.validate()
+
+
+def test_paired_heads_need_an_even_head_count():
+    cfg = Config()
+    cfg.model.num_heads, cfg.model.head_dim, cfg.model.paired_head_layers = 3, 256, [0]
+    with pytest.raises(ConfigError, match="model.paired_head_layers': expected an even num_heads"):
+        cfg.validate()

@@ -3,7 +3,11 @@ sdpa twin, flash when importable), forward and backward; the regionally compiled
 agrees with the eager twin and does not recompile when windows change.
 
 Run on the GPU machine: python -m pytest tests/test_model_gpu.py tests/test_model_fp8.py -m gpu -q
+(-s prints the record-89 attention model's max differences compiled vs the eager twin)
 """
+import copy
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,3 +199,119 @@ def test_fa4_custom_ops_pass_opcheck_on_gpu(window):
     assert rel(ours, theirs) < 1e-3
     for a, b in zip(grads, want):
         assert rel(a, b) < 1e-2   # dq accumulates with atomics: not bit-stable
+
+
+# ---- record 89's attention ------------------------------------------------------------------------
+R89_ATTENTION = dict(paired_head_layers=[0, 2, 5, 9], key_offset=True, xsa_layers=[1, 3, 4, 7], dc_layers=[10],
+                     attn_out_gate_layers=[3, 10], attn_lambdas=True)
+
+
+@pytest.mark.parametrize("window_tokens", [128, 1408])
+def test_paired_stream_backends_agree_bf16(window_tokens):
+    """A paired layer's 2T-row stream (documents doubled, window in stream rows): flex's block
+    sparsity for 2T and flash's doubled cu_seqlens / max_seqlen give the sdpa twin's attention."""
+    dev = torch.device("cuda")
+    T, H, D = 8192, 6, 128
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (A.to_stream(F.rms_norm(torch.randn(T, H, D, device=dev, generator=g), (D,)).bfloat16())
+               for _ in range(3))
+    cu = packed_docs(T, 700, dev)
+    backends = ["sdpa", "flex"] + (["flash"] if A.flash_attn_impl() is not None else [])
+    results = {}
+    for b in backends:
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        doc = A.stream_doc_info(A.build_doc_info(cu, T, dev, b, 2048))
+        win = A.build_window(doc, torch.tensor(window_tokens, dtype=torch.int32, device=dev), window_tokens)
+        out = A.attend(*leaves, doc, win, torch.tensor(0.12, device=dev), b)
+        grad = torch.randn(out.shape, dtype=out.dtype, device=dev, generator=torch.Generator(device=dev).manual_seed(5))
+        results[b] = [out] + list(torch.autograd.grad(out, leaves, grad))
+    for b in backends[1:]:
+        for got, want, name in zip(results[b], results["sdpa"], ("out", "dq", "dk", "dv")):
+            assert rel(got, want) < 2e-2, f"{b} {name}: rel {rel(got, want)}"
+
+
+def r89_record_model(dev):
+    """The record config with every record-89 attention switch on, bf16 (FP8 head off: its noise
+    would hide attention's), the zero-initialized parts and the attention coefficients moved off
+    their initial values so XSA, DC and the gates all act."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(fp8_head=False, **R89_ATTENTION)
+    model = GPT(cfg, torch.bfloat16).to(dev)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.label in ("lm_head", "mlp_proj", "attn_gate", "smear_gate"):
+                p.normal_(0, 0.02)
+        for block in model.blocks:
+            if block.attn is not None:
+                block.attn.qkvo.view(4, 768, 768)[3].normal_(0, 0.02)   # a non-zero Wo
+        c = model.attn_coefficients.values
+        c.add_(torch.randn(c.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(4)) * 0.3)
+    return cfg, model
+
+
+def loss_and_grads(model, ids, targets, cu):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, targets, cu)
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()
+                                   if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["flex", "flash"])
+def test_compiled_r89_attention_model_matches_eager_twin_and_never_recompiles(backend):
+    """Every record-89 attention switch on, T=8192: the regionally compiled model (flex or FA4
+    custom ops, DC through its Triton custom ops) against the eager plain twin (sdpa, DC twin):
+    training loss and every gradient (max differences printed: run with -s), then the later
+    window stages and an eval forward compile nothing new after the warm-up (a training step and
+    an eval forward at the first stage)."""
+    if backend == "flash" and A.flash_attn_impl() != "fa4":
+        pytest.skip("FlashAttention-4 not importable")
+    torch._dynamo.reset()
+    dev = torch.device("cuda")
+    cfg, eager = r89_record_model(dev)
+    T = 8192
+    g = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, 50256, (T,), device=dev, generator=g, dtype=torch.int32)
+    targets = torch.randint(0, 50256, (T,), device=dev, generator=g)
+    cu = packed_docs(T, 700, dev)
+    compiled = copy.deepcopy(eager)
+    for m in (eager, compiled):
+        m.max_doc_len = 2048
+        m.set_window(Window(1, 3))
+        m.set_window(Window(3, 7))
+    eager.cfg = dataclasses.replace(cfg, attention_backend="sdpa", fused_dc=False)
+    for block in eager.blocks:
+        if block.attn is not None:
+            block.attn.dc_kernel = "torch"
+    compiled.cfg = dataclasses.replace(cfg, attention_backend=backend)
+    compiled.compile_regions()
+    want_loss, want = loss_and_grads(eager, ids, targets, cu)
+    got_loss, got = loss_and_grads(compiled, ids, targets, cu)
+    print(f"\n[r89 attention, {backend} compiled vs sdpa + DC twin eager, T={T}] loss {got_loss.item():.6f} vs "
+          f"{want_loss.item():.6f} (abs diff {abs(got_loss - want_loss).item():.2e})")
+    assert got.keys() == want.keys()
+    worst = 0.0
+    for name in want:
+        r, a = rel(got[name], want[name]), (got[name] - want[name]).abs().max().item()
+        print(f"  {name:32s} max abs diff {a:.3e}  rel (norm) diff {r:.3e}")
+        if want[name].norm() > 0:
+            worst = max(worst, r)
+    assert abs(got_loss - want_loss) < 1e-2 * want_loss
+    assert worst < 5e-2, worst
+    # warm-up done with an eval forward of the first stage; later stages compile nothing
+    from torch._dynamo.utils import counters
+    compiled.eval()
+    with torch.no_grad():
+        compiled(ids, targets, cu, reduction="mean")
+    compiled.train()
+    graphs = counters["stats"]["unique_graphs"]
+    for short, long in ((5, 11), (6, 13)):
+        compiled.set_window(Window(short, long))
+        loss_and_grads(compiled, ids, targets, cu)
+        compiled.eval()
+        with torch.no_grad():
+            compiled(ids, targets, cu, reduction="mean")
+        compiled.train()
+    print(f"  graphs after warm-up: {graphs}, after two more window stages: {counters['stats']['unique_graphs']}")
+    assert counters["stats"]["unique_graphs"] == graphs, "a window change recompiled"
+    torch._dynamo.reset()

@@ -94,3 +94,22 @@ def test_yarn_state_in_state_dict():
     other = Rotary(64, 1024.0, 0.1, 128)
     other.load_state_dict(rot.state_dict())
     assert torch.equal(other.freqs, rot.freqs) and torch.equal(other.attn_scale, rot.attn_scale)
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_paired_tables_put_head_h_at_position_2t_plus_h_mod_2(start):
+    """Record 89's paired layers: head h of token t is rotated at position 2t + (h mod 2), after a
+    YaRN update too; per-head tables rotate each head as the plain rotary at that position."""
+    T, H, D = 9, 6, 32
+    rot = Rotary(D, 1024.0, 0.1, 16)
+    rot.yarn_update(1, 3)
+    cos, sin = rot.paired_cos_sin(T, H, torch.float64, start=start)
+    assert cos.shape == sin.shape == (T, H, D // 2)
+    x = torch.randn(T, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = apply_rotary(x, cos, sin)
+    for t in range(T):
+        for h in range(H):
+            p = 2 * (start + t) + h % 2
+            theta = p * rot.freqs.double()
+            z = torch.complex(x[t, h, :D // 2], x[t, h, D // 2:]) * torch.exp(-1j * theta)
+            torch.testing.assert_close(y[t, h], torch.cat([z.real, z.imag]), rtol=1e-5, atol=1e-5)

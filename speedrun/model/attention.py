@@ -12,7 +12,10 @@ Owns:
   ``sdpa``  the plain twin: an explicit dense boolean mask and ``scaled_dot_product_attention``;
             for CPU and for tests only (O(T^2) memory).
 - ``CausalSelfAttention``: q/k/v projection, QK RMS-norm, rotary, value-embedding mixing,
-  attention, per-head sigmoid gate, output projection.
+  attention, per-head sigmoid gate, output projection; and record 89's techniques, each switched
+  per layer by the config (structure) or by its ``LayerInputs`` field being given (coefficients):
+  paired heads (``to_stream``, ``stream_doc_info``), the partial key offset (``offset_keys``), XSA
+  (``xsa``), lightweight DC-MHA (kernels/dc_mha.py), the linear output gate, attention lambdas.
 
 Mask semantics (same for all backends): query i sees key j iff doc(i) == doc(j), j <= i and
 i - j <= window_tokens (FlashAttention's window_size=(window_tokens, 0): window_tokens keys back plus
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from speedrun.config import AttentionBackend, choices
+from speedrun.kernels.dc_mha import dc_mha
 from speedrun.model.flash import flash_attn_impl, flash_varlen
 from speedrun.model.kv_cache import LayerKV
 from speedrun.model.rotary import apply_rotary
@@ -92,7 +96,10 @@ class LayerInputs(NamedTuple):
     (record 47); with value_lambdas None, ``ve`` is the whole value injection (T, dim) added to v
     (gated value embedding, MUDD value sources); xsa_alpha: (T, H) pre-tanh XSA strengths;
     out_gate: (T, H) linear per-head output gate; dc_weights: (w1, w2), each (T, H), of the
-    lightweight DC-MHA (w1 before its RMS norm over heads)."""
+    lightweight DC-MHA (w1 before its RMS norm over heads). A (1, H) tensor (one learned value per
+    layer, model/attn_coefficients.py) stands for the same value at every token.
+    In a paired-head layer ``rope`` holds per-head tables (T, H, D/2) and ``doc`` / ``window``
+    describe the 2T-row stream (``stream_doc_info``)."""
     x0: Tensor
     lambdas: tuple[Tensor, Tensor] | None = None
     skip: Tensor | None = None
@@ -171,6 +178,15 @@ def build_doc_info(cu_seqlens: Tensor | None, num_tokens: int, device: torch.dev
         max_seqlen = None
     return DocInfo(doc_ids, cu, num_tokens if max_seqlen is None else min(max_seqlen, num_tokens),
                    backend, flash_attn_impl() if backend == "flash" else None)
+
+
+def stream_doc_info(doc: DocInfo) -> DocInfo:
+    """The documents of a paired-head layer's stream (``to_stream``: row 2t + j belongs to token
+    t): doc ids repeated twice, cu_seqlens and max_seqlen doubled (padding entries T become 2T).
+    Windows are NOT doubled (the public code's choice): counted in stream rows, a paired layer's
+    window reaches about half as many tokens back."""
+    doc_ids = doc.doc_ids[:, None].expand(-1, 2).reshape(-1)   # each id twice, no host sync
+    return doc._replace(doc_ids=doc_ids, cu_seqlens=doc.cu_seqlens * 2, max_seqlen=2 * doc.max_seqlen)
 
 
 def flex_block_tensors(doc_ids: Tensor, window: Tensor, block_size: int
@@ -290,21 +306,73 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def to_stream(x: Tensor) -> Tensor:
+    """(T, H, D) -> (2T, H/2, D), a row-major reinterpretation (record 89's paired heads): stream
+    row 2t holds heads 0..H/2-1 of token t, row 2t+1 heads H/2..H-1, so slot p of the stream holds
+    heads p and p+H/2, which share one softmax over both heads' keys. The public code's comments
+    say "adjacent heads"; its reshape pairs (h, h+H/2) = (0,3), (1,4), (2,5), replicated here
+    (r89-attention.md 2.2). The inverse is ``y.reshape(T, H, D)``."""
+    T, H, D = x.shape
+    return x.reshape(2 * T, H // 2, D)
+
+
+def offset_keys(k: Tensor, previous: Tensor | None = None) -> Tensor:
+    """Partial key offset (record 49, kept in 89): the stationary dims of key t take key t-1's
+    values, so a query matching token t-1's content finds position t (one-layer induction).
+
+    Stationary = the zero-frequency rotary dims: [D/4, D/2) and [3D/4, D) in our split-halves
+    rotary (rotary.py), where record 89's interleaved layout has [D/2, D); the two models are the
+    same up to a fixed permutation of head dims. A clean one-step shift of the un-shifted keys
+    (what the public in-place copy computes under torch.compile), across document boundaries as
+    there. Key 0 takes ``previous`` (H, D), the key before it when decoding, or keeps its own."""
+    D = k.shape[-1]
+    before = torch.cat([k[:1] if previous is None else previous[None], k[:-1]])
+    stationary = (torch.arange(D, device=k.device) // (D // 4)) % 2 == 1
+    return torch.where(stationary, before, k)
+
+
+def xsa(y: Tensor, v: Tensor, alpha: Tensor) -> Tensor:
+    """Exclusive self attention in record 86's algebraic form: per token and head remove the
+    fraction tanh(alpha) of y along the token's own value v,
+        y <- y - tanh(alpha) (y . v / max(|v|^2, 1e-8)) v,
+    y, v (T, H, D), alpha (T, H) or (1, H) pre-tanh (0 = off)."""
+    dot = (y * v).sum(-1, keepdim=True)
+    norm2 = v.square().sum(-1, keepdim=True).clamp_min(1e-8)
+    strength = torch.tanh(alpha.to(torch.promote_types(alpha.dtype, torch.float32))).to(y.dtype)
+    return y - strength[..., None] * (dot / norm2) * v
+
+
+def dc_mixing_weights(w1: Tensor, w2: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """DC's weights as the public code's ``dc_gate`` makes them: w1 RMS-normed over the heads in
+    fp32 (float64 stays float64; eps 1e-6), both in the activation dtype."""
+    w1 = F.rms_norm(w1.to(torch.promote_types(w1.dtype, torch.float32)), (w1.shape[-1],), eps=1e-6)
+    return w1.to(dtype), w2.to(dtype)
+
+
 class CausalSelfAttention(nn.Module):
     """q, k, v = rmsnorm(x) W{q,k,v}^T; QK-norm; rotary; v <- l0 v + l1 ve; attention (over the
     batch, or over a KV cache when decoding); per-head sigmoid gate read from the first gate_dim
-    dims of the (normed) input; output projection.
+    dims of the (normed) input; output projection. Record 89 (each off unless its config switch
+    or LayerInputs field is given): lambdas on the weights, paired heads, key offset, the whole
+    value injection, DC-MHA after attention, XSA, the linear output gate (forward's docstring).
 
     ``qkvo`` (label "attn") is ONE fp32 parameter of shape (dim, 4*dim) whose memory is four
     stacked dim x dim matrices [Wq, Wk, Wv, Wo] in nn.Linear (out, in) form (``view(4, dim, dim)``),
     so the optimizer can stack it with the MLP matrices of the same shape."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, *, qk_norm: bool, rotary: bool,
-                 attn_gate: bool, gate_dim: int, dtype: torch.dtype):
+                 attn_gate: bool, gate_dim: int, dtype: torch.dtype, paired: bool = False,
+                 key_offset: bool = False, dc_window: int = 112, dc_kernel: str = "auto"):
+        """paired / key_offset: this layer's record-89 structure (config lists); dc_window: keys
+        of DC's softmax, used where ``LayerInputs.dc_weights`` is given; dc_kernel: dc_mha's
+        kernel choice ("auto": Triton on CUDA, "torch": the twin)."""
         super().__init__()
         assert num_heads * head_dim == dim, "num_heads * head_dim must equal model_dim"
+        assert not paired or num_heads % 2 == 0, "paired heads need an even head count"
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.qk_norm, self.rotary, self.gate_dim = qk_norm, rotary, gate_dim
+        self.paired, self.key_offset = paired, key_offset
+        self.dc_window, self.dc_kernel = dc_window, dc_kernel
         self.qkvo = nn.Parameter(torch.empty(dim, 4 * dim))
         self.qkvo.label = "attn"
         self.qkvo.num_heads = num_heads   # NorMuon cuts Wq, Wk per head pair (optim.muon.qk_head_pairs)
@@ -314,23 +382,53 @@ class CausalSelfAttention(nn.Module):
             self.gate.weight.label = "attn_gate"
 
     def forward(self, x: Tensor, inp: LayerInputs) -> Tensor:
-        """x: the normed layer input (T, dim); ``inp`` carries the rest (see LayerInputs)."""
+        """x: the normed layer input (T, dim); ``inp`` carries the rest (see LayerInputs).
+        Order (r89-attention.md 11): projection, QK-norm, rotary, key offset, value injection,
+        attention [+ DC], XSA, gates, output projection."""
         T, H, D = x.shape[0], self.num_heads, self.head_dim
         w = self.qkvo.to(x.dtype).view(4, self.dim, self.dim)   # [Wq, Wk, Wv, Wo]: one cast
-        q, k, v = F.linear(x, w[:3].flatten(0, 1)).view(T, 3 * H, D).chunk(3, dim=1)
+        w_qkv, w_o = w[:3].flatten(0, 1), w[3]
+        if inp.attn_lambdas is not None:   # record 47: scalars on the weights (a 0-d fp32 keeps bf16)
+            w_qkv, w_o = inp.attn_lambdas[0] * w_qkv, inp.attn_lambdas[1] * w_o
+        q, k, v = F.linear(x, w_qkv).view(T, 3 * H, D).chunk(3, dim=1)
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
         if self.rotary:
             q, k = apply_rotary(q, *inp.rope), apply_rotary(k, *inp.rope)
+        if self.key_offset:
+            k = offset_keys(k, inp.kv.previous_key(k) if inp.kv is not None else None)
         if inp.value_lambdas is not None:
             v = inp.value_lambdas[0] * v
             if inp.ve is not None:
                 v = v + inp.value_lambdas[1] * inp.ve.view(T, H, D)
-        if inp.kv is not None:   # decoding: keys and values of earlier tokens come from the cache
-            y = inp.kv.attend(q, k, v, inp.attn_scale)
+        elif inp.ve is not None:           # record 89: the whole value injection, made outside
+            v = v + inp.ve.view(T, H, D)
+        if self.paired:
+            y = self._attend(to_stream(q), to_stream(k), to_stream(v), inp).reshape(T, H, D)
+        elif inp.dc_weights is not None:
+            q = q * inp.attn_scale         # one scaled q for attention and DC's own softmax
+            y = self._attend(q, k, v, inp, scale=1.0)
+            w1, w2 = dc_mixing_weights(*inp.dc_weights, q.dtype)
+            if inp.kv is not None:
+                y = inp.kv.dc(y, q, w1, w2, self.dc_window)
+            else:
+                y = dc_mha(y, q, k, v, w1, w2, inp.doc.doc_ids, self.dc_window, kernel=self.dc_kernel)
         else:
-            y = attend(q, k, v, inp.doc, inp.window, inp.attn_scale, inp.doc.backend)
+            y = self._attend(q, k, v, inp)
+        if inp.xsa_alpha is not None:
+            y = xsa(y, v, inp.xsa_alpha)
         if self.gate is not None:
             # per-head sigmoid gate read from the first gate_dim dims of the (normed) input
             y = y * torch.sigmoid(self.gate(x[:, :self.gate_dim])).unsqueeze(-1)
-        return F.linear(y.reshape(T, self.dim), w[3])
+        if inp.out_gate is not None:       # record 89: linear per-head gate
+            y = y * inp.out_gate.to(y.dtype)[..., None]
+        return F.linear(y.reshape(T, self.dim), w_o)
+
+    @staticmethod
+    def _attend(q: Tensor, k: Tensor, v: Tensor, inp: LayerInputs, scale: Tensor | float | None = None
+                ) -> Tensor:
+        """Attention over the batch (inp.doc / inp.window) or, decoding, over the KV cache."""
+        scale = inp.attn_scale if scale is None else scale
+        if inp.kv is not None:   # decoding: keys and values of earlier tokens come from the cache
+            return inp.kv.attend(q, k, v, scale)
+        return attend(q, k, v, inp.doc, inp.window, scale, inp.doc.backend)

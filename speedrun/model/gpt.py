@@ -25,6 +25,7 @@ from speedrun.kernels.fp8 import fp8_active, head_matmul, linear_head
 from speedrun.kernels.fp8_head_ce import fp8_head_softcap_ce_fused
 from speedrun.kernels.relu2_mlp import relu2_mlp
 from speedrun.kernels.softcap_ce import softcapped_cross_entropy
+from speedrun.model import attn_coefficients
 from speedrun.model.attention import (
     FLEX_BLOCK_SIZE,
     UNBOUNDED_WINDOW,
@@ -36,6 +37,7 @@ from speedrun.model.attention import (
     build_window,
     resolve_backend,
     rms_norm,
+    stream_doc_info,
 )
 from speedrun.model.flash import flash_attn_impl
 from speedrun.model.kv_cache import KVCache
@@ -122,7 +124,10 @@ class Block(nn.Module):
             self.attn = CausalSelfAttention(cfg.model_dim, cfg.num_heads, cfg.head_dim,
                                             qk_norm=cfg.qk_norm, rotary=cfg.rotary,
                                             attn_gate=cfg.attn_gate, gate_dim=cfg.gate_dim,
-                                            dtype=dtype)
+                                            dtype=dtype, paired=layer in cfg.paired_head_layers,
+                                            key_offset=cfg.key_offset and layer in cfg.long_window_layers,
+                                            dc_window=cfg.dc_window,
+                                            dc_kernel="auto" if cfg.fused_dc else "torch")
         self.mlp = MLP(cfg.model_dim, cfg.mlp_dim, cfg.relu_squared, cfg.fused_mlp)
 
     def forward(self, x: Tensor, inp: LayerInputs) -> Tensor:
@@ -159,6 +164,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_layers))
         self.lm_head = nn.Linear(d, V, bias=False)
         self.scalars = nn.Parameter(self.layout.initial(cfg))
+        # record 89: attention lambdas and per-layer stand-ins for per-token coefficients
+        self.attn_coefficients = (attn_coefficients.AttentionCoefficients(cfg)
+                                  if attn_coefficients.needed(cfg) else None)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale, cfg.block_size)
         # window state: Python ints for bookkeeping, 0-d int32 buffers for the kernels
         self.register_buffer("window_long", torch.tensor(UNBOUNDED_WINDOW, dtype=torch.int32),
@@ -230,6 +238,8 @@ class GPT(nn.Module):
             self.smear_gate.weight.zero_()
         output_(self.lm_head.weight, d)
         self.scalars.copy_(self.layout.initial(cfg))
+        if self.attn_coefficients is not None:
+            self.attn_coefficients.reset_parameters()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         skip = {"embed", "value_embed"} if exclude_embeddings else set()
@@ -308,6 +318,11 @@ class GPT(nn.Module):
         # Block.forward legitimately has several graphs: 2 variants x (train, no-grad eval) x each
         # sequence length used (train, val, HellaSwag...). Room for them (the reference used 64).
         limit = 32
+        c = self.cfg
+        if c.paired_head_layers or c.xsa_layers or c.dc_layers or c.attn_out_gate_layers or c.key_offset:
+            # record 89's attention makes more block variants (6 at its layout: paired, XSA, long +
+            # offset + XSA + gate, long + offset + DC + gate, plain, MLP + skip)
+            limit = 64
         if self.cfg.attention_backend == "flash" and flash_attn_impl() == "fa3":
             # FlashAttention-3 runs eagerly behind a graph break (model/flash.py); FA4 is traced
             kw["fullgraph"] = False
@@ -395,7 +410,7 @@ class GPT(nn.Module):
             if targets is not None or cu_seqlens is not None:
                 raise ValueError("GPT.forward with a kv_cache decodes one sequence: no targets, no cu_seqlens")
             start = kv_cache.claim(T)
-            doc, windows = None, [None] * cfg.num_layers
+            doc, masks = None, [None] * cfg.num_layers
             # decoding runs the eager modules: compiled regions would specialize on the cache
             x0, ves, rope = self._embed(ids, kv_cache.last_embedding, start)
             kv_cache.last_embedding = self.embed(ids[-1:])
@@ -403,8 +418,12 @@ class GPT(nn.Module):
             backend = self.attention_backend(device)
             # training batches cap documents at max_doc_len (flash's launch bound); eval batches do not
             doc = build_doc_info(cu_seqlens, T, device, backend, self.max_doc_len if self.training else None)
-            windows = self._windows(doc)
+            masks = self._masks(doc)
             x0, ves, rope = self._embed_fn(ids)
+        paired_rope = None
+        if cfg.rotary and cfg.paired_head_layers:   # record 89: head h of token t at 2t + (h mod 2)
+            paired_rope = self.rotary.paired_cos_sin(T, cfg.num_heads, x0.dtype, start if decoding else 0)
+        coefficients = self.attn_coefficients() if self.attn_coefficients is not None else None
         # compiled: attention layers without a value embedding get a zero one, so every attention
         # layer runs one compiled graph (v = l0 v + l1 * 0 = l0 v exactly; l1 gets a zero gradient,
         # as an unused entry of the scalars vector does); one variant fewer to compile, train and eval.
@@ -422,6 +441,7 @@ class GPT(nn.Module):
             has_skip = cfg.skip_connection and i == cfg.skip_to_layer
             attn = block.attn is not None
             ve_index = cfg.value_embed_layers[i] if cfg.value_embeds else -1
+            layer_doc, window = masks[i] or (doc, None)   # a paired layer's: its stream's
             inp = LayerInputs(
                 x0=x0,
                 lambdas=(s[lay.block + 2 * i], s[lay.block + 2 * i + 1]) if cfg.block_lambdas else None,
@@ -430,8 +450,11 @@ class GPT(nn.Module):
                 ve=(ves[ve_index] if ve_index >= 0 else no_ve) if attn else None,
                 value_lambdas=(s[lay.value + 2 * i], s[lay.value + 2 * i + 1])
                 if cfg.value_embeds and attn else None,
-                rope=rope, attn_scale=self.rotary.attn_scale, doc=doc, window=windows[i],
+                rope=paired_rope if i in cfg.paired_head_layers else rope, attn_scale=self.rotary.attn_scale,
+                doc=layer_doc, window=window,
                 kv=kv_cache.layer(i, self.window_tokens(i)) if decoding and attn else None)
+            if coefficients is not None and attn and i < len(coefficients):
+                inp = self.attn_coefficients.fill(inp, coefficients[i])
             x = block.forward(x, inp) if decoding else block(x, inp)
             if cfg.skip_connection and i == cfg.skip_from_layer:
                 skip = x
@@ -463,17 +486,21 @@ class GPT(nn.Module):
         blocks = self.window.long if layer in self.cfg.long_window_layers else self.window.short
         return blocks * self.cfg.block_size
 
-    def _windows(self, doc: DocInfo) -> list[AttnWindow | None]:
-        """Per layer: its window's mask data, built once per window size for this batch."""
+    def _masks(self, doc: DocInfo) -> list[tuple[DocInfo, AttnWindow] | None]:
+        """Per attention layer: its documents and its window's mask data, built once per (window
+        size, layout) for this batch; a paired-head layer's describe its 2T-row stream."""
         cfg, built = self.cfg, {}
-        out: list[AttnWindow | None] = []
+        stream_doc = stream_doc_info(doc) if cfg.paired_head_layers else None
+        out: list[tuple[DocInfo, AttnWindow] | None] = []
         for i, block in enumerate(self.blocks):
             if block.attn is None:
                 out.append(None)
                 continue
-            long = i in cfg.long_window_layers
-            if long not in built:
-                built[long] = build_window(doc, self.window_long if long else self.window_short,
-                                           self.window_tokens(i), self.flex_block_size)
-            out.append(built[long])
+            key = (i in cfg.long_window_layers, i in cfg.paired_head_layers)
+            if key not in built:
+                layer_doc = stream_doc if key[1] else doc
+                window = self.window_long if key[0] else self.window_short
+                built[key] = (layer_doc, build_window(layer_doc, window, self.window_tokens(i),
+                                                      self.flex_block_size))
+            out.append(built[key])
         return out

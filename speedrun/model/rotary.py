@@ -34,11 +34,14 @@ def base_frequencies(head_dim: int, base: float) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (d, d + D/2) of x (T, H, D) by the angles whose cos/sin are (T, D/2).
+    """Rotate pairs (d, d + D/2) of x (T, H, D) by the angles whose cos/sin are (T, D/2) (one
+    position per token) or (T, H, D/2) (one per token and head: ``Rotary.paired_cos_sin``).
 
-    Split-halves pairing: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos."""
+    Split-halves pairing: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos. Pairs D/4 .. D/2-1 have
+    frequency 0, so dims [D/4, D/2) and [3D/4, D) are stationary (what the key offset shifts)."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    if cos.dim() == 2:
+        cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
@@ -94,3 +97,15 @@ class Rotary(nn.Module):
                                  dtype=torch.float32)
         angles = torch.outer(positions, self.freqs)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def paired_cos_sin(self, num_tokens: int, num_heads: int, dtype: torch.dtype, start: int = 0
+                       ) -> tuple[Tensor, Tensor]:
+        """Per-head tables (T, H, D/2) of a paired-head layer (record 89): head h of token t sits at
+        position 2t + (h mod 2) (t counted from ``start``). That is what the public code's 2D-wide
+        table of positions (2t, 2t+1) over adjacent-head chunks amounts to, although its softmax
+        pairs heads h and h+H/2 (attention.to_stream): in slot h mod H/2 of the stream the parity
+        of the position and of the stream row can differ (r89-attention.md 2.3); replicated as is.
+        Same frequencies and YaRN state as the plain layers (the public code's second Yarn gets
+        identical updates). 2t+j in fp32 is exact, as the public table's angles are."""
+        cos, sin = self.cos_sin(2 * num_tokens, dtype, start=2 * start)   # row 2t + j
+        return tuple(c.view(num_tokens, 2, -1).repeat(1, num_heads // 2, 1) for c in (cos, sin))

@@ -1,0 +1,177 @@
+"""The GPT with record 89's attention switches on: the learned per-layer constants (inventory, r89
+initial values, labels, gradients), KV-cache decoding equal to the full forward with every switch
+on, the backends agreeing on the whole model, and regional compilation (one graph per block
+variant, nothing new across window stages)."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+from test_model_gpt import batch, randomized, small_cfg
+
+from speedrun.config import ModelConfig, OptimConfig, Window
+from speedrun.model import GPT
+from speedrun.model.attn_coefficients import AttentionCoefficients, needed
+from speedrun.model.kv_cache import KVCache
+from speedrun.optim.build import build_optimizers
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+# layer 0 paired, 1 XSA, 2 long (key offset) + XSA + gate, 3 MLP only, 4 long + DC + gate
+R89 = dict(num_heads=6, head_dim=16, model_dim=96, block_size=8, paired_head_layers=[0], key_offset=True,
+           xsa_layers=[1, 2], dc_layers=[4], dc_window=5, attn_out_gate_layers=[2, 4], attn_lambdas=True)
+
+
+def r89_cfg(**kw) -> ModelConfig:
+    return small_cfg(**{**R89, **kw})
+
+
+def r89_model(seed=0, **kw) -> GPT:
+    """Every coefficient away from its neutral initial value, so each technique changes the output."""
+    torch.manual_seed(seed)
+    model = randomized(GPT(r89_cfg(**kw)), seed, scale=0.1)
+    with torch.no_grad():
+        v = model.attn_coefficients.values
+        v.add_(torch.randn(v.shape, generator=torch.Generator().manual_seed(seed)) * 0.5)
+    return model
+
+
+def test_coefficients_only_when_switched_on_with_r89_initial_values():
+    assert GPT(small_cfg()).attn_coefficients is None and not needed(ModelConfig())   # record 45: none
+    model = GPT(r89_cfg())
+    values = model.attn_coefficients.values
+    assert values.dtype == torch.float32 and values.label == "scalars" and values.numel() % 8 == 0
+    per_layer = model.attn_coefficients()
+    ones, zeros = torch.ones(1, 6), torch.zeros(1, 6)
+    for i in (0, 1, 2, 4):   # the attention layers all have lambdas (0.5, 1.0)
+        assert [float(x) for x in per_layer[i]["attn_lambdas"]] == [0.5, 1.0]
+    assert set(per_layer[0]) == {"attn_lambdas"}
+    assert torch.equal(per_layer[1]["xsa_alpha"], zeros) and torch.equal(per_layer[2]["xsa_alpha"], zeros)
+    for i in (2, 4):
+        assert torch.equal(per_layer[i]["out_gate"], 0.25 * ones)
+    w1, w2 = per_layer[4]["dc_weights"]
+    assert torch.equal(w1, ones) and torch.equal(w2, zeros)
+    assert set(per_layer[1]) == {"attn_lambdas", "xsa_alpha"}
+    # a coefficient already given (by the residual side's producer) is kept
+    from speedrun.model.attention import LayerInputs
+    given = torch.full((3, 6), 0.7)
+    inp = AttentionCoefficients.fill(LayerInputs(x0=torch.zeros(1), out_gate=given), per_layer[2])
+    assert inp.out_gate is given and inp.xsa_alpha is per_layer[2]["xsa_alpha"]
+
+
+def test_every_coefficient_gets_a_gradient_and_adam_takes_it():
+    model = r89_model()
+    ids, targets, cu = batch(T=96)
+    model.set_window(Window(1, 2))
+    model(ids, targets, cu).backward()
+    grad = model.attn_coefficients.values.grad
+    used = sum(model.attn_coefficients.sizes)
+    assert (grad[:used] != 0).all() and (grad[used:] == 0).all()
+    opt = build_optimizers(model, OptimConfig())
+    adam_params = {id(p) for g in opt.adam.param_groups for p in g["params"]}
+    assert id(model.attn_coefficients.values) in adam_params
+
+
+@pytest.mark.parametrize("split", [[40], [1] * 40, [7, 1, 1, 1, 12, 1, 17]])
+def test_kv_cache_equals_full_forward_with_every_switch_on(split):
+    """Decoding a piece at a time (paired layer in stream layout, key offset carried across
+    pieces, DC over the cached window, XSA on the token's own value) = the full forward, with
+    windows shorter than the sequence (long 24 tokens, short 8: 8 stream rows in the paired layer)."""
+    model = r89_model().eval()
+    model.set_window(Window(1, 2))
+    model.set_window(Window(1, 3))
+    ids = torch.randint(0, 500, (sum(split),), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model, 48)
+        pieces, at = [], 0
+        for n in split:
+            pieces.append(model(ids[at:at + n], kv_cache=cache))
+            at += n
+    torch.testing.assert_close(torch.cat(pieces), full, atol=1e-4, rtol=1e-4)
+
+
+def test_each_switch_changes_the_model():
+    """Switched off one at a time (same weights), the logits change: every technique is wired in."""
+    model = r89_model()
+    model.eval().set_window(Window(1, 2))
+    ids, _, cu = batch(T=64)
+    with torch.no_grad():
+        full = model(ids, cu_seqlens=cu)
+        for off in ({"paired_head_layers": []}, {"key_offset": False}, {"xsa_layers": []}, {"dc_layers": []},
+                    {"attn_out_gate_layers": []}):
+            other = GPT(r89_cfg(**off))
+            state = {k: v for k, v in model.state_dict().items() if k != "attn_coefficients.values"}
+            other.load_state_dict(state, strict=False)
+            other.eval().set_window(Window(1, 2))
+            assert not torch.allclose(other(ids, cu_seqlens=cu), full, atol=1e-3), off
+
+
+def test_model_backends_agree(monkeypatch):
+    """The whole model with every switch on: flex (eager, no grad on the CPU) and FlashAttention-4
+    (fake: doubled cu_seqlens / max_seqlen in the paired layer) give the sdpa twin's loss; FA4's
+    gradients equal sdpa's."""
+    import flash_fakes
+
+    from speedrun.model import attention as A
+    from speedrun.model import gpt as G
+    model = r89_model()
+    model.set_window(Window(1, 2))
+    model.max_doc_len = 64
+    ids, targets, cu = batch(T=64)
+    cu = cu.clamp_max(64)
+
+    def run(backend, grad=True):
+        model.cfg = dataclasses.replace(model.cfg, attention_backend=backend)
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(grad):
+            loss = model(ids, targets, cu)
+        if grad:
+            loss.backward()
+            return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+        return [loss]
+
+    want = run("sdpa")
+    torch.testing.assert_close(run("flex", grad=False)[0], want[0], rtol=1e-5, atol=1e-5)
+    flash_fakes.install_fa4(monkeypatch, [])
+    monkeypatch.setattr(G, "resolve_backend", lambda name, device, *shape: name)
+    A.flash_attn_impl.cache_clear()
+    try:
+        for got, ref in zip(run("flash"), want):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)   # fp32 noise
+    finally:
+        A.flash_attn_impl.cache_clear()
+
+
+def test_compiled_regions_match_eager_and_never_recompile():
+    """Regional compilation (fullgraph, aot_eager on the CPU: the DC twin runs there) with every
+    switch on: the eager model's loss and gradients, one graph per block variant made at the first
+    step, nothing new across window stages."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    eager = r89_model()
+    compiled = copy.deepcopy(eager).compile_regions(backend="aot_eager")
+    ids, targets, cu = batch(T=96)
+    g = torch.Generator().manual_seed(3)
+    counts, before = [], counters["stats"]["unique_graphs"]
+    for long in (2, 5):
+        for m in (eager, compiled):
+            m.zero_grad(set_to_none=True)
+            m.set_window(Window(1, long))
+        losses = [m(ids, targets, cu) for m in (eager, compiled)]
+        for loss in losses:
+            loss.backward()
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+        starts = torch.randperm(95, generator=g)[:4].sort().values + 1
+        cu = torch.cat([torch.tensor([0]), starts, torch.tensor([96, 96, 96])]).to(torch.int32)
+        counts.append(counters["stats"]["unique_graphs"] - before)
+    # embed, loss, 5 block variants (paired, XSA, long + offset + XSA + gate, MLP + skip, long + DC + gate)
+    assert counts == [7, 7]
+    torch._dynamo.reset()
+
+
+def test_fused_dc_switch_picks_the_twin():
+    assert GPT(r89_cfg()).blocks[4].attn.dc_kernel == "auto"
+    assert GPT(r89_cfg(fused_dc=False)).blocks[4].attn.dc_kernel == "torch"
