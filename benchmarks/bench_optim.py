@@ -1,5 +1,7 @@
 """Optimizer step time for the record's parameter set on one CUDA GPU: NorMuon (Polar Express via
-torch vs Triton symmetric kernels), Polar Express alone on the record's stacked shapes, DistAdam.
+torch vs Triton symmetric kernels) with record 45's settings and with the record-89 NorMuon switches
+(Q/K per head pair, matrix axis, bf16 weights + mantissa), Polar Express alone on the stacked shapes
+of both (record 89 adds 60 head-pair blocks of 256 x 768 and 20 V/O matrices of 768 x 768), DistAdam.
 
     python benchmarks/bench_optim.py --out bench_optim.json [--iters 50] [--warmup 10] [--autotune]
 
@@ -34,18 +36,21 @@ def _param(shape, label, dtype) -> nn.Parameter:
 class RecordParams(nn.Module):
     """The record's trainable tensors (reference-spec 1.1): fp32 block matrices, bf16 rest."""
 
-    def __init__(self, dim=768, vocab=50304, layers=11, attn_layers=10, value_embeds=3):
+    def __init__(self, dim=768, vocab=50304, layers=11, attn_layers=10, value_embeds=3, heads=6,
+                 matrix_dtype=torch.float32):
         super().__init__()
-        bf, f32 = torch.bfloat16, torch.float32
-        self.attn = nn.ParameterList([_param((dim, 4 * dim), "attn", f32) for _ in range(attn_layers)])
-        self.fc = nn.ParameterList([_param((dim, 4 * dim), "mlp_fc", f32) for _ in range(layers)])
-        self.proj = nn.ParameterList([_param((dim, 4 * dim), "mlp_proj", f32) for _ in range(layers)])
+        bf, mat = torch.bfloat16, matrix_dtype
+        self.attn = nn.ParameterList([_param((dim, 4 * dim), "attn", mat) for _ in range(attn_layers)])
+        for p in self.attn:
+            p.num_heads = heads
+        self.fc = nn.ParameterList([_param((dim, 4 * dim), "mlp_fc", mat) for _ in range(layers)])
+        self.proj = nn.ParameterList([_param((dim, 4 * dim), "mlp_proj", mat) for _ in range(layers)])
         self.smear = _param((1, 12), "smear_gate", bf)
         self.gates = nn.ParameterList([_param((6, 12), "attn_gate", bf) for _ in range(attn_layers)])
         self.embed = _param((vocab, dim), "embed", bf)
         self.value_embed = nn.ParameterList([_param((vocab, dim), "value_embed", bf) for _ in range(value_embeds)])
         self.lm_head = _param((vocab, dim), "lm_head", bf)
-        self.scalars = _param((64,), "scalars", f32)
+        self.scalars = _param((64,), "scalars", torch.float32)
 
 
 def time_ms(fn, iters: int, warmup: int) -> list[float]:
@@ -84,7 +89,7 @@ def main() -> None:
 
     # Polar Express alone on the shapes NorMuon sees on one GPU; the first call's wall time includes
     # the kernels' JIT compile (and autotuning with --autotune): part of a cold start
-    for shape in [(40, 768, 768), (22, 768, 3072), (10, 6, 12)]:
+    for shape in [(40, 768, 768), (22, 768, 3072), (10, 6, 12), (60, 256, 768), (20, 768, 768)]:
         G = torch.randn(shape, device="cuda")
         for kernel in ("torch", "triton"):
             torch.cuda.synchronize()
@@ -113,6 +118,18 @@ def main() -> None:
         record("DistAdam step (6 params, 193M)", kernel,
                time_ms(lambda: opt.adam.step(lr_mult=1.0), args.iters, args.warmup))
         model = opt = None  # free the 193M parameters before the next kernel
+        torch.cuda.empty_cache()
+        # record 89's NorMuon: bf16 block matrices + mantissa, Q/K per head pair, matrix axis
+        model = RecordParams(matrix_dtype=torch.bfloat16)
+        cfg = OptimConfig()
+        m = cfg.muon
+        m.kernel, m.axis, m.qk_head_pairs, m.bf16_weights, m.c_proj_lr_mul = kernel, "matrix", True, True, 4.0
+        opt = build_optimizers(model, cfg)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        record("NorMuon step (r89 switches)", kernel,
+               time_ms(lambda: opt.muon.step(lr_mult=1.0, momentum=0.95), args.iters, args.warmup))
+        model = opt = None
         torch.cuda.empty_cache()
 
     import triton

@@ -40,6 +40,7 @@ StateDtype = Literal["bfloat16", "float32"]
 ActivationDtype = Literal["auto", "bfloat16", "float32"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 CudaGraphs = Literal["auto", "on", "off"]
+MuonAxis = Literal["stored", "matrix"]
 
 
 def choices(literal) -> tuple[str, ...]:
@@ -141,6 +142,14 @@ class MuonConfig:
     cautious_weight_decay: bool = True # False: decoupled decay everywhere
     nesterov: bool = True
     c_fc_lr_mul: float = 2.0           # lr multiplier of the MLP up-projection (transposed layout)
+    c_proj_lr_mul: float = 1.0         # lr multiplier of the MLP down-projection (record 89: 4.0 =
+    #                                    its tall storage's shape factor 2 times its c_proj factor 2)
+    axis: MuonAxis = "stored"          # NorMuon statistic axis: from the param's stored shape (record
+    #                                    45) or from each orthogonalized matrix's own (out, in) shape
+    #                                    (record 48 on: "matrix")
+    qk_head_pairs: bool = False        # orthogonalize Wq, Wk per pair of heads (record 80 on)
+    bf16_weights: bool = False         # block matrices stored bf16, their fp32 masters kept exactly
+    #                                    through a 16-bit mantissa buffer; momentum fp32 (record 57 on)
     kernel: KernelChoice = "auto"      # Polar Express implementation
 
 
@@ -260,6 +269,9 @@ class Config:
         if m.backout:
             _check(0 <= m.backout_layer < m.num_layers, "model.backout_layer", f"in [0, {m.num_layers})")
         _check(m.logit_softcap >= 0, "model.logit_softcap", ">= 0 (0 disables)")
+        if self.optim.muon.qk_head_pairs:
+            _check(m.num_heads % 2 == 0, "optim.muon.qk_head_pairs",
+                   f"an even model.num_heads to orthogonalize Wq, Wk per head pair (got {m.num_heads})")
         _check(t.tokens_per_step > 0 and t.sequence_tokens > 0, "train.tokens_per_step", "> 0")
         _check(t.tokens_per_step % t.sequence_tokens == 0, "train.sequence_tokens",
                f"a divisor of train.tokens_per_step ({t.tokens_per_step})")

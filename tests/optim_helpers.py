@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,14 +17,19 @@ def labelled(shape, label, dtype=torch.float32, scale=0.1, gen=None) -> nn.Param
 
 
 class FakeModel(nn.Module):
-    """Every label of the real GPT, tiny shapes. n_attn/n_mlp chosen so buckets need padding on 2 ranks."""
+    """Every label of the real GPT, tiny shapes. n_attn/n_mlp chosen so buckets need padding on 2 ranks.
+    Attention weights carry num_heads (as the model's do); matrix_dtype is the block matrices' storage
+    (bf16 for optim.muon.bf16_weights)."""
 
-    def __init__(self, d=8, n_attn=3, n_mlp=2, n_gates=3, vocab=16, seed=0):
+    def __init__(self, d=8, n_attn=3, n_mlp=2, n_gates=3, vocab=16, seed=0, num_heads=4,
+                 matrix_dtype=torch.float32):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.attn = nn.ParameterList([labelled((d, 4 * d), "attn", gen=g) for _ in range(n_attn)])
-        self.fc = nn.ParameterList([labelled((d, 4 * d), "mlp_fc", gen=g) for _ in range(n_mlp)])
-        self.proj = nn.ParameterList([labelled((d, 4 * d), "mlp_proj", gen=g) for _ in range(n_mlp)])
+        self.attn = nn.ParameterList([labelled((d, 4 * d), "attn", matrix_dtype, gen=g) for _ in range(n_attn)])
+        for p in self.attn:
+            p.num_heads = num_heads
+        self.fc = nn.ParameterList([labelled((d, 4 * d), "mlp_fc", matrix_dtype, gen=g) for _ in range(n_mlp)])
+        self.proj = nn.ParameterList([labelled((d, 4 * d), "mlp_proj", matrix_dtype, gen=g) for _ in range(n_mlp)])
         self.smear = labelled((1, 4), "smear_gate", torch.bfloat16, gen=g)
         self.gates = nn.ParameterList([labelled((2, 4), "attn_gate", torch.bfloat16, gen=g)
                                        for _ in range(n_gates)])
@@ -91,3 +97,75 @@ def reference_adam(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr, b1=0.65
         p32 = p32 - lr * wd * mask * p32
     p32 = p32 - lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * upd
     return p32.to(p.dtype)
+
+
+# ---- record 89's NorMuon, written in the public code's layout (r89-training 5.2) -----------------
+
+def to_public_layout(p: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+    """Our param -> the matrices record 89 stores for it, each with its per-matrix lr factor
+    (shape factor sqrt(max(1, R/C)) of the public matrix times the c_proj factor 2):
+    attention (d, 4d) = [Wq, Wk, Wv, Wo] (out, in) -> the qk_bank slots (Wq rows of heads 2j, 2j+1,
+    then Wk's) and the vo_bank slots Wv, Wo; our c_fc (d, h) used as x @ W -> its c_fc (h, d);
+    our c_proj (d, h) used as F.linear -> its c_proj stored (h in, d out); gates as they are."""
+    def shape_factor(M):
+        return math.sqrt(max(1.0, M.size(0) / M.size(1)))
+    label = p.label
+    if label == "attn":
+        d = p.size(0)
+        wq, wk, wv, wo = p.view(4, d, d)
+        rows = 2 * d // p.num_heads
+        mats = [w[j:j + rows] for w in (wq, wk) for j in range(0, d, rows)] + [wv, wo]
+        return [(M, shape_factor(M)) for M in mats]
+    if label == "mlp_fc":
+        return [(p.mT, shape_factor(p.mT))]
+    if label == "mlp_proj":
+        return [(p.mT, shape_factor(p.mT) * 2.0)]
+    return [(p, shape_factor(p))]
+
+
+def from_public_layout(label: str, mats: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_public_layout: the public matrices back into our param's shape."""
+    if label == "attn":
+        n = len(mats) - 2
+        wq, wk = torch.cat(mats[:n // 2]), torch.cat(mats[n // 2:n])
+        return torch.stack([wq, wk, mats[-2], mats[-1]]).reshape(like.shape)
+    if label in ("mlp_fc", "mlp_proj"):
+        return mats[0].mT
+    return mats[0]
+
+
+def reference_normuon_r89(master: torch.Tensor, g: torch.Tensor, state: dict, *, lr, wd, mu, beta2,
+                          lr_mult, factor) -> torch.Tensor:
+    """One record-89 NorMuon update of one public-layout matrix: float64 master (R, C), gradient g.
+
+    As the public code: momentum and the Nesterov mix as fp32 lerps (Polar Express amplifies one-ulp
+    differences of its bf16 input, so its input must be bitwise the optimizer's; the lerp weight is
+    the Python float 1-mu as ours), Polar Express on bf16; then in float64: the statistic from the
+    matrix's own shape (rows >= cols: per row, else per column), the norms as sums of v*n, the
+    cautious mask O'*P >= 0, eff_lr = factor*lr*lr_mult, eff_wd = wd*lr*lr_mult. (The public code
+    rounds O' to bf16; the float64 formula does not.) Returns the new float64 master."""
+    m = state.setdefault("m", torch.zeros(g.shape, dtype=torch.float32))
+    g = g.float()
+    m.lerp_(g, 1 - mu)
+    u = g.lerp(m, mu)
+    O = polar_express_reference(u).double()
+    R, C = O.shape
+    red = -1 if R >= C else -2
+    v = (O ** 2).mean(dim=red, keepdim=True)
+    n = O.size(red)
+    norm = (v * n).sum().sqrt()
+    s = state.setdefault("s", torch.zeros_like(v))
+    s.mul_(beta2).add_((1 - beta2) * v)
+    r = s.clamp_min(1e-10).rsqrt()
+    new_norm = (v * n * r ** 2).sum().sqrt()
+    O2 = O * r * (norm / new_norm.clamp_min(1e-10))
+    eff_lr, eff_wd = factor * lr * lr_mult, wd * lr * lr_mult
+    mask = (O2 * master >= 0).double()
+    return master - master * mask * eff_wd * eff_lr - O2 * eff_lr
+
+
+def truncate_to_bf16_bits(master: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(high, low) 16-bit halves of fp32 values, through numpy's views: the bf16 bits by
+    truncation and the mantissa bits, as uint16."""
+    bits = master.detach().float().contiguous().numpy().view(np.uint32)
+    return (bits >> 16).astype(np.uint16), (bits & 0xFFFF).astype(np.uint16)

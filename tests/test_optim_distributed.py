@@ -24,12 +24,17 @@ STEPS, SOURCES = 4, 4
 SCHED = ScheduleConfig(num_scheduled_steps=4, num_extension_steps=0)
 
 
-def _train(world: World) -> tuple[dict, list[int]]:
-    """Run STEPS optimizer steps; returns final params and how many Adam grads hooks reduced."""
+def _train(world: World, r89: bool = False) -> tuple[dict, list[int]]:
+    """Run STEPS optimizer steps; returns final params and how many Adam grads hooks reduced.
+    r89: every record-89 NorMuon switch on (matrix axis, Q/K head pairs, bf16 weights + mantissa,
+    c_proj lr), on bf16 block matrices."""
     torch.manual_seed(0)
-    model = FakeModel()
+    model = FakeModel(matrix_dtype=torch.bfloat16 if r89 else torch.float32)
     cfg = OptimConfig()
     cfg.muon.kernel = "torch"
+    if r89:
+        m = cfg.muon
+        m.axis, m.qk_head_pairs, m.bf16_weights, m.c_proj_lr_mul, m.lr, m.beta2 = "matrix", True, True, 4.0, 0.023, 0.9
     cfg.adam.weight_decay, cfg.adam.cautious_weight_decay = 0.1, True   # exercise every path
     opt = build_optimizers(model, cfg, world)
     accum = SOURCES // world.world_size
@@ -68,11 +73,25 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         distributed._reduce_scatter_ok["gloo"] = False       # the all-reduce fallback path
         fallback, _ = _train(world)
         gathered.append(_helpers(world))
+        distributed._reduce_scatter_ok.pop("gloo")             # probe again: the native path
+        r89, _ = _train(world, r89=True)
         mean = world.all_reduce_mean(float(rank))
         world.barrier()
-        torch.save({"native": native, "fallback": fallback, "hooked": hooked, "mean": mean,
+        torch.save({"native": native, "fallback": fallback, "r89": r89, "hooked": hooked, "mean": mean,
                     "gathered": gathered},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        destroy_world()
+
+
+def _worker_r89(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    world = init_world("cpu")
+    try:
+        params, _ = _train(world, r89=True)
+        torch.save(params, os.path.join(out_dir, f"r89_rank{rank}.pt"))
     finally:
         destroy_world()
 
@@ -94,6 +113,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
                 p.kill()
             pytest.fail("2-process run did not finish in 120 s")
     single, _ = _train(World())
+    single_r89, _ = _train(World(), r89=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for res in results:
         assert res["mean"] == 0.5
@@ -104,8 +124,29 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
                 atol = 1e-6 if p.dtype == torch.float32 else 0.0   # bf16: the same rounding
                 torch.testing.assert_close(res[variant][name], p, atol=atol, rtol=0,
                                            msg=lambda m: f"{variant} {name}: {m}")
+        for name, p in single_r89.items():   # bf16 weights, mantissas on the owning rank: exact
+            assert torch.equal(res["r89"][name], p), f"r89 {name}"
     for name in single:   # every rank holds the same full params
         assert torch.equal(results[0]["native"][name], results[1]["native"][name])
+
+
+@pytest.mark.slow
+def test_four_gloo_ranks_match_one_process_record89_switches(tmp_path):
+    """4 ranks (one micro-batch each; some ranks own no slot of a bucket) with every record-89
+    NorMuon switch on == 1 process, bit for bit."""
+    ctx = mp.start_processes(_worker_r89, args=(4, _free_port(), str(tmp_path)), nprocs=4, join=False,
+                             start_method="spawn")
+    deadline = time.time() + 180
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("4-process run did not finish in 180 s")
+    single, _ = _train(World(), r89=True)
+    for r in range(4):
+        res = torch.load(tmp_path / f"r89_rank{r}.pt")
+        for name, p in single.items():
+            assert torch.equal(res[name], p), f"rank {r} {name}"
 
 
 def test_init_world_without_env_is_single_process(monkeypatch):

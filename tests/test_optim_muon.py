@@ -165,7 +165,8 @@ def test_mixed_bucket_runs_and_state_roundtrip():
     params = [labelled(s, l) for s, l in shapes]
     opt = NorMuon(params, kernel="torch")
     assert len(opt.buckets) == 1 and [p.label for p in opt.buckets[0].params] == ["attn", "attn", "mlp_fc", "mlp_proj"]
-    assert opt.buckets[0].runs() == [(0, 2, True), (2, 4, False)]
+    attn_plan, mlp_plan = opt.buckets[0].plans[0], opt.buckets[0].plans[2]
+    assert opt.buckets[0].runs() == [(0, 2, attn_plan), (2, 4, mlp_plan)] and attn_plan[0].count == 4
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()

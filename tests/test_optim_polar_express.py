@@ -86,7 +86,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         scale = b.float().abs().max().item()
         assert err <= 2 ** -7 * scale + 1e-6, (what, err, scale)
 
-    for shape in [(2, 40, 70), (1, 16, 16), (3, 5, 12), (1, 1, 12), (2, 33, 100), (1, 48, 20)]:
+    for shape in [(2, 40, 70), (1, 16, 16), (3, 5, 12), (1, 1, 12), (2, 33, 100), (1, 48, 20),
+                  (6, 16, 48)]:   # the last: head-pair blocks (2*head_dim, dim), batched
         X = torch.randn(shape).bfloat16()
         A = xxt(X)
         assert torch.equal(A, A.mT), shape                       # mirrored exactly
@@ -120,7 +121,8 @@ def test_triton_kernels_equal_twins_in_interpreter():
 # ---- GPU (real sizes) ---------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(16, 768, 3072), (40, 768, 768), (8, 3072, 768), (10, 6, 12), (1, 1, 12)])
+@pytest.mark.parametrize("shape", [(16, 768, 3072), (40, 768, 768), (8, 3072, 768), (10, 6, 12), (1, 1, 12),
+                                   (60, 256, 768), (20, 768, 768)])   # record 89: Q/K head pairs, V/O
 def test_gpu_symmetric_kernels_equal_twins(shape):
     from speedrun.kernels.symmetric_matmul import ba_plus_caa, ba_plus_caa_reference, xxt, xxt_reference
     torch.manual_seed(0)
@@ -136,7 +138,8 @@ def test_gpu_symmetric_kernels_equal_twins(shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(22, 768, 3072), (40, 768, 768), (4, 3072, 768), (10, 6, 12)])
+@pytest.mark.parametrize("shape", [(22, 768, 3072), (40, 768, 768), (4, 3072, 768), (10, 6, 12),
+                                   (60, 256, 768), (20, 768, 768)])
 def test_gpu_polar_express_triton_equals_torch(shape):
     torch.manual_seed(0)
     G = torch.randn(shape, device="cuda")

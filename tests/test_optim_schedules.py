@@ -42,6 +42,32 @@ def test_muon_momentum(step, expected):
     assert muon_momentum(step, M, S) == pytest.approx(expected, abs=1e-12)
 
 
+R89 = ScheduleConfig(num_scheduled_steps=1270, num_extension_steps=15)   # record 89: 1285 steps
+
+
+def _public_momentum(step: int) -> float:
+    """Record 89's get_muon_momentum (r89-training 1.5), written from its formula: warm-up over 300
+    steps 0.85 -> 0.95, cool-down over the last 50 of the 1285 steps with a strict '>'."""
+    cd_start = 1285 - 50
+    if step < 300:
+        return 0.85 + step / 300 * (0.95 - 0.85)
+    if step > cd_start:
+        return 0.95 - (step - cd_start) / 50 * (0.95 - 0.85)
+    return 0.95
+
+
+@pytest.mark.parametrize("step,expected", [(0, 0.85), (300, 0.95), (1235, 0.95), (1236, 0.948),
+                                           (1270, 0.88), (1284, 0.852)])
+def test_muon_momentum_record89_values(step, expected):
+    assert muon_momentum(step, M, R89) == pytest.approx(expected, abs=1e-12)
+
+
+def test_muon_momentum_is_record89_formula_bit_for_bit():
+    """Same schedule shape as record 45 (the cool-down anchored on total_steps): with record 89's
+    step counts and the unchanged momentum fields every step's value is the public formula's."""
+    assert all(muon_momentum(s, M, R89) == _public_momentum(s) for s in range(R89.total_steps))
+
+
 @pytest.mark.parametrize("step,expected", [
     (0, (1, 3)), (728, (1, 3)), (729, (3, 7)), (1456, (3, 7)), (1457, (5, 11)), (2184, (5, 11)),
     (2185, (6, 13)), (2224, (6, 13)),

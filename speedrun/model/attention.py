@@ -375,6 +375,7 @@ class CausalSelfAttention(nn.Module):
         self.dc_window, self.dc_kernel = dc_window, dc_kernel
         self.qkvo = nn.Parameter(torch.empty(dim, 4 * dim))
         self.qkvo.label = "attn"
+        self.qkvo.num_heads = num_heads   # NorMuon cuts Wq, Wk per head pair (optim.muon.qk_head_pairs)
         self.gate = None
         if attn_gate:
             self.gate = nn.Linear(gate_dim, num_heads, bias=False, dtype=dtype)

@@ -82,6 +82,10 @@ def softcap(logits: Tensor, cap: float) -> Tensor:
     return cap * torch.sigmoid(logits / (cap / 4)) if cap > 0 else logits
 
 
+# the block matrices: fp32 parameters cast at use, or bf16 ones (GPT's matrix_dtype)
+MATRIX_LABELS = ("attn", "mlp_fc", "mlp_proj")
+
+
 class MLP(nn.Module):
     """relu(x W_fc)^2 W_proj^T (GELU when relu_squared is off). Both weights are fp32 (dim, hidden):
     ``c_fc`` is used as x @ c_fc (stored (in, out)), ``c_proj`` as an nn.Linear weight (out, in).
@@ -141,10 +145,12 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, *,
                  max_doc_len: int | None = None, flex_block_size: int = FLEX_BLOCK_SIZE,
-                 eval_chunk_tokens: int = EVAL_CHUNK_TOKENS):
+                 eval_chunk_tokens: int = EVAL_CHUNK_TOKENS, matrix_dtype: torch.dtype = torch.float32):
         """``max_doc_len``: the bound on training documents (the loader cuts them there; flash uses
         it as its launch bound, None = the batch length); ``flex_block_size``: FlexAttention's tile;
-        ``eval_chunk_tokens``: eval logits are made this many tokens at a time."""
+        ``eval_chunk_tokens``: eval logits are made this many tokens at a time; ``matrix_dtype``:
+        storage of the block matrices (labels in MATRIX_LABELS): fp32 (record 45) or bf16 with
+        ``optim.muon.bf16_weights`` (the trainer passes it; the optimizer keeps the fp32 masters)."""
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         assert cfg.num_heads * cfg.head_dim == cfg.model_dim, "num_heads * head_dim != model_dim"
@@ -178,6 +184,10 @@ class GPT(nn.Module):
         for m in (self.embed, *self.value_embeds, self.smear_gate, self.lm_head):
             if m is not None:
                 m.to(dtype)
+        if matrix_dtype != torch.float32:   # initialized in fp32 above, rounded once (as record 89)
+            for p in self.parameters():
+                if p.label in MATRIX_LABELS:
+                    p.data = p.data.to(matrix_dtype)
         # the regions; compile_regions() swaps in compiled versions
         self._embed_fn = self._embed
         self._train_loss_fn = self._train_loss

@@ -135,11 +135,12 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, world: World | None = N
 
     muon = None
     if muon_groups:
-        groups = [{"params": ps, "lr_mul": mc.c_fc_lr_mul if label == "mlp_fc" else 1.0}
-                  for label, ps in muon_groups.items()]
+        lr_mul = {"mlp_fc": mc.c_fc_lr_mul, "mlp_proj": mc.c_proj_lr_mul}
+        groups = [{"params": ps, "lr_mul": lr_mul.get(label, 1.0)} for label, ps in muon_groups.items()]
         muon = NorMuon(groups, lr=mc.lr, weight_decay=mc.weight_decay, momentum=mc.momentum,
                        beta2=mc.beta2, nesterov=mc.nesterov, normalize=mc.normalize,
-                       cautious_weight_decay=mc.cautious_weight_decay, kernel=mc.kernel, world=world)
+                       cautious_weight_decay=mc.cautious_weight_decay, kernel=mc.kernel, world=world,
+                       axis=mc.axis, qk_head_pairs=mc.qk_head_pairs, bf16_weights=mc.bf16_weights)
     adam = None
     if adam_groups:
         groups = [{"params": ps, "lr_mul": getattr(ac, ADAM_LR_MUL[label])} for label, ps in adam_groups.items()]

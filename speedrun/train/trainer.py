@@ -130,7 +130,8 @@ class Trainer:
         # seconds (CUDA draws its init from the CUDA generator, seeded by manual_seed above)
         with torch.device(self.device):
             # the loader cuts training documents at data.max_doc_len: the model's bound on them
-            self.model = GPT(cfg.model, dtype=self.dtype, max_doc_len=cfg.data.max_doc_len)
+            self.model = GPT(cfg.model, dtype=self.dtype, max_doc_len=cfg.data.max_doc_len,
+                             matrix_dtype=torch.bfloat16 if cfg.optim.muon.bf16_weights else torch.float32)
         self._broadcast_parameters()
         done("model")
         self.optimizers = build_optimizers(self.model, cfg.optim, world)
