@@ -113,3 +113,93 @@ def test_cuda_flag_without_gpu_fails_clearly(monkeypatch):
     cfg = build_config(_train_args(["--cuda"]))
     with pytest.raises(ConfigError, match="cuda was requested but no CUDA GPU is visible"):
         resolve_device(cfg)
+
+
+# ---- the stage table (schedule.stages) ------------------------------------------------------------
+
+R89_FRAGMENT = __import__("os").path.join(__import__("os").path.dirname(__file__), "fixtures",
+                                          "record_89_schedule.json")
+
+
+def r89_dict() -> dict:
+    with open(R89_FRAGMENT) as f:
+        return json.load(f)
+
+
+def test_stage_table_loads_saves_and_derives_the_batches(tmp_path):
+    cfg = Config.from_dict(r89_dict()).validate()
+    assert [st.tokens_per_step for st in cfg.schedule.stages] == [131072, 262144, 393216, 393216]
+    assert cfg.batch_shapes() == [(131072, 16384, 896), (262144, 32768, 2048), (393216, 49152, 2048),
+                                  (393216, 49152, 2048)]
+    assert cfg.grad_accum(1) == 8 and cfg.grad_accum(8) == 1 and cfg.grad_accum(4) == 2
+    cfg.save(tmp_path / "c.json")
+    assert Config.load(tmp_path / "c.json") == cfg
+    # a stage's 0 takes the train / data field
+    cfg.schedule.stages[0].tokens_per_step, cfg.schedule.stages[0].max_doc_len = 0, 0
+    cfg.train.tokens_per_step = 65536
+    assert cfg.batch_shapes()[0] == (65536, 8192, 2048)
+
+
+def test_stage_table_from_the_command_line():
+    cfg = Config()
+    table = json.dumps([{"share": 0.25, "windows": [1, 2]}, {"share": 0.75, "windows": [2, 4], "lr_mul": 2},
+                        {"windows": [3, 6]}])
+    cfg.override(parse_overrides(["--schedule.stages", table]))
+    assert [st.windows for st in cfg.validate().schedule.stages] == [[1, 2], [2, 4], [3, 6]]
+    assert cfg.schedule.stages[1].lr_mul == 2.0 and cfg.schedule.stage_bounds() == [0, 546, 2185, 2225]
+
+
+def test_fixed_micro_batch_with_a_growing_batch():
+    """micro_batches_per_step 0: the micro-batch stays train.sequence_tokens, the accumulation grows."""
+    data = r89_dict()
+    data["train"] = {"micro_batches_per_step": 0, "sequence_tokens": 16384}
+    cfg = Config.from_dict(data).validate()
+    assert [s.micro_batches for s in cfg.batch_shapes()] == [8, 16, 24, 24]
+    assert cfg.grad_accum(8) == 1
+    with pytest.raises(ConfigError, match=r"'schedule.stages\[0\].tokens_per_step'.*is 8 micro-batches per "
+                                          r"step, not divisible by the world size 16"):
+        cfg.grad_accum(16)
+
+
+def _stages_with(change) -> dict:
+    data = r89_dict()
+    change(data)
+    return data
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda d: d["schedule"]["stages"][0].update(share=0.5), "shares of the scheduled stages summing to 1"),
+    (lambda d: d["schedule"]["stages"][3].update(share=0.1), "followed by one extension stage"),
+    (lambda d: d["schedule"]["stages"].pop(), "followed by one extension stage"),
+    (lambda d: d["schedule"]["stages"][1].update(windows=[3]), r"stages\[1\].windows.*\[short, long\]"),
+    (lambda d: d["schedule"]["stages"][1].update(windows=[0, 7]), r"stages\[1\].windows.*>= 1"),
+    (lambda d: d["schedule"]["stages"][0].update(mtp_weights_end=[1.0, 0.5]),
+     r"stages\[0\].mtp_weights_end.*as many weights as mtp_weights_start \(3\)"),
+    (lambda d: d["schedule"]["stages"][2].update(tokens_per_step=393217), r"stages\[2\].tokens_per_step.*"
+     r"a multiple of 16 \* train.micro_batches_per_step \(128\)"),
+    (lambda d: d["schedule"]["stages"][0].update(max_doc_len=1), r"stages\[0\].max_doc_len.*>= 2"),
+    (lambda d: d["schedule"]["stages"][1].update(lr_mul=-1), r"stages\[1\].lr_mul"),
+    (lambda d: d["schedule"].update(window_stages=[1, 2]), r"schedule.window_stages.*unset"),
+    (lambda d: d["schedule"].update(extension_window=9), r"schedule.extension_window.*unset"),
+    (lambda d: d["model"].update(rope_max_positions=32768) if "model" in d else d.update(
+        model={"rope_max_positions": 32768}), r"stages\[2\].tokens_per_step.*at most model.rope_max_positions"),
+    (lambda d: d["schedule"].update(num_scheduled_steps=2, stages=[
+        {"share": 0.1, "windows": [1, 1]}, {"share": 0.9, "windows": [1, 1]}, {"windows": [1, 1]}]),
+     r"stages\[0\].share.*at least one of the 2 scheduled steps"),
+])
+def test_stage_table_validation_names_the_field(change, expected):
+    with pytest.raises(ConfigError, match=expected):
+        Config.from_dict(_stages_with(change)).validate()
+
+
+def test_stage_table_element_types_name_the_entry():
+    data = r89_dict()
+    data["schedule"]["stages"][1] = 5
+    with pytest.raises(ConfigError, match=r"config field 'schedule.stages\[1\]' must be an object"):
+        Config.from_dict(data)
+    data["schedule"]["stages"][1] = {"share": 0.5, "windos": [1, 2]}
+    with pytest.raises(ConfigError, match=r"unknown config field 'schedule.stages\[1\].windos'"):
+        Config.from_dict(data)
+    data["schedule"]["stages"][1] = {"share": "half"}
+    with pytest.raises(ConfigError, match=r"'schedule.stages\[1\].share': expected float"):
+        Config.from_dict(data)
