@@ -203,3 +203,16 @@ def test_stage_table_element_types_name_the_entry():
     data["schedule"]["stages"][1] = {"share": "half"}
     with pytest.raises(ConfigError, match=r"'schedule.stages\[1\].share': expected float"):
         Config.from_dict(data)
+
+
+def test_the_gpu_benchmark_config_is_record_124m_on_record_89s_stage_table():
+    """benchmarks/r89_stages_r45_model.json (gpu_check.sh stages): record_124m's model and optimizer,
+    the fixture's schedule, batch and data parts, next-token loss only (the model has no MTP yet)."""
+    root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+    bench = Config.load(f"{root}/benchmarks/r89_stages_r45_model.json").validate()
+    r45, r89 = Config.load(config_path("record_124m")), Config.from_dict(r89_dict())
+    assert bench.model == r45.model and bench.optim == r45.optim
+    assert bench.batch_shapes() == r89.batch_shapes() and bench.train.micro_batches_per_step == 8
+    for mine, theirs in zip(bench.schedule.stages, r89.schedule.stages):
+        assert (mine.share, mine.windows, mine.lr_mul) == (theirs.share, theirs.windows, theirs.lr_mul)
+        assert mine.mtp_weights_start == mine.mtp_weights_end == [1.0] and mine.prefix_weight_start == 0
