@@ -47,6 +47,7 @@ def staged_run(shards, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_each_step_takes_its_stages_batch_windows_and_lr(shards, tmp_path, monkeypatch):
     from speedrun.train.trainer import Trainer
     cfg = staged_config(*shards, tmp_path)
@@ -135,8 +136,14 @@ def test_warmup_compiles_every_micro_batch_size(shards, tmp_path, monkeypatch):
     cfg = staged_config(*shards, tmp_path)
     cfg.train.compile = True
     trainer = Trainer(cfg, init_world("cpu"), str(tmp_path))
+    before = [t.detach().clone() for t in [*trainer.model.parameters(), *trainer.model.buffers()]]
     trainer.warmup()
     assert "stage1" in trainer.warmup_phases and "stage2" not in trainer.warmup_phases  # 2: same size
+    # the warm-up trained nothing: weights, buffers (YaRN tables, attention scale) back, no gradient
+    after = [*trainer.model.parameters(), *trainer.model.buffers()]
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(p.grad is None for p in trainer.model.parameters()) and trainer.window is None
+    assert trainer.loader.state_dict()["steps"] == 0            # the run's loader is untouched
     compiled = counters["stats"]["unique_graphs"]
     for span in stage_spans(cfg.schedule):
         for step in (span.start, span.start + 1):
