@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One pass over everything that needs a GPU: the GPU-marked tests, the component benchmarks and
 # `speedrun bench` of the record recipe. Usage: benchmarks/gpu_check.sh OUT_DIR [parts...]
-# parts: tests kernels mlp flex attention attention-r89 model optim bench (default: all but the attention ones); tests-kernels + tests-rest split
-# tests in two. Each part has its own time limit and a log in OUT_DIR, and a failing part does not
-# stop the next one.
+# parts: tests kernels mlp flex attention attention-r89 model optim bench stages (default: all but the
+# attention ones and stages); tests-kernels + tests-rest split tests in two; stages = speedrun bench of
+# record 89's stage table (three batch sizes) on record 45's model (benchmarks/r89_stages_r45_model.json).
+# Each part has its own time limit and a log in OUT_DIR, and a failing part does not stop the next one.
 set -u
-out=${1:?usage: gpu_check.sh OUT_DIR [tests|tests-kernels|tests-rest|kernels|mlp|flex|attention|attention-r89|model|optim|bench]...}
+out=${1:?usage: gpu_check.sh OUT_DIR [tests|tests-kernels|tests-rest|kernels|mlp|flex|attention|attention-r89|model|optim|bench|stages]...}
 shift
 parts=${*:-tests kernels mlp flex model optim bench}
 mkdir -p "$out"
@@ -38,6 +39,8 @@ for part in $parts; do
         optim)   step bench_optim 90 python3 benchmarks/bench_optim.py --out "$out/bench_optim.json" ;;
         bench)   step bench ${BENCH_LIMIT:-330} python3 -m speedrun bench --config record_124m --warm-start \
                      --out "$out/bench.json" ;;
+        stages)  step bench_stages ${BENCH_LIMIT:-420} python3 -m speedrun bench \
+                     --config benchmarks/r89_stages_r45_model.json --out "$out/bench_stages.json" ;;
         *) echo "unknown part $part" ;;
     esac
 done

@@ -1,9 +1,12 @@
 """``speedrun bench``: measure a recipe's training step on this machine.
 
-For each attention-window stage of the schedule it runs a short timed window of real optimizer steps
-(synthetic documents unless ``--data-path`` is given) and prints one table: ms/step, tokens/s, MFU,
-peak memory, and the split of a step into forward / backward / optimizer / data wait (with record
-89's DC-MHA on, also DC's own forward+backward per step, timed alone: ``dc_step_ms``). It also reports
+For each stage of the schedule (its batch and attention windows; record 45's shorthand: one per
+window stage) it runs a short timed window of real optimizer steps (synthetic documents unless
+``--data-path`` is given) and prints one table: batch, ms/step, tokens/s, MFU, peak memory, and the
+split of a step into forward / backward / optimizer / data wait (with record 89's DC-MHA on, also
+DC's own forward+backward per step, timed alone: ``dc_step_ms``). The schedule-weighted tokens/s is
+the whole schedule's tokens over its time: each stage's steps times its batch, over its steps times
+its ms/step. It also reports
 the cold start (process start to first timed step, empty compile cache) and, with ``--warm-start``,
 the start of a second process that finds the compile cache on disk. ``--profile`` writes a torch
 profiler trace and a CUDA memory snapshot into the run directory.
@@ -23,10 +26,10 @@ PROCESS_START = time.perf_counter()
 
 def register(subparsers) -> None:
     from speedrun.train.cli import add_train_arguments
-    p = subparsers.add_parser("bench", help="time the training step of a recipe at every window stage",
+    p = subparsers.add_parser("bench", help="time the training step of a recipe at every stage",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(p)
-    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per window stage")
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per stage")
     p.add_argument("--skip-steps", type=int, default=2, help="untimed steps per stage before timing")
     p.add_argument("--profile", action="store_true",
                    help="write a torch profiler trace (trace.json) and a CUDA memory snapshot "
@@ -76,10 +79,14 @@ def run_bench(args) -> int:
     run_dir = cfg.train.save_path or tempfile.mkdtemp(prefix="speedrun-bench-")
     os.makedirs(run_dir, exist_ok=True)
     data_s = 0.0  # making synthetic shards is the bench's own work, not part of a start
+    from speedrun.optim.schedules import batch_shape, stage_spans
+    spans = [span for span in stage_spans(cfg.schedule) if span.end > span.start]
     if not cfg.data.train_path:
         t_data = time.perf_counter()
-        steps_needed = (len(cfg.schedule.window_stages) + 1) * (args.steps + args.skip_steps + 5) + 16
-        n = cfg.train.tokens_per_step * (steps_needed + 1)
+        # every stage's timed, untimed, split and profiled steps, the warm-up's and the first step
+        per_stage = args.steps + args.skip_steps + 5 + 2
+        n = sum(batch_shape(span.start, cfg).tokens_per_step * (per_stage + 2) for span in spans) \
+            + 16 * batch_shape(0, cfg).tokens_per_step
         cfg.data.train_path, cfg.data.val_path = synthetic_shards(
             run_dir, int(n * 1.1), cfg.model.padded_vocab_size, cfg.data.bos_id,
             num_val_tokens=cfg.train.val_tokens + cfg.train.val_sequence_tokens)
@@ -109,21 +116,22 @@ def run_bench(args) -> int:
         return 0
     start["cold_start_to_first_step_s"] = start.pop("start_to_first_step_s")
 
-    from speedrun.optim.schedules import window_stages
-    stages = window_stages(cfg.schedule)
     rows = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for first, _ in stages.values():
+    for span in spans:
+        first, shape = span.start, batch_shape(span.start, cfg)
         trainer.apply_window(first)
+        # every step of a row takes the stage's batch (next_batches(first)), also where the row runs
+        # past the stage's last step: the row times that stage
         for k in range(args.skip_steps):
-            trainer.train_step(first + k, trainer.next_batches(first + k))
+            trainer.train_step(first + k, trainer.next_batches(first))
         # ms/step from free-running steps (no syncs inside, as in training) ...
         _sync(device)
         t0 = time.perf_counter()
         for k in range(args.steps):
             step = first + args.skip_steps + k
-            batches = trainer.next_batches(step)
+            batches = trainer.next_batches(first)
             loss = trainer.train_step(step, batches)
         _sync(device)
         ms = 1e3 * (time.perf_counter() - t0) / args.steps
@@ -134,10 +142,13 @@ def run_bench(args) -> int:
         split = {"data": 0.0, "forward": 0.0, "backward": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
         split_steps = max(1, min(3, args.steps))
         for k in range(split_steps):
-            _timed_step(trainer, first + args.skip_steps + args.steps + k, split)
-        tokens_per_s = cfg.train.tokens_per_step / (ms / 1e3)
+            _timed_step(trainer, first + args.skip_steps + args.steps + k, first, split)
+        tokens_per_s = shape.tokens_per_step / (ms / 1e3)
         dc = dc_step_ms(trainer, batches[0])   # the documents of the last timed step
-        rows.append({"window_long": trainer.window.long, "window_short": trainer.window.short,
+        rows.append({"stage": span.index, "first_step": first, "steps": span.end - span.start,
+                     "tokens_per_step": shape.tokens_per_step, "micro_batch_tokens": shape.micro_batch_tokens,
+                     "grad_accum": trainer.grad_accum, "max_doc_len": shape.max_doc_len,
+                     "window_long": trainer.window.long, "window_short": trainer.window.short,
                      "ms_per_step": ms, "tokens_per_s": tokens_per_s, "mfu": trainer.mfu(tokens_per_s),
                      "train_loss": train_loss, **({"dc_ms": dc} if dc is not None else {}),
                      **{f"{k}_ms": v / split_steps for k, v in split.items()}})
@@ -145,13 +156,10 @@ def run_bench(args) -> int:
     # reserved counts the CUDA graph's private pool and the allocator's cache too
     peak_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
     mean_tps = sum(r["tokens_per_s"] for r in rows) / len(rows)
-    # schedule-weighted average: each stage runs for its share of the steps
-    weights = [count for _, count in stages.values()]
-    sched_ms = sum(w * r["ms_per_step"] for w, r in zip(weights, rows)) / sum(weights)
     result = {"config": args.config, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "world_size": world.world_size, "grad_accum": trainer.grad_accum,
-              "tokens_per_step": cfg.train.tokens_per_step, "stages": rows,
-              "schedule_avg_tokens_per_s": cfg.train.tokens_per_step / (sched_ms / 1e3),
+              "world_size": world.world_size, "grad_accum": rows[0]["grad_accum"],
+              "tokens_per_step": rows[0]["tokens_per_step"], "stages": rows,
+              "schedule_avg_tokens_per_s": schedule_tokens_per_s(rows),
               "mean_stage_tokens_per_s": mean_tps, "peak_memory_gib": peak, "peak_reserved_gib": peak_reserved,
               "cuda_graphs": trainer.micro_graph is not None, "attention": _attention_name(trainer.model, device),
               **start,
@@ -159,8 +167,8 @@ def run_bench(args) -> int:
               "graphs_compiled_after_warmup": counters["stats"]["unique_graphs"] - graphs_after_warmup,
               "torch": torch.__version__}
     if args.profile:
-        last_first = list(stages.values())[-1][0]
-        result.update(_profile(trainer, last_first + args.skip_steps + args.steps, run_dir))
+        result.update(_profile(trainer, spans[-1].start + args.skip_steps + args.steps, spans[-1].start,
+                               run_dir))
     try:  # where the compile time went (dynamo tracing, AOT autograd, inductor), per phase
         from torch._dynamo.utils import compile_times
         result["compile_times"] = compile_times(repr="str", aggregate=True)
@@ -234,7 +242,15 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_step(trainer, step: int, split: dict) -> None:
+def schedule_tokens_per_s(rows: list[dict]) -> float:
+    """The whole schedule's throughput from the per-stage rows: its tokens (each stage's steps times
+    its batch) over its time (each stage's steps times its ms/step)."""
+    tokens = sum(r["steps"] * r["tokens_per_step"] for r in rows)
+    seconds = sum(r["steps"] * r["ms_per_step"] / 1e3 for r in rows)
+    return tokens / seconds
+
+
+def _timed_step(trainer, step: int, batch_step: int, split: dict) -> None:
     """The trainer's own step with the phases timed by host clock around device syncs.
 
     Syncing between phases costs a little throughput, so these steps only give the split; ms/step
@@ -249,12 +265,12 @@ def _timed_step(trainer, step: int, split: dict) -> None:
         split[phase] += 1e3 * (now - last)
         last = now
 
-    batches = trainer.next_batches(step)
+    batches = trainer.next_batches(batch_step)
     mark("data")
     trainer.train_step(step, batches, mark=mark)
 
 
-def _profile(trainer, step: int, run_dir: str) -> dict:
+def _profile(trainer, step: int, batch_step: int, run_dir: str) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
@@ -263,7 +279,7 @@ def _profile(trainer, step: int, run_dir: str) -> dict:
         torch.cuda.memory._record_memory_history(max_entries=200000)
     with profile(activities=activities) as prof:
         for k in range(2):
-            trainer.train_step(step + k, trainer.next_batches(step + k))
+            trainer.train_step(step + k, trainer.next_batches(batch_step))
         _sync(trainer.device)
     trace = os.path.join(run_dir, "trace.json")
     prof.export_chrome_trace(trace)
@@ -348,18 +364,21 @@ def _warm_start(args, cache: str) -> dict:
 
 
 def _print_table(r: dict) -> None:
+    batches = {s["tokens_per_step"] for s in r["stages"]}
+    batch = f"{r['tokens_per_step']} tokens/step" if len(batches) == 1 else "batch by stage"
     print(f"\n{r['config']} on {r['device']} x{r['world_size']} (grad_accum {r['grad_accum']}), "
-          f"{r['tokens_per_step']} tokens/step, torch {r['torch']}")
+          f"{batch}, torch {r['torch']}")
     dc = any("dc_ms" in s for s in r["stages"])
-    head = (f"{'window':>8} {'ms/step':>9} {'tok/s':>10} {'MFU':>6} {'data':>7} {'fwd':>7} {'bwd':>7} {'optim':>7}"
-            f" {'loss':>7}" + (f" {'dc':>7}" if dc else ""))
+    head = (f"{'stage':>5} {'steps':>6} {'batch':>8} {'window':>8} {'ms/step':>9} {'tok/s':>10} {'MFU':>6} "
+            f"{'data':>7} {'fwd':>7} {'bwd':>7} {'optim':>7} {'loss':>7}" + (f" {'dc':>7}" if dc else ""))
     print(head)
     for s in r["stages"]:
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "-"
         # a CUDA-graph replay is forward and backward at once: shown in the bwd column, fwd "-"
         fwd = f"{s['forward_ms']:7.1f}" if s.get("forward_backward_ms", 0) == 0 else f"{'-':>7}"
         bwd = s["backward_ms"] + s.get("forward_backward_ms", 0)
-        print(f"{s['window_short']:>3}/{s['window_long']:<4} {s['ms_per_step']:9.1f} {s['tokens_per_s'] / 1e3:9.1f}k "
+        print(f"{s['stage']:>5} {s['steps']:>6} {s['tokens_per_step']:>8} "
+              f"{s['window_short']:>3}/{s['window_long']:<4} {s['ms_per_step']:9.1f} {s['tokens_per_s'] / 1e3:9.1f}k "
               f"{mfu:>6} {s['data_ms']:7.1f} {fwd} {bwd:7.1f} {s['optimizer_ms']:7.1f} {s['train_loss']:7.4f}"
               + (f" {s['dc_ms']:7.2f}" if dc else ""))
     if dc:

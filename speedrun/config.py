@@ -41,6 +41,30 @@ ActivationDtype = Literal["auto", "bfloat16", "float32"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 CudaGraphs = Literal["auto", "on", "off"]
 MuonAxis = Literal["stored", "matrix"]
+MaxNumDocsRule = Literal["spare", "tight"]
+
+
+class BatchShape(NamedTuple):
+    """One optimizer step's batch: ``tokens_per_step`` global tokens in micro-batches of
+    ``micro_batch_tokens`` (per rank per accumulation step), documents cut at ``max_doc_len``."""
+    tokens_per_step: int
+    micro_batch_tokens: int
+    max_doc_len: int
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step over all ranks."""
+        return self.tokens_per_step // self.micro_batch_tokens
+
+    def grad_accum(self, world_size: int) -> int:
+        """This shape's micro-batches per rank; a ConfigError unless world_size divides their number."""
+        n = self.micro_batches
+        if n % world_size:
+            raise ConfigError(
+                f"a batch of {self.tokens_per_step} tokens in micro-batches of {self.micro_batch_tokens} "
+                f"is {n} micro-batches per step, not divisible by the world size {world_size}; choose a "
+                f"world size that divides {n}")
+        return n // world_size
 
 
 def choices(literal) -> tuple[str, ...]:
@@ -178,20 +202,66 @@ class OptimConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of the training schedule (``schedule.stages``): what holds from its first step to
+    its last. The loss weights are interpolated linearly inside the stage (start at its first step;
+    the end value is approached, never reached: t = (step - first) / steps_of_the_stage)."""
+    share: float = 0.0                 # fraction of the scheduled steps; 0 = the extension stage
+    tokens_per_step: int = 0           # global batch in tokens; 0 = train.tokens_per_step
+    max_doc_len: int = 0               # training documents are cut here; 0 = data.max_doc_len
+    windows: list[int] = field(default_factory=lambda: [1, 3])   # attention windows [short, long], blocks
+    lr_mul: float = 1.0                # multiplier of every base lr (before the cooldown blends it to the floor)
+    mtp_weights_start: list[float] = field(default_factory=lambda: [1.0])   # loss weight of the k-th next token
+    mtp_weights_end: list[float] = field(default_factory=lambda: [1.0])
+    prefix_weight_start: float = 0.0   # loss weight of the next token's prefix token
+    prefix_weight_end: float = 0.0
+
+
+@dataclass
 class ScheduleConfig:
-    """Everything that is a pure function of the step (see speedrun/optim/schedules.py)."""
+    """Everything that is a pure function of the step (see speedrun/optim/schedules.py).
+
+    Two ways to write it. ``stages`` (a table, record 89): each scheduled stage's share of the steps,
+    global batch, document cap, windows, lr multiplier and loss weights, then one extension stage
+    (share 0). Without ``stages`` (record 45's shorthand): one batch (train.tokens_per_step), one
+    document cap (data.max_doc_len), the windows of ``window_stages`` over equal shares and
+    ``extension_window``, and record 45's lr formula."""
     num_scheduled_steps: int = 2185
     num_extension_steps: int = 40      # run at the final lr with the extension window
     cooldown_frac: float = 0.5         # lr decays linearly over the last cooldown_frac of the steps
-    final_lr_frac: float = 0.1         # ... down to this fraction of the base lr
+    final_lr_frac: float = 0.1         # ... down to this fraction of the base lr (the floor)
     window_stages: list[int] = field(default_factory=lambda: [3, 7, 11])  # long window (blocks) per stage
     extension_window: int = 13         # long window during the extension steps
     final_val_window: int = 20         # long window for the last validation only (no YaRN update)
     short_window_ratio: float = 0.5    # short window = long * ratio (rounded down, at least 1 block)
+    stages: list[StageConfig] = field(default_factory=list)   # the stage table; [] = the shorthand above
 
     @property
     def total_steps(self) -> int:
         return self.num_scheduled_steps + self.num_extension_steps
+
+    def stage_bounds(self) -> list[int]:
+        """First step of every stage, then total_steps: stage i runs steps [b[i], b[i+1]).
+
+        Table: the scheduled stages end at round(cumulative share * num_scheduled_steps) (shares
+        summed in order, Python's round), the last one at num_scheduled_steps; the extension stage
+        follows (record 89: [0, 423, 847, 1270, 1285]). Shorthand: len(window_stages) equal stages,
+        stage k from ceil(k * num_scheduled_steps / len) (integer arithmetic; record 45:
+        [0, 729, 1457, 2185, 2225])."""
+        n, bounds = self.num_scheduled_steps, [0]
+        if self.stages:
+            cumulative = 0.0
+            for stage in self.stages[:-2]:
+                cumulative += stage.share
+                bounds.append(round(cumulative * n))
+        else:
+            k = len(self.window_stages)
+            bounds += [-(-i * n // k) for i in range(1, k)]
+        return bounds + [n, self.total_steps]
+
+
+# the shorthand's fields: a table (schedule.stages) says the same per stage, so these must stay unset
+SHORTHAND_FIELDS = ("window_stages", "extension_window", "short_window_ratio")
 
 
 @dataclass
@@ -202,12 +272,18 @@ class DataConfig:
     max_doc_len: int = 2048            # BOS-aligned segments are cut at this many tokens
     wrap: bool = False                 # restart at the first train shard when data runs out
     async_loading: bool = True         # index the next shard in a background thread
+    max_num_docs_rule: MaxNumDocsRule = "spare"   # cu_seqlens length per micro-batch size
+    #                                    (data/loader.py:max_num_docs_for): spare = room for documents
+    #                                    averaging 300 tokens + 128; tight = record 89's table
 
 
 @dataclass
 class TrainConfig:
     tokens_per_step: int = 262144      # global tokens per optimizer step (the recipe's batch)
     sequence_tokens: int = 32768       # tokens per micro-batch (per rank per accumulation step)
+    micro_batches_per_step: int = 0    # 0: every micro-batch has sequence_tokens tokens (record 45);
+    #                                    N: every step is N micro-batches over all ranks, each of
+    #                                    batch / N tokens, growing with the stage's batch (record 89: 8)
     val_tokens: int = 10485760
     val_sequence_tokens: int = 262144  # tokens per validation forward (per rank)
     val_every: int = 250               # validate every N steps (and at step 0 and the end); 0 = only at the end
@@ -236,19 +312,35 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     # ---- derived quantities -------------------------------------------------------------------
-    @property
-    def micro_batches_per_step(self) -> int:
-        """Number of sequence_tokens-sized micro-batches in one optimizer step, over all ranks."""
-        return self.train.tokens_per_step // self.train.sequence_tokens
+    def batch_shape(self, stage: StageConfig | None = None) -> BatchShape:
+        """The batch of a stage (None: the shorthand's one batch): global tokens, tokens per
+        micro-batch, document cap. 0 in a stage means the train/data field."""
+        t = self.train
+        batch = (stage.tokens_per_step if stage else 0) or t.tokens_per_step
+        cap = (stage.max_doc_len if stage else 0) or self.data.max_doc_len
+        n = t.micro_batches_per_step
+        return BatchShape(batch, batch // n if n else t.sequence_tokens, cap)
+
+    def batch_shapes(self) -> list[BatchShape]:
+        """The batch of every stage in table order (extension last); one for the shorthand."""
+        return [self.batch_shape(s) for s in self.schedule.stages] or [self.batch_shape()]
+
+    def _batch_fields(self) -> list[str]:
+        """The field that sets each entry of batch_shapes(), for error messages."""
+        if not self.schedule.stages:
+            return ["train.tokens_per_step"]
+        return [f"schedule.stages[{i}].tokens_per_step" for i in range(len(self.schedule.stages))]
 
     def grad_accum(self, world_size: int) -> int:
-        """Accumulation steps per rank so that world_size ranks together cover one recipe step."""
-        n = self.micro_batches_per_step
-        if n % world_size:
-            raise ConfigError(
-                f"train.tokens_per_step/train.sequence_tokens = {n} micro-batches per step is not "
-                f"divisible by the world size {world_size}; choose a world size that divides {n}")
-        return n // world_size
+        """Accumulation steps per rank in the first stage so that world_size ranks together cover
+        one recipe step; a ConfigError unless world_size divides every stage's micro-batch count."""
+        shapes = self.batch_shapes()
+        for name, shape in zip(self._batch_fields(), shapes):
+            try:
+                shape.grad_accum(world_size)
+            except ConfigError as e:
+                raise ConfigError(f"config field '{name}': {e}") from None
+        return shapes[0].grad_accum(world_size)
 
     def validate(self) -> "Config":
         m, t, s, d = self.model, self.train, self.schedule, self.data
@@ -273,25 +365,77 @@ class Config:
             _check(m.num_heads % 2 == 0, "optim.muon.qk_head_pairs",
                    f"an even model.num_heads to orthogonalize Wq, Wk per head pair (got {m.num_heads})")
         _check(t.tokens_per_step > 0 and t.sequence_tokens > 0, "train.tokens_per_step", "> 0")
-        _check(t.tokens_per_step % t.sequence_tokens == 0, "train.sequence_tokens",
-               f"a divisor of train.tokens_per_step ({t.tokens_per_step})")
-        _check(t.sequence_tokens % 16 == 0, "train.sequence_tokens", "a multiple of 16")
+        _check(t.micro_batches_per_step >= 0, "train.micro_batches_per_step",
+               ">= 0 (0 = micro-batches of train.sequence_tokens)")
+        if not t.micro_batches_per_step:
+            _check(t.tokens_per_step % t.sequence_tokens == 0, "train.sequence_tokens",
+                   f"a divisor of train.tokens_per_step ({t.tokens_per_step})")
+            _check(t.sequence_tokens % 16 == 0, "train.sequence_tokens", "a multiple of 16")
         _check(t.val_sequence_tokens > 0 and t.val_sequence_tokens % 16 == 0, "train.val_sequence_tokens",
                "a positive multiple of 16")
         _check(t.val_tokens > 0 and t.val_tokens % t.val_sequence_tokens == 0, "train.val_tokens",
                f"a positive multiple of train.val_sequence_tokens ({t.val_sequence_tokens})")
-        _check(t.sequence_tokens <= m.rope_max_positions, "train.sequence_tokens",
-               f"at most model.rope_max_positions ({m.rope_max_positions})")
         _check(d.max_doc_len >= 2, "data.max_doc_len", ">= 2")
         _check(s.num_scheduled_steps > 0, "schedule.num_scheduled_steps", "> 0")
         _check(s.num_extension_steps >= 0, "schedule.num_extension_steps", ">= 0")
         _check(0 <= s.cooldown_frac <= 1, "schedule.cooldown_frac", "in [0, 1]")
-        _check(len(s.window_stages) > 0 and all(w > 0 for w in s.window_stages),
-               "schedule.window_stages", "a non-empty list of positive window sizes (blocks)")
+        if s.stages:
+            self._validate_stages()
+        else:
+            _check(len(s.window_stages) > 0 and all(w > 0 for w in s.window_stages),
+                   "schedule.window_stages", "a non-empty list of positive window sizes (blocks)")
+        for name, shape in zip(self._batch_fields(), self.batch_shapes()):
+            self._validate_batch(name, shape)
         _check(t.max_steps >= 0, "train.max_steps", ">= 0 (0 = the whole schedule)")
         _check(t.val_every >= 0 and t.save_every >= 0 and t.log_every >= 1, "train.val_every",
                "val_every >= 0, save_every >= 0, log_every >= 1")
         return self
+
+    def _validate_stages(self) -> None:
+        """The stage table: scheduled stages (share > 0) summing to 1, then one extension stage."""
+        s = self.schedule
+        default = ScheduleConfig()
+        for name in SHORTHAND_FIELDS:
+            _check(getattr(s, name) == getattr(default, name), f"schedule.{name}",
+                   f"unset ({getattr(default, name)}) with a stage table: schedule.stages[i].windows "
+                   "sets the windows of each stage")
+        *scheduled, extension = s.stages
+        _check(extension.share == 0 and scheduled and all(st.share > 0 for st in scheduled),
+               "schedule.stages", "scheduled stages (share > 0) followed by one extension stage (share 0)")
+        total = 0.0
+        for st in scheduled:
+            total += st.share
+        _check(abs(total - 1) < 1e-6, "schedule.stages",
+               f"shares of the scheduled stages summing to 1 (they sum to {total})")
+        for i, st in enumerate(s.stages):
+            f = f"schedule.stages[{i}]"
+            _check(len(st.windows) == 2 and all(w >= 1 for w in st.windows), f"{f}.windows",
+                   "[short, long] window sizes in blocks, each >= 1")
+            _check(st.tokens_per_step >= 0, f"{f}.tokens_per_step", ">= 0 (0 = train.tokens_per_step)")
+            _check(st.max_doc_len == 0 or st.max_doc_len >= 2, f"{f}.max_doc_len",
+                   ">= 2 (0 = data.max_doc_len)")
+            _check(st.lr_mul >= 0, f"{f}.lr_mul", ">= 0")
+            _check(len(st.mtp_weights_start) >= 1 and len(st.mtp_weights_start) == len(st.mtp_weights_end),
+                   f"{f}.mtp_weights_end", f"as many weights as mtp_weights_start ({len(st.mtp_weights_start)}), "
+                   "at least one (the next token's)")
+        bounds = s.stage_bounds()
+        for i in range(len(scheduled)):
+            _check(bounds[i + 1] > bounds[i], f"schedule.stages[{i}].share",
+                   f"a share that gives the stage at least one of the {s.num_scheduled_steps} scheduled steps")
+
+    def _validate_batch(self, name: str, shape: BatchShape) -> None:
+        t, m, n = self.train, self.model, self.train.micro_batches_per_step
+        _check(shape.tokens_per_step > 0, name, "> 0")
+        if n:
+            _check(shape.tokens_per_step % (16 * n) == 0, name,
+                   f"a multiple of 16 * train.micro_batches_per_step ({16 * n}): {n} micro-batches "
+                   "of a multiple of 16 tokens")
+        else:
+            _check(shape.tokens_per_step % t.sequence_tokens == 0, name,
+                   f"a multiple of train.sequence_tokens ({t.sequence_tokens}), the micro-batch")
+        _check(shape.micro_batch_tokens <= m.rope_max_positions, name if n else "train.sequence_tokens",
+               f"micro-batches of at most model.rope_max_positions ({m.rope_max_positions}) tokens "
+               f"(here {shape.micro_batch_tokens})")
 
     # ---- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -371,6 +515,9 @@ def _check_choices(obj, prefix: str) -> None:
         value, ftype = getattr(obj, f.name), _field_types(type(obj))[f.name]
         if dataclasses.is_dataclass(value):
             _check_choices(value, f"{prefix}{f.name}.")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _check_choices(item, f"{prefix}{f.name}[{i}].")
         elif typing.get_origin(ftype) is Literal:
             _check(value in choices(ftype), f"{prefix}{f.name}", "one of " + ", ".join(choices(ftype)))
 
@@ -412,6 +559,16 @@ def _coerce(value, ftype, name: str, source: str = "override"):
         (elem,) = typing.get_args(ftype)[:1]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: config field '{name}': expected a list, got {value!r}")
+        if dataclasses.is_dataclass(elem):   # a list of sections (schedule.stages): objects
+            out = []
+            for i, v in enumerate(value):
+                if isinstance(v, elem):
+                    out.append(v)
+                elif isinstance(v, dict):
+                    out.append(_build(elem, v, source, prefix=f"{name}[{i}]."))
+                else:
+                    raise ConfigError(f"{source}: config field '{name}[{i}]' must be an object")
+            return out
         return [_coerce(v, elem, name, source) for v in value]
     if ftype is bool:
         if isinstance(value, bool):

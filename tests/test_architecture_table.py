@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import os
 import re
+import typing
 
 from speedrun.config import Config
 
@@ -34,13 +35,19 @@ def table_rows() -> list[tuple[str, str, str]]:
 
 
 def config_fields(obj, prefix: str) -> list[str]:
+    """Dotted names of every field; a list of sections (schedule.stages) also gives its entries'
+    fields as ``schedule.stages.<field>``."""
     out = []
+    hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             out += config_fields(value, f"{prefix}{f.name}.")
         else:
             out.append(prefix + f.name)
+            elem = (typing.get_args(hints[f.name]) or [None])[0]
+            if dataclasses.is_dataclass(elem):
+                out += config_fields(elem(), f"{prefix}{f.name}.")
     return out
 
 

@@ -1,4 +1,4 @@
-"""`speedrun bench` on CPU: one row per window stage of the schedule, consistent figures, JSON out."""
+"""`speedrun bench` on CPU: one row per stage of the schedule, consistent figures, JSON out."""
 import json
 import math
 
@@ -20,7 +20,9 @@ def test_bench_reports_every_window_stage(tmp_path, capsys):
     result = json.loads(out.read_text())
     # window stages [2, 4] then the extension window 6 (blocks of 16 tokens): three rows
     assert [(r["window_short"], r["window_long"]) for r in result["stages"]] == [(1, 2), (2, 4), (3, 6)]
+    assert [(r["stage"], r["first_step"], r["steps"]) for r in result["stages"]] == [(0, 0, 3), (1, 3, 3), (2, 6, 2)]
     for row in result["stages"]:
+        assert (row["tokens_per_step"], row["micro_batch_tokens"], row["grad_accum"]) == (512, 256, 2)
         assert row["tokens_per_s"] == pytest.approx(512 / (row["ms_per_step"] / 1e3))
         assert row["forward_ms"] > 0 and row["backward_ms"] > 0 and row["optimizer_ms"] > 0
     # the schedule average weights the stages by their step counts, so it lies within their range
@@ -74,3 +76,32 @@ def test_bench_with_record89_attention_reports_dc(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert " dc" in printed.splitlines()[[i for i, ln in enumerate(printed.splitlines()) if "ms/step" in ln][0]]
     assert "dc: DC-MHA forward+backward per step" in printed
+
+
+def test_schedule_tokens_per_s_is_total_tokens_over_total_time():
+    """Stages weighted by their steps and their batch: 100 steps of 1000 tokens at 10 ms and 50 of
+    3000 at 20 ms are 250,000 tokens in 2 s (not the mean of 100k and 150k tokens/s)."""
+    from speedrun.bench import schedule_tokens_per_s
+    rows = [{"steps": 100, "tokens_per_step": 1000, "ms_per_step": 10.0},
+            {"steps": 50, "tokens_per_step": 3000, "ms_per_step": 20.0}]
+    assert schedule_tokens_per_s(rows) == pytest.approx(250_000 / 2.0)
+
+
+@pytest.mark.slow
+def test_bench_of_a_stage_table_has_a_row_per_stage(tmp_path):
+    from test_train_stages import staged_config
+
+    from speedrun.bench import schedule_tokens_per_s
+    cfg = staged_config("", "", tmp_path / "run")
+    cfg.data.train_path = cfg.data.val_path = ""
+    config_file = tmp_path / "staged.json"
+    cfg.save(str(config_file))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--config", str(config_file), "--cpu", "--steps", "2", "--skip-steps", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["stages"]
+    assert [(r["steps"], r["tokens_per_step"], r["micro_batch_tokens"], r["max_doc_len"], r["window_long"])
+            for r in rows] == [(2, 256, 128, 64, 2), (2, 512, 256, 128, 4), (2, 512, 256, 128, 6)]
+    assert result["schedule_avg_tokens_per_s"] == pytest.approx(schedule_tokens_per_s(rows))
+    assert all(r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["ms_per_step"] / 1e3)) for r in rows)

@@ -154,3 +154,106 @@ def test_paired_heads_need_an_even_head_count():
     cfg.model.num_heads, cfg.model.head_dim, cfg.model.paired_head_layers = 3, 256, [0]
     with pytest.raises(ConfigError, match="model.paired_head_layers': expected an even num_heads"):
         cfg.validate()
+
+
+# ---- the stage table (schedule.stages) ------------------------------------------------------------
+
+R89_FRAGMENT = __import__("os").path.join(__import__("os").path.dirname(__file__), "fixtures",
+                                          "record_89_schedule.json")
+
+
+def r89_dict() -> dict:
+    with open(R89_FRAGMENT) as f:
+        return json.load(f)
+
+
+def test_stage_table_loads_saves_and_derives_the_batches(tmp_path):
+    cfg = Config.from_dict(r89_dict()).validate()
+    assert [st.tokens_per_step for st in cfg.schedule.stages] == [131072, 262144, 393216, 393216]
+    assert cfg.batch_shapes() == [(131072, 16384, 896), (262144, 32768, 2048), (393216, 49152, 2048),
+                                  (393216, 49152, 2048)]
+    assert cfg.grad_accum(1) == 8 and cfg.grad_accum(8) == 1 and cfg.grad_accum(4) == 2
+    cfg.save(tmp_path / "c.json")
+    assert Config.load(tmp_path / "c.json") == cfg
+    # a stage's 0 takes the train / data field
+    cfg.schedule.stages[0].tokens_per_step, cfg.schedule.stages[0].max_doc_len = 0, 0
+    cfg.train.tokens_per_step = 65536
+    assert cfg.batch_shapes()[0] == (65536, 8192, 2048)
+
+
+def test_stage_table_from_the_command_line():
+    cfg = Config()
+    table = json.dumps([{"share": 0.25, "windows": [1, 2]}, {"share": 0.75, "windows": [2, 4], "lr_mul": 2},
+                        {"windows": [3, 6]}])
+    cfg.override(parse_overrides(["--schedule.stages", table]))
+    assert [st.windows for st in cfg.validate().schedule.stages] == [[1, 2], [2, 4], [3, 6]]
+    assert cfg.schedule.stages[1].lr_mul == 2.0 and cfg.schedule.stage_bounds() == [0, 546, 2185, 2225]
+
+
+def test_fixed_micro_batch_with_a_growing_batch():
+    """micro_batches_per_step 0: the micro-batch stays train.sequence_tokens, the accumulation grows."""
+    data = r89_dict()
+    data["train"] = {"micro_batches_per_step": 0, "sequence_tokens": 16384}
+    cfg = Config.from_dict(data).validate()
+    assert [s.micro_batches for s in cfg.batch_shapes()] == [8, 16, 24, 24]
+    assert cfg.grad_accum(8) == 1
+    with pytest.raises(ConfigError, match=r"'schedule.stages\[0\].tokens_per_step'.*is 8 micro-batches per "
+                                          r"step, not divisible by the world size 16"):
+        cfg.grad_accum(16)
+
+
+def _stages_with(change) -> dict:
+    data = r89_dict()
+    change(data)
+    return data
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda d: d["schedule"]["stages"][0].update(share=0.5), "shares of the scheduled stages summing to 1"),
+    (lambda d: d["schedule"]["stages"][3].update(share=0.1), "followed by one extension stage"),
+    (lambda d: d["schedule"]["stages"].pop(), "followed by one extension stage"),
+    (lambda d: d["schedule"]["stages"][1].update(windows=[3]), r"stages\[1\].windows.*\[short, long\]"),
+    (lambda d: d["schedule"]["stages"][1].update(windows=[0, 7]), r"stages\[1\].windows.*>= 1"),
+    (lambda d: d["schedule"]["stages"][0].update(mtp_weights_end=[1.0, 0.5]),
+     r"stages\[0\].mtp_weights_end.*as many weights as mtp_weights_start \(3\)"),
+    (lambda d: d["schedule"]["stages"][2].update(tokens_per_step=393217), r"stages\[2\].tokens_per_step.*"
+     r"a multiple of 16 \* train.micro_batches_per_step \(128\)"),
+    (lambda d: d["schedule"]["stages"][0].update(max_doc_len=1), r"stages\[0\].max_doc_len.*>= 2"),
+    (lambda d: d["schedule"]["stages"][1].update(lr_mul=-1), r"stages\[1\].lr_mul"),
+    (lambda d: d["schedule"].update(window_stages=[1, 2]), r"schedule.window_stages.*unset"),
+    (lambda d: d["schedule"].update(extension_window=9), r"schedule.extension_window.*unset"),
+    (lambda d: d["model"].update(rope_max_positions=32768) if "model" in d else d.update(
+        model={"rope_max_positions": 32768}), r"stages\[2\].tokens_per_step.*at most model.rope_max_positions"),
+    (lambda d: d["schedule"].update(num_scheduled_steps=2, stages=[
+        {"share": 0.1, "windows": [1, 1]}, {"share": 0.9, "windows": [1, 1]}, {"windows": [1, 1]}]),
+     r"stages\[0\].share.*at least one of the 2 scheduled steps"),
+])
+def test_stage_table_validation_names_the_field(change, expected):
+    with pytest.raises(ConfigError, match=expected):
+        Config.from_dict(_stages_with(change)).validate()
+
+
+def test_stage_table_element_types_name_the_entry():
+    data = r89_dict()
+    data["schedule"]["stages"][1] = 5
+    with pytest.raises(ConfigError, match=r"config field 'schedule.stages\[1\]' must be an object"):
+        Config.from_dict(data)
+    data["schedule"]["stages"][1] = {"share": 0.5, "windos": [1, 2]}
+    with pytest.raises(ConfigError, match=r"unknown config field 'schedule.stages\[1\].windos'"):
+        Config.from_dict(data)
+    data["schedule"]["stages"][1] = {"share": "half"}
+    with pytest.raises(ConfigError, match=r"'schedule.stages\[1\].share': expected float"):
+        Config.from_dict(data)
+
+
+def test_the_gpu_benchmark_config_is_record_124m_on_record_89s_stage_table():
+    """benchmarks/r89_stages_r45_model.json (gpu_check.sh stages): record_124m's model and optimizer,
+    the fixture's schedule, batch and data parts, next-token loss only (the model has no MTP yet)."""
+    root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+    bench = Config.load(f"{root}/benchmarks/r89_stages_r45_model.json").validate()
+    r45, r89 = Config.load(config_path("record_124m")), Config.from_dict(r89_dict())
+    assert bench.model == r45.model and bench.optim == r45.optim
+    assert bench.batch_shapes() == r89.batch_shapes() and bench.train.micro_batches_per_step == 8
+    for mine, theirs in zip(bench.schedule.stages, r89.schedule.stages):
+        assert (mine.share, mine.windows, mine.lr_mul) == (theirs.share, theirs.windows, theirs.lr_mul)
+        assert mine.mtp_weights_start == mine.mtp_weights_end == [1.0] and mine.prefix_weight_start == 0

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from speedrun.data.loader import DataExhaustedError, TrainLoader, ValLoader, default_max_num_docs
+from speedrun.config import BatchShape
+from speedrun.data.loader import (
+    DataExhaustedError,
+    TrainLoader,
+    ValLoader,
+    default_max_num_docs,
+    max_num_docs_for,
+)
 from speedrun.data.shards import DataError, ShardError, read_shard, write_shard
 
 BOS = 50256
@@ -49,14 +56,17 @@ def as_lists(batches):
     return [(b.inputs.tolist(), b.targets.tolist(), b.cu_seqlens.tolist()) for b in batches]
 
 
-def reference_plan(paths, n_steps, seq=SEQ, micro=8, max_doc=MAX_DOC):
+def reference_plan(paths, n_steps, seq=SEQ, micro=8, max_doc=MAX_DOC, shapes=None):
     """The spec's loop, written plainly: for each micro-batch take BOS-started segments of
     min(next BOS, start+max_doc, start+remaining+1) until seq+1 tokens; a shard that runs out
-    mid-step is dropped and the whole step is rebuilt from the next one."""
+    mid-step is dropped and the whole step is rebuilt from the next one. ``shapes``: step i's
+    (micro-batch tokens, micro-batches, cap) instead of the fixed ones."""
     out, shard_i, cursor = [], 0, 0
     shard = read_shard(paths[0])
     bos = np.flatnonzero(shard == BOS).tolist()
     while len(out) < n_steps:
+        if shapes is not None:
+            seq, micro, max_doc = shapes[len(out)]
         step, idx, ok = [], cursor, True
         for _ in range(micro):
             segs, have = [], 0
@@ -336,3 +346,79 @@ def test_index_of_a_large_shard_is_fast(tmp_path):
     index = index_shard(str(tmp_path / "big.bin"), BOS, 2048)
     assert time.perf_counter() - start < 1.0 and len(index.starts) == 20_000
     os.unlink(tmp_path / "big.bin")
+
+
+# ---- batch changes between steps (a stage table) ------------------------------------------------
+
+A = BatchShape(8 * 128, 128, 150)       # 8 micro-batches of 128 tokens, documents cut at 150
+B = BatchShape(8 * SEQ, SEQ, MAX_DOC)   # the batch doubles, the cap grows
+C = BatchShape(12 * SEQ, SEQ, MAX_DOC)  # a fixed micro-batch and a growing batch: 12 micro-batches
+PLAN = [A, A, A, B, B, C, C]
+
+
+def plan_steps(ld, shapes):
+    return [as_lists(ld.next_step(shape)) for shape in shapes]
+
+
+def test_batch_changes_match_the_reference_loop(shards, tmp_path):
+    paths = sorted(str(p) for p in tmp_path.glob("d_train_*.bin"))
+    expected = reference_plan(paths, len(PLAN), shapes=[(s.micro_batch_tokens, s.micro_batches, s.max_doc_len)
+                                                        for s in PLAN])
+    ld = loader(shards, tokens_per_step=A.tokens_per_step, sequence_tokens=A.micro_batch_tokens,
+                max_doc_len=A.max_doc_len)
+    for shape, ref in zip(PLAN, expected):
+        step = ld.next_step(shape)
+        assert len(step) == shape.micro_batches == len(ref) and ld.grad_accum == shape.micro_batches
+        for batch, buf in zip(step, ref):
+            assert batch.inputs.tolist() == buf[:-1].tolist()
+            assert batch.cu_seqlens.shape == (default_max_num_docs(shape.micro_batch_tokens),)
+            lengths = np.diff(sorted(set(batch.cu_seqlens.tolist())))
+            assert lengths.max() <= shape.max_doc_len
+    assert ld.state_dict()["shard"] >= 1                      # the plan crossed a shard switch
+
+
+def test_batch_changes_give_the_same_batches_on_any_world_size(shards):
+    single = plan_steps(loader(shards), PLAN)
+    for world in (2, 4):
+        ranks = [loader(shards, world=world, rank=r) for r in range(world)]
+        for shape, expected in zip(PLAN, single):
+            got = [mb for ld in ranks for mb in as_lists(ld.next_step(shape))]
+            assert got == expected
+            assert all(ld.grad_accum == shape.micro_batches // world for ld in ranks)
+    with pytest.raises(DataError, match="12 micro-batches per step is not divisible by the world size 8"):
+        loader(shards, world=8, rank=0).next_step(C)
+
+
+def test_resume_across_a_batch_change(shards):
+    """Saved before the edge, resumed after it: the very batches of the uninterrupted run, also on
+    another world size (the position is a BOS number; batch and cap are the caller's each step)."""
+    ld = loader(shards)
+    plan_steps(ld, PLAN[:2])
+    state = json.loads(json.dumps(ld.state_dict()))
+    continued = plan_steps(ld, PLAN[2:])
+    resumed = loader(shards)                                   # built with another shape (B)
+    resumed.load_state_dict(state)
+    assert plan_steps(resumed, PLAN[2:]) == continued
+    ranks = [loader(shards, world=2, rank=r) for r in range(2)]
+    for ld2 in ranks:
+        ld2.load_state_dict(state)
+    for shape, expected in zip(PLAN[2:], continued):
+        assert [mb for ld2 in ranks for mb in as_lists(ld2.next_step(shape))] == expected
+
+
+def test_max_num_docs_rules():
+    assert [max_num_docs_for(t, "spare") for t in (16384, 32768, 49152, 262144)] == [256, 256, 384, 1024]
+    assert [max_num_docs_for(t, "tight") for t in (16384, 32768, 49152, 262144, 1024)] == [64, 96, 128, 896, 128]
+    with pytest.raises(DataError, match="data.max_num_docs_rule"):
+        max_num_docs_for(1024, "roomy")
+    assert max_num_docs_for(128, "tight") == 128               # at least one block of 128 entries
+
+
+def test_cu_seqlens_length_follows_the_micro_batch(shards):
+    wide = BatchShape(2 * 600, 600, MAX_DOC)                   # 600 // 300 = 2 documents: one block
+    ld = loader(shards)
+    assert [len(ld.next_step(shape)[0].cu_seqlens) for shape in (A, wide, A)] == [128, 256, 128]
+    ld = loader(shards, max_num_docs_rule="tight")
+    assert [len(ld.next_step(shape)[0].cu_seqlens) for shape in (A, wide)] == [128, 128]
+    fixed = loader(shards, max_num_docs=200)
+    assert [len(fixed.next_step(shape)[0].cu_seqlens) for shape in (A, wide)] == [200, 200]

@@ -205,3 +205,49 @@ def test_graphed_flash_training_matches_eager(tmp_path):
         assert abs(train_on[s] - train_off[s]) < 1e-2 * abs(train_off[s]), s
     for s in val_off:
         assert abs(val_on[s] - val_off[s]) < 1e-2 * abs(val_off[s]), s
+
+
+def test_recording_plan_re_records_on_a_new_key():
+    """The graph's decisions on the CPU: per key (micro-batch shapes, host values) eager, record,
+    replays; a new key (a stage's new micro-batch size, a new loss scale or flash window) drops the
+    recording and starts over, also when the key changes back."""
+    from speedrun.train.cuda_graph import RecordingPlan
+    plan = RecordingPlan()
+    keys = ["a", "a", "a", "b", "b", "b", "b", "a", "c", "a", "a"]
+    actions, drops = [], []
+    for key in keys:
+        drops.append(plan.drops(key))
+        action = plan.action(key)
+        plan.ran(key, action)
+        actions.append(action)
+    assert actions == ["eager", "record", "replay", "eager", "record", "replay", "replay",
+                       "eager", "eager", "eager", "record"]
+    assert [k for k, d in zip(keys, drops) if d] == ["b", "a"]   # a live recording under another key
+
+
+def staged_cuda_trainer(shards, run_dir, graphs: str):
+    """The stage-table micro recipe (tests/test_train_stages.py) on the GPU, compiled."""
+    from test_train_stages import staged_config
+
+    from speedrun.train.trainer import Trainer
+    cfg = staged_config(*shards, run_dir)
+    cfg.train.device, cfg.train.compile, cfg.train.cuda_graphs = "cuda", True, graphs
+    cfg.train.parallel_warmup = False
+    return Trainer(cfg, init_world("cuda"), str(run_dir))
+
+
+@pytest.mark.gpu
+def test_graphed_training_through_a_batch_change_matches_eager(tmp_path):
+    """A stage table whose micro-batch doubles at step 2: the graph is recorded again for the new
+    shape, and the run's losses and parameters equal the eager run's."""
+    shards = write_synthetic_shards(tmp_path)
+    runs = {}
+    for mode in ("off", "on"):
+        trainer = staged_cuda_trainer(shards, tmp_path / mode, mode)
+        trainer.run()
+        if mode == "on":
+            assert trainer.micro_graph.recordings >= 2 and trainer.micro_graph.replays > 0
+        runs[mode] = (train_losses(tmp_path / mode), [p.detach().clone() for p in trainer.model.parameters()])
+    assert runs["on"][0] == runs["off"][0]
+    for a, b in zip(runs["off"][1], runs["on"][1]):
+        assert torch.equal(a, b)

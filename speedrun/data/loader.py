@@ -5,6 +5,8 @@ micro-batches built in order from a cursor over the shard's BOS positions; every
 BOS and ends at the next BOS, ``max_doc_len`` tokens later, or where the micro-batch is full (tails
 are skipped). Rank ``r`` with accumulation ``A`` takes virtual micro-batches ``r*A .. r*A+A-1``, so
 the batches of a step do not depend on how they are spread over ranks (1 rank x 8 = 8 ranks x 1).
+The batch may change from step to step (a stage table's batch and document cap: ``next_step(shape)``);
+the cursor is a BOS number, which no batch or cap changes, and the cap is applied when planning.
 A step's plan never spans shards: when the current shard runs out mid-plan, the rest of it is
 discarded and the plan is rebuilt from the next shard (as the reference does). A background thread
 loads and indexes the next shard while the current one is consumed; its errors reach the caller.
@@ -24,6 +26,7 @@ from typing import Callable, Generic, Iterator, TypeVar
 import numpy as np
 import torch
 
+from speedrun.config import BatchShape
 from speedrun.data.shards import DataError, read_header, read_shard, shard_paths
 
 T_ = TypeVar("T_")
@@ -46,41 +49,71 @@ def default_max_num_docs(sequence_tokens: int) -> int:
     return -(-(sequence_tokens // 300) // 128) * 128 + 128
 
 
+# record 89's cu_seqlens lengths for its three micro-batch sizes (FineWeb; no spare entries)
+TIGHT_MAX_NUM_DOCS = {16384: 64, 32768: 96, 49152: 128}
+
+
+def max_num_docs_for(sequence_tokens: int, rule: str = "spare") -> int:
+    """cu_seqlens length of a micro-batch of ``sequence_tokens`` tokens (``data.max_num_docs_rule``):
+    "spare" = ``default_max_num_docs``; "tight" = record 89's table, ``ceil_to_128(T // 300)`` (at
+    least 128) for other sizes. A micro-batch holds at most this minus one documents (else a
+    DataError)."""
+    if rule == "spare":
+        return default_max_num_docs(sequence_tokens)
+    if rule == "tight":
+        return TIGHT_MAX_NUM_DOCS.get(sequence_tokens, max(128, -(-(sequence_tokens // 300) // 128) * 128))
+    raise DataError(f"data.max_num_docs_rule: {rule!r}, expected spare or tight")
+
+
 # ---- shard index and the plan of one micro-batch -------------------------------------------------
 
 @dataclasses.dataclass
 class ShardIndex:
-    """A memory-mapped shard with its BOS positions and the cumulative lengths of its segments."""
+    """A memory-mapped shard with its BOS positions and document lengths."""
     path: str
     tokens: np.ndarray         # uint16 memmap
     starts: np.ndarray         # int64 BOS positions
-    cum: np.ndarray            # int64 (len(starts)+1,): cum[i] = sum of capped segment lengths before i
+    lengths: np.ndarray        # int64 document lengths (to the next BOS or the shard's end)
+    _cums: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def cum(self, max_doc_len: int) -> np.ndarray:
+        """int64 (len(starts)+1,): cum[i] = sum of the segment lengths (documents cut at
+        max_doc_len) before BOS number i; computed once per cap (a stage table changes it)."""
+        if max_doc_len not in self._cums:
+            cum = np.zeros(len(self.starts) + 1, dtype=np.int64)
+            np.cumsum(np.minimum(self.lengths, max_doc_len), out=cum[1:])
+            self._cums[max_doc_len] = cum
+        return self._cums[max_doc_len]
 
 
-def index_shard(path: str, bos_id: int, max_doc_len: int) -> ShardIndex:
+def index_shard(path: str, bos_id: int, max_doc_len: int | None = None) -> ShardIndex:
+    """Read and index a shard (in the background thread); ``max_doc_len``: also compute that cap's
+    cumulative lengths now."""
     tokens = read_shard(path)
     starts = np.flatnonzero(tokens == bos_id).astype(np.int64)
     ends = np.append(starts[1:], len(tokens))        # a document ends where the next one starts
-    cum = np.zeros(len(starts) + 1, dtype=np.int64)
-    np.cumsum(np.minimum(ends - starts, max_doc_len), out=cum[1:])
-    return ShardIndex(path, tokens, starts, cum)
+    index = ShardIndex(path, tokens, starts, ends - starts)
+    if max_doc_len is not None:
+        index.cum(max_doc_len)
+    return index
 
 
-def plan_micro_batch(shard: ShardIndex, cursor: int, need: int
+def plan_micro_batch(shard: ShardIndex, cursor: int, need: int, max_doc_len: int
                      ) -> tuple[np.ndarray, np.ndarray, int] | None:
     """Segments ``(starts, lengths)`` of ``need`` tokens taken from BOS number ``cursor`` on, and the
     next cursor; ``None`` if the shard's remaining documents cannot fill it.
 
     Same result as the reference's loop (take ``min(document, max_doc_len, still needed)`` tokens
     per BOS until full), found with one binary search over the cumulative segment lengths."""
-    target = shard.cum[cursor] + need
-    k = int(np.searchsorted(shard.cum, target, side="left"))   # first k with cum[k] >= target
-    if k >= len(shard.cum):
+    cum = shard.cum(max_doc_len)
+    target = cum[cursor] + need
+    k = int(np.searchsorted(cum, target, side="left"))         # first k with cum[k] >= target
+    if k >= len(cum):
         return None
     last = k - 1                                               # segment in which the batch fills up
     starts = shard.starts[cursor:last + 1]
-    lengths = np.diff(shard.cum[cursor:last + 2])
-    lengths[-1] = target - shard.cum[last]
+    lengths = np.diff(cum[cursor:last + 2])
+    lengths[-1] = target - cum[last]
     return starts, lengths, last + 1
 
 
@@ -145,22 +178,24 @@ class TrainLoader:
 
     def __init__(self, pattern, *, tokens_per_step: int, sequence_tokens: int, world_size: int = 1,
                  rank: int = 0, max_doc_len: int = 2048, bos_id: int = 50256, wrap: bool = False,
-                 async_loading: bool = True, device="cpu", max_num_docs: int | None = None):
-        _check_split(tokens_per_step, sequence_tokens, world_size, rank)
-        if max_doc_len < 1:
-            raise DataError(f"max_doc_len must be >= 1, got {max_doc_len}")
+                 async_loading: bool = True, device="cpu", max_num_docs: int | None = None,
+                 max_num_docs_rule: str = "spare"):
+        """``tokens_per_step``, ``sequence_tokens``, ``max_doc_len``: the batch of the steps until
+        ``next_step`` is given another. ``max_num_docs``: a fixed cu_seqlens length; by default it
+        follows the micro-batch size by ``max_num_docs_rule`` (``max_num_docs_for``)."""
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
         self.pattern = os.fspath(pattern)
         self.paths = shard_paths(self.pattern)
         for path in self.paths:   # fail on a malformed shard now, not hours into the run
             read_header(path)
-        self.tokens_per_step, self.sequence_tokens = tokens_per_step, sequence_tokens
         self.world_size, self.rank = world_size, rank
-        self.micro_batches = tokens_per_step // sequence_tokens
-        self.grad_accum = self.micro_batches // world_size
-        self.max_doc_len, self.bos_id, self.wrap = max_doc_len, bos_id, wrap
+        self.bos_id, self.wrap = bos_id, wrap
         self.async_loading = async_loading
         self.device = torch.device(device)
-        self.max_num_docs = max_num_docs or default_max_num_docs(sequence_tokens)
+        self._fixed_max_num_docs, self.max_num_docs_rule = max_num_docs, max_num_docs_rule
+        self.shape: BatchShape | None = None
+        self._set_shape(BatchShape(tokens_per_step, sequence_tokens, max_doc_len))
         self._shard = self._cursor = self._steps = self._passes = 0
         self._loads: dict[int, _Prefetch[ShardIndex]] = {}
         self._closed = False
@@ -183,15 +218,31 @@ class TrainLoader:
         self._loads = {}
         self._prefetch(self._shard)
 
+    # -- batch shape --
+    def _set_shape(self, shape: BatchShape) -> None:
+        """The batch of the following steps (global tokens, micro-batch, document cap)."""
+        _check_split(shape.tokens_per_step, shape.micro_batch_tokens, self.world_size)
+        if shape.max_doc_len < 1:
+            raise DataError(f"max_doc_len must be >= 1, got {shape.max_doc_len}")
+        self.shape = shape
+        self.tokens_per_step, self.sequence_tokens, self.max_doc_len = shape
+        self.micro_batches = shape.tokens_per_step // shape.micro_batch_tokens
+        self.grad_accum = self.micro_batches // self.world_size
+        self.max_num_docs = self._fixed_max_num_docs or max_num_docs_for(shape.micro_batch_tokens,
+                                                                         self.max_num_docs_rule)
+
     # -- batches --
     def __iter__(self) -> Iterator[list[Batch]]:
         while True:
             yield self.next_step()
 
-    def next_step(self) -> list[Batch]:
-        """This rank's ``grad_accum`` micro-batches of the next optimizer step."""
+    def next_step(self, shape: BatchShape | None = None) -> list[Batch]:
+        """This rank's ``grad_accum`` micro-batches of the next optimizer step; ``shape``: this
+        step's batch (kept for the following steps), else the current one."""
         if self._closed:
             raise RuntimeError("TrainLoader.next_step() after close()")
+        if shape is not None and shape != self.shape:
+            self._set_shape(BatchShape(*shape))
         failed_fresh = 0   # shards that could not fill one step even from their start
         while True:
             shard = self._current()
@@ -216,7 +267,7 @@ class TrainLoader:
         first = self.rank * self.grad_accum
         mine = []
         for v in range(self.micro_batches):
-            planned = plan_micro_batch(shard, cursor, self.sequence_tokens + 1)
+            planned = plan_micro_batch(shard, cursor, self.sequence_tokens + 1, self.max_doc_len)
             if planned is None:
                 return None
             starts, lengths, cursor = planned
@@ -240,6 +291,7 @@ class TrainLoader:
             return None  # type: ignore[return-value]
         if i not in self._loads:
             path, bos, cap = self.paths[i], self.bos_id, self.max_doc_len
+            # the current cap's lengths are summed in the background too; another cap's later
             self._loads[i] = _Prefetch(lambda: index_shard(path, bos, cap), self.async_loading)
         return self._loads[i]
 
@@ -273,7 +325,7 @@ class TrainLoader:
         self.close()
 
 
-def _check_split(tokens_per_step: int, sequence_tokens: int, world_size: int, rank: int) -> None:
+def _check_split(tokens_per_step: int, sequence_tokens: int, world_size: int) -> None:
     if sequence_tokens < 1 or tokens_per_step < sequence_tokens or tokens_per_step % sequence_tokens:
         raise DataError(f"tokens_per_step ({tokens_per_step}) must be a positive multiple of "
                         f"sequence_tokens ({sequence_tokens})")
@@ -281,8 +333,6 @@ def _check_split(tokens_per_step: int, sequence_tokens: int, world_size: int, ra
     if world_size < 1 or micro % world_size:
         raise DataError(f"tokens_per_step/sequence_tokens = {micro} micro-batches per step is not "
                         f"divisible by the world size {world_size}")
-    if not 0 <= rank < world_size:
-        raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
 
 
 # ---- validation loader ---------------------------------------------------------------------------
@@ -291,7 +341,8 @@ class ValLoader:
     """This rank's share of the fixed first ``num_tokens`` val tokens; iterate it once per evaluation."""
 
     def __init__(self, pattern, *, num_tokens: int, sequence_tokens: int, world_size: int = 1,
-                 rank: int = 0, bos_id: int = 50256, device="cpu", max_num_docs: int | None = None):
+                 rank: int = 0, bos_id: int = 50256, device="cpu", max_num_docs: int | None = None,
+                 max_num_docs_rule: str = "spare"):
         if sequence_tokens < 1 or num_tokens < sequence_tokens or num_tokens % sequence_tokens:
             raise DataError(f"val num_tokens ({num_tokens}) must be a positive multiple of "
                             f"sequence_tokens ({sequence_tokens})")
@@ -300,7 +351,7 @@ class ValLoader:
         self.pattern = os.fspath(pattern)
         self.sequence_tokens, self.bos_id = sequence_tokens, bos_id
         self.device = torch.device(device)
-        self.max_num_docs = max_num_docs or default_max_num_docs(sequence_tokens)
+        self.max_num_docs = max_num_docs or max_num_docs_for(sequence_tokens, max_num_docs_rule)
         self.tokens = self._first_tokens(shard_paths(self.pattern), num_tokens + 1)
         self.num_chunks = num_tokens // sequence_tokens
         self.chunks = range(rank, self.num_chunks, world_size)   # may be uneven across ranks

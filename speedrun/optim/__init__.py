@@ -5,13 +5,16 @@ from speedrun.optim.build import Optimizers, build_optimizers
 from speedrun.optim.muon import NorMuon
 from speedrun.optim.polar_express import polar_express, polar_express_reference
 from speedrun.optim.schedules import (
-                                      batch_size_multiplier,
+                                      batch_shape,
                                       final_window_blocks,
                                       lr_multiplier,
+                                      mtp_weights,
                                       muon_momentum,
+                                      prefix_weight,
+                                      stage_at,
                                       window_blocks,
 )
 
 __all__ = ["DistAdam", "NorMuon", "Optimizers", "build_optimizers", "polar_express",
            "polar_express_reference", "lr_multiplier", "muon_momentum", "window_blocks",
-           "final_window_blocks", "batch_size_multiplier"]
+           "final_window_blocks", "batch_shape", "stage_at", "mtp_weights", "prefix_weight"]

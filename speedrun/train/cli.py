@@ -49,8 +49,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "expandable_segments:True): memory grows in place instead of in fixed blocks, "
                         "which avoids fragmentation when sequence shapes vary")
     p.add_argument("--micro-batch-tokens", type=int, metavar="T",
-                   help="tokens per forward pass per GPU (recipe: train.sequence_tokens); smaller fits "
-                        "smaller GPUs but changes the document packing, so the trajectory differs slightly")
+                   help="tokens per forward pass per GPU in every stage (recipe: train.sequence_tokens, or "
+                        "the stage's batch / train.micro_batches_per_step); smaller fits smaller GPUs but "
+                        "changes the document packing, so the trajectory differs slightly")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile (slower; for debugging)")
     p.add_argument("--seed", type=int)
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
@@ -118,6 +119,7 @@ def build_config(args) -> Config:
         cfg.train.memory_pool = True
     if args.micro_batch_tokens:
         cfg.train.sequence_tokens = args.micro_batch_tokens
+        cfg.train.micro_batches_per_step = 0   # a fixed micro-batch, whatever the stage's batch
     if args.no_compile:
         cfg.train.compile = False
     if args.seed is not None:

@@ -13,8 +13,10 @@ same kernels in the same order, so a replay computes what it does (tests/test_tr
 trajectories on the GPU).
 
 What a replay needs, and how this module keeps it true:
-* static shapes and no host syncs in the step: micro-batches all have sequence_tokens tokens and a
-  fixed-length cu_seqlens; windows, YaRN tables and attn_scale are device tensors updated in place;
+* static shapes and no host syncs in the step: the micro-batches of a stage all have the same
+  number of tokens and a fixed-length cu_seqlens; windows, YaRN tables and attn_scale are device
+  tensors updated in place. A new micro-batch shape (a stage table's batch change, 2 in record 89)
+  drops the recording and records again, like a changed host value (below);
 * the same memory every time: inputs are copied into static buffers; parameters, their ``.grad``
   and the model's buffers must never be replaced, only updated in place (``load_state_dict`` copies;
   the optimizers zero gradients in place when a graph is in use). After capture every ``.grad`` is
@@ -23,9 +25,10 @@ What a replay needs, and how this module keeps it true:
 * lazy initialisation done before capture: the first micro-step runs eagerly on the capture stream
   (real work: it trains), the next one is captured and replayed, the rest are replays;
 * host values baked into the recording: FlashAttention's kernels take the window as a host int
-  (read from a CPU tensor at launch), so the trainer passes ``host_state`` (the window sizes); when it
+  (read from a CPU tensor at launch) and the loss is scaled by 1/accumulation (a Python float), so
+  the trainer passes ``host_state`` (the accumulation and, for flash, the window sizes); when it
   changes (a new window stage, 4 times in the record) the graph is dropped, the next micro-step runs
-  eagerly and the one after is recorded again.
+  eagerly and the one after is recorded again (``RecordingPlan``).
 
 Memory: the graph keeps its own pool, the size of one micro-step's activations (the eager
 micro-step's blocks go back to the caching allocator). Only forward/backward are recorded: the
@@ -72,42 +75,77 @@ def graphs_wanted(mode: str, device: torch.device, compiled: bool, backend: str,
     return compiled and backend == "flex" and world_size == 1
 
 
+class RecordingPlan:
+    """When to run eagerly, record or replay, given the key of each micro-step (its input shapes and
+    the host values a recording bakes in): the first micro-step under a new key runs eagerly (lazy
+    initialisation), the second is recorded and replayed, the rest are replays. A key that differs
+    from the recorded one drops the recording and starts over. Pure logic, tested on the CPU."""
+
+    def __init__(self):
+        self.recorded_key: object = None     # the key of the live recording, None if there is none
+        self._eager_key: object = None       # the key under which the last eager micro-step ran
+        self._has_eager = False
+
+    def action(self, key) -> str:
+        """"eager", "record" or "replay" for a micro-step with ``key``; "drop" is implied (see
+        ``drops``) when a recording exists under another key."""
+        if self.recorded_key is not None and key == self.recorded_key:
+            return "replay"
+        if self._has_eager and key == self._eager_key:
+            return "record"
+        return "eager"
+
+    def drops(self, key) -> bool:
+        """Whether the live recording must be dropped before a micro-step with ``key``."""
+        return self.recorded_key is not None and key != self.recorded_key
+
+    def ran(self, key, action: str) -> None:
+        if action == "eager":
+            self.recorded_key, self._eager_key, self._has_eager = None, key, True
+        elif action == "record":
+            self.recorded_key = key
+
+
 class MicroStepGraph:
     """Runs ``step(inputs, targets, cu_seqlens) -> summed loss`` (the trainer's eager micro-step, which
     adds the gradients into every ``.grad`` of ``model``) from a recorded graph: ``run(batch)``.
     ``host_state()``, if given, returns the host-side values the step bakes into a recording (compared
-    with ==); a change re-records."""
+    with ==); a change re-records, as does a micro-batch of another shape."""
 
     def __init__(self, step: Callable[[Tensor, Tensor, Tensor | None], Tensor], model: nn.Module,
                  device: torch.device, host_state: Callable[[], object] | None = None):
         self._step, self.model, self.device = step, model, device
         self.host_state = host_state
-        self._recorded_state: object = None
+        self.plan = RecordingPlan()
         self.recordings = 0
         self.stream = torch.cuda.Stream(device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.warmed = False
         self.replays = 0
         self._static: list[Tensor | None] = []
         self._loss: Tensor | None = None
 
+    def key(self, tensors) -> tuple:
+        """What a recording is specific to: the input shapes and the step's host values."""
+        shapes = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in tensors)
+        return shapes, self.host_state() if self.host_state is not None else None
+
     def run(self, batch) -> Tensor:
         tensors = (batch.inputs, batch.targets, batch.cu_seqlens)
-        if self.graph is not None and self.host_state is not None and \
-                self.host_state() != self._recorded_state:
+        key = self.key(tensors)
+        if self.plan.drops(key):
             # drop the old recording (its memory pool goes back to the allocator) and start over
-            self.graph, self.warmed, self._loss, self._static = None, False, None, []
+            self.graph, self._loss, self._static = None, None, []
             torch.cuda.empty_cache()
-        if self.graph is None:
-            if not self.warmed:
-                self.warmed = True
-                return self._on_stream(lambda: self._step(*tensors))
+        action = self.plan.action(key)
+        if action == "eager":
+            out = self._on_stream(lambda: self._step(*tensors))
+            self.plan.ran(key, action)
+            return out
+        if action == "record":
             self._capture(tensors)
+            self.plan.ran(key, action)
         for dst, src in zip(self._static, tensors):
             if dst is not None:
-                if dst.shape != src.shape:
-                    raise CudaGraphError(f"micro-batch shape {tuple(src.shape)} differs from the recorded "
-                                         f"{tuple(dst.shape)}; CUDA graphs need fixed-size micro-batches")
                 dst.copy_(src, non_blocking=True)
         self.graph.replay()
         self.replays += 1
@@ -130,7 +168,6 @@ class MicroStepGraph:
         self._static = [t.clone() if t is not None else None for t in tensors]
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
-        state = self.host_state() if self.host_state is not None else None
         with torch.cuda.graph(graph, stream=self.stream):
             self._loss = self._step(*self._static)
         replaced = [i for i, (p, g) in enumerate(zip(params, before)) if p.grad is not g]
@@ -143,7 +180,7 @@ class MicroStepGraph:
                 f"recording the micro-step replaced the .grad of {len(replaced)} parameters ({shown}...): "
                 "something holds a reference to those gradients, so autograd accumulated out of place; "
                 "set train.cuda_graphs=off")
-        self.graph, self._recorded_state = graph, state
+        self.graph = graph
         self.recordings += 1
         # the eager micro-step's activations sit cached on the capture stream, where nothing else
         # allocates: give them back (the graph has its own pool)

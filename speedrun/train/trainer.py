@@ -4,7 +4,8 @@ windows, timed validation pauses, checkpoints, and guards (NaN, Ctrl-C, data exh
 
 One code path for every world size: rank r of W runs ``grad_accum = micro_batches / W`` micro-steps
 per optimizer step, and the optimizers average gradients over ranks, so 1 GPU x 8 micro-steps
-follows the 8-GPU trajectory.
+follows the 8-GPU trajectory. The batch (and with it the accumulation) is the step's stage's
+(``schedules.batch_shape``): the loader, the loss scaling and the CUDA graph follow it each step.
 """
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ from speedrun.data.shards import read_shard, shard_paths
 from speedrun.model import GPT
 from speedrun.optim.build import build_optimizers
 from speedrun.optim.schedules import (
+    batch_shape,
     final_window_blocks,
     lr_multiplier,
     muon_momentum,
+    stage_spans,
     window_blocks,
-    window_stages,
 )
 from speedrun.train import checkpoint as ckpt
 from speedrun.train.cuda_graph import MicroStepGraph, graphs_wanted
@@ -94,12 +96,25 @@ def replay_windows(model, schedule, step: int) -> Window:
     in order (YaRN updates compound, so a jump must replay them). Returns step's window."""
     model.reset_window()
     current = None
-    for window, (first, _) in window_stages(schedule).items():
-        if first > step:
+    for span in stage_spans(schedule):
+        if span.start > step and current is not None:
             break
-        model.set_window(window, update_yarn=True)
-        current = window
+        if span.end > span.start and span.window != current:
+            model.set_window(span.window, update_yarn=True)
+            current = span.window
     return current
+
+
+def check_loss_weights(cfg: Config) -> None:
+    """The model's training loss is next-token cross-entropy only: a stage table asking for
+    multi-token or prefix-token weights is refused (not trained as something else)."""
+    for i, st in enumerate(cfg.schedule.stages):
+        if st.mtp_weights_start != [1.0] or st.mtp_weights_end != [1.0]:
+            raise ConfigError(f"config field 'schedule.stages[{i}].mtp_weights_start': the training loss "
+                              "is next-token only (no multi-token prediction); expected [1.0] to [1.0]")
+        if st.prefix_weight_start or st.prefix_weight_end:
+            raise ConfigError(f"config field 'schedule.stages[{i}].prefix_weight_start': the training loss "
+                              "has no prefix-token term; expected 0")
 
 
 class Trainer:
@@ -109,6 +124,8 @@ class Trainer:
         self.run_dir = run_dir
         self.device = world.device
         self.dtype = resolve_dtype(cfg.train.dtype, self.device.type)
+        check_loss_weights(cfg)
+        # the first stage's; train_step sets each step's (the number of micro-batches it is given)
         self.grad_accum = cfg.grad_accum(world.world_size)
         self.total_steps = cfg.schedule.total_steps
         # where this run stops: the schedule's end unless train.max_steps cuts it short
@@ -129,8 +146,9 @@ class Trainer:
         # built on the device: initializing 190M parameters there takes milliseconds, on the host
         # seconds (CUDA draws its init from the CUDA generator, seeded by manual_seed above)
         with torch.device(self.device):
-            # the loader cuts training documents at data.max_doc_len: the model's bound on them
-            self.model = GPT(cfg.model, dtype=self.dtype, max_doc_len=cfg.data.max_doc_len,
+            # the loader cuts training documents at the stage's cap: the model's bound is the largest
+            self.model = GPT(cfg.model, dtype=self.dtype,
+                             max_doc_len=max(shape.max_doc_len for shape in cfg.batch_shapes()),
                              matrix_dtype=torch.bfloat16 if cfg.optim.muon.bf16_weights else torch.float32)
         self._broadcast_parameters()
         done("model")
@@ -139,10 +157,12 @@ class Trainer:
         self.micro_graph = None   # replays the forward/backward micro-step (train.cuda_graphs)
         backend = self.model.attention_backend(self.device)
         if graphs_wanted(cfg.train.cuda_graphs, self.device, cfg.train.compile, backend, world.world_size):
-            # flash's kernels take the window as a host value at launch, so a recording bakes it in:
-            # re-record when the window sizes change
-            windows = (lambda: self.model.window) if backend == "flash" else None
-            self.micro_graph = MicroStepGraph(self.micro_step, self.model, self.device, host_state=windows)
+            # a recording bakes in the loss scale 1/grad_accum and, for flash (whose kernels take the
+            # window as a host value at launch), the window sizes: re-record when they change
+            flash_windows = backend == "flash"
+            self.micro_graph = MicroStepGraph(
+                self.micro_step, self.model, self.device,
+                host_state=lambda: (self.grad_accum, self.model.window if flash_windows else None))
             self.optimizers.keep_grads = True
         self.loader = self._train_loader()
         done("loader")
@@ -165,22 +185,26 @@ class Trainer:
 
     def _train_loader(self):
         c = self.cfg
-        return TrainLoader(self.train_glob, tokens_per_step=c.train.tokens_per_step,
-                           sequence_tokens=c.train.sequence_tokens, world_size=self.world.world_size,
-                           rank=self.world.rank, max_doc_len=c.data.max_doc_len, bos_id=c.data.bos_id,
-                           wrap=c.data.wrap, async_loading=c.data.async_loading, device=str(self.device))
+        shape = batch_shape(0, c)   # until next_batches passes a step's own
+        return TrainLoader(self.train_glob, tokens_per_step=shape.tokens_per_step,
+                           sequence_tokens=shape.micro_batch_tokens, world_size=self.world.world_size,
+                           rank=self.world.rank, max_doc_len=shape.max_doc_len, bos_id=c.data.bos_id,
+                           wrap=c.data.wrap, async_loading=c.data.async_loading, device=str(self.device),
+                           max_num_docs_rule=c.data.max_num_docs_rule)
 
     def val_loader(self) -> ValLoader:
         """This rank's share of the validation tokens (a fresh pass over the fixed first N)."""
         c = self.cfg
         return ValLoader(self.val_glob, num_tokens=c.train.val_tokens,
                          sequence_tokens=c.train.val_sequence_tokens, world_size=self.world.world_size,
-                         rank=self.world.rank, bos_id=c.data.bos_id, device=str(self.device))
+                         rank=self.world.rank, bos_id=c.data.bos_id, device=str(self.device),
+                         max_num_docs_rule=c.data.max_num_docs_rule)
 
-    def next_batches(self, step: int) -> list:
-        """This rank's micro-batches of optimizer step ``step``, in order."""
+    def next_batches(self, step: int, loader: TrainLoader | None = None) -> list:
+        """This rank's micro-batches of optimizer step ``step``, in order, at that step's batch
+        (from the trainer's loader, or ``loader``)."""
         try:
-            return self.loader.next_step()
+            return (loader or self.loader).next_step(batch_shape(step, self.cfg))
         except DataExhaustedError as e:
             raise TrainingError(f"{e} (stopped before step {step}; set data.wrap=true to cycle the data)") from None
 
@@ -221,7 +245,9 @@ class Trainer:
         mean per-token training loss of this rank as a device tensor (no host sync).
         ``mark(phase)``, if given, is called as each phase ends ("forward", "backward" per
         micro-batch, or "forward_backward" for a CUDA-graph replay, then "optimizer"): ``speedrun bench``
-        times the phases with it."""
+        times the phases with it. The gradient is the mean over the micro-batches (of every rank)
+        of their summed losses: each micro-step's loss is scaled by 1/len(batches)."""
+        self.grad_accum = len(batches)   # the step's stage's accumulation (next_batches)
         self.optimizers.begin_step(step)
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         for i, batch in enumerate(batches):
@@ -238,7 +264,7 @@ class Trainer:
         self.optimizers.zero_grad(step)
         if mark:
             mark("optimizer")
-        return total / (self.grad_accum * self.cfg.train.sequence_tokens)
+        return total / (self.grad_accum * batches[0].inputs.numel())
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -249,8 +275,9 @@ class Trainer:
 
     # ---- warm-up ----------------------------------------------------------------------------------
     def warmup(self) -> float:
-        """Compile every graph the run will need (both Adam step kinds, eval) on throwaway batches,
-        then restore model and optimizer state: the warm-up trains nothing."""
+        """Compile every graph the run will need (both Adam step kinds, every micro-batch size of
+        the schedule, eval) on throwaway batches, then restore model and optimizer state: the
+        warm-up trains nothing."""
         if not self.cfg.train.compile:
             return 0.0
         t0 = time.perf_counter()
@@ -284,8 +311,18 @@ class Trainer:
             # tests/test_model_gpt.py check that nothing recompiles): steps 0 and 1 cover them all
             self.apply_window(0)
             for step in (0, 1):  # an even and an odd step: Muon alone, then Muon + Adam
-                self.train_step(step, loader.next_step(), mark=first_step if step == 0 else None)
+                self.train_step(step, self.next_batches(step, loader), mark=first_step if step == 0 else None)
                 done(f"step{step}")
+            # the compiled regions are specialised on the micro-batch's length: one step at the first
+            # step of each stage with a new one (a stage table's batch growth) compiles its graphs
+            seen = {batch_shape(0, self.cfg).micro_batch_tokens}
+            for span in stage_spans(self.cfg.schedule):
+                shape = batch_shape(span.start, self.cfg)
+                if span.end > span.start and shape.micro_batch_tokens not in seen:
+                    seen.add(shape.micro_batch_tokens)
+                    self.apply_window(span.start)
+                    self.train_step(span.start, self.next_batches(span.start, loader))
+                    done(f"stage{span.index}")
             if helper is not None:  # its eval graphs are in the cache if it has finished
                 self.warmup_helper = helper.settle()
                 if self.warmup_helper == "failed":
@@ -357,13 +394,19 @@ class Trainer:
 
     def run(self) -> Summary:
         cfg, log = self.cfg, self.log
-        tokens_per_step = cfg.train.tokens_per_step
         if self.world.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             cfg.save(os.path.join(self.run_dir, "config.json"))
         log.print(f"run dir {self.run_dir} | device {self.device} x{self.world.world_size} | "
                   f"{self.model.num_params() / 1e6:.1f}M params | grad_accum {self.grad_accum} | "
                   f"steps {self.start_step}->{self.total_steps} | train {self.train_glob}")
+        if cfg.schedule.stages:
+            for span in stage_spans(cfg.schedule):
+                shape = batch_shape(span.start, cfg)
+                log.print(f"  stage {span.index}: steps {span.start}-{span.end - 1} | {shape.tokens_per_step} "
+                          f"tokens/step = {shape.micro_batches} x {shape.micro_batch_tokens} (grad_accum "
+                          f"{shape.grad_accum(self.world.world_size)}) | documents <= {shape.max_doc_len} | "
+                          f"windows {tuple(span.window)} | lr_mul {span.stage.lr_mul}")
         warmup_s = self.warmup()
         if warmup_s:
             log.print(f"compile + warm-up: {warmup_s:.1f} s (untimed; state restored)")
@@ -428,8 +471,10 @@ class Trainer:
                         ms = self.train_time_ms / max(1, step - self.start_step)
                     else:
                         ms = 1e3 * (now - last_log_time) / max(1, step - last_log_step)
+                    # a stage table's batch changes: the mean batch of the steps since the last log
+                    tokens = sum(batch_shape(s, cfg).tokens_per_step for s in range(last_log_step, step))
+                    tokens_per_s = tokens / max(1, step - last_log_step) / (ms / 1e3)
                     last_log_time, last_log_step = now, step
-                    tokens_per_s = tokens_per_step / (ms / 1e3)
                     mfu = self.mfu(tokens_per_s)
                     log.progress(step, loss_value, ms, tokens_per_s, mfu)
                     log.log({"step": step, "train_loss": loss_value, "ms_per_step": ms,
