@@ -180,6 +180,10 @@ class TrainConfig:
     nan_guard: bool = True
     max_steps: int = 0                 # stop after this many steps (0 = the whole schedule); the
     #                                    schedules stay the full recipe's, so a short run is its prefix
+    collective_timeout_s: float = 600.0  # multi-process runs: a collective (or the start-up
+    #                                    rendezvous) waiting longer fails the rank with a one-line
+    #                                    error, so a dead or hung peer cannot hold the others for ever;
+    #                                    above the longest skew between ranks (compiles, checkpoints)
 
 
 @dataclass
@@ -250,6 +254,7 @@ class Config:
         _check(t.device in ("auto", "cpu", "cuda"), "train.device", "one of auto, cpu, cuda")
         _check(t.cuda_graphs in ("auto", "on", "off"), "train.cuda_graphs", "one of auto, on, off")
         _check(t.max_steps >= 0, "train.max_steps", ">= 0 (0 = the whole schedule)")
+        _check(t.collective_timeout_s > 0, "train.collective_timeout_s", "> 0 seconds")
         _check(t.val_every >= 0 and t.save_every >= 0 and t.log_every >= 1, "train.val_every",
                "val_every >= 0, save_every >= 0, log_every >= 1")
         return self
