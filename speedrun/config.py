@@ -181,9 +181,10 @@ class TrainConfig:
     max_steps: int = 0                 # stop after this many steps (0 = the whole schedule); the
     #                                    schedules stay the full recipe's, so a short run is its prefix
     collective_timeout_s: float = 600.0  # multi-process runs: a collective (or the start-up
-    #                                    rendezvous) waiting longer fails the rank with a one-line
-    #                                    error, so a dead or hung peer cannot hold the others for ever;
-    #                                    above the longest skew between ranks (compiles, checkpoints)
+    #                                    rendezvous) waiting longer ends the rank (gloo: a one-line
+    #                                    error; NCCL: PyTorch's watchdog, ~25 s later), so a dead or
+    #                                    hung peer cannot hold the others for ever; keep it above the
+    #                                    longest wait between ranks (compile skew, checkpoint writes)
 
 
 @dataclass

@@ -4,8 +4,9 @@ and all-gather, with a fallback for backends that lack them).
 
 NCCL on CUDA, gloo on CPU. With no launcher environment (or a world of 1) there is no process group
 at all and every helper is a no-op, so one code path serves 1..N ranks on 1..M nodes. Every
-collective has a bounded timeout (``train.collective_timeout_s``): a rank whose peer died or hangs
-fails with ``PeerLostError`` instead of waiting for ever.
+collective has a bounded timeout (``train.collective_timeout_s``), so a rank whose peer died or hangs
+does not wait for ever: with gloo the collective raises (``train`` turns that into a one-line
+``PeerLostError``), with NCCL PyTorch's watchdog ends the process (SIGABRT) after the timeout.
 """
 from __future__ import annotations
 
@@ -213,6 +214,11 @@ def init_world(device_kind: str, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
         init_method = f"tcp://{where}"
     backend = "nccl" if device_kind == "cuda" else "gloo"
     kwargs = {"device_id": device} if backend == "nccl" else {}
+    if backend == "nccl":
+        # A timed-out NCCL collective ends the process from PyTorch's watchdog, which first sleeps
+        # 4x this (default 15 s: a minute) for debug dumps; 5 s makes that 20 s (checked on 2 H200s:
+        # a peer killed -> the survivor gone ~40 s later with a 15 s timeout, 85 s with the default)
+        os.environ.setdefault("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "5000")
     try:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kwargs)

@@ -102,6 +102,18 @@ def test_init_world_joins_with_the_configured_timeout(monkeypatch):
         distributed.init_world("cpu", timeout_s=42)
 
 
+def test_local_launcher_inside_a_multi_task_srun_step_is_refused(monkeypatch, capsys):
+    """srun already made each task a rank: --distributed would start more workers per task."""
+    from speedrun.cli import main
+    for k, v in _slurm(0).items():
+        monkeypatch.setenv(k, v)
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(v, raising=False)
+    assert main(["train", "--cpu", "--distributed", "--num-gpus", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "srun already started 2 tasks" in err[0], err
+
+
 def test_collective_timeout_is_validated():
     cfg = Config()
     cfg.train.collective_timeout_s = 0
