@@ -192,11 +192,14 @@ def init_world(device_kind: str, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
                      else torch.device("cpu"), timeout_s=timeout_s)
     rank, world_size, local_rank = launch.rank, launch.world_size, launch.local_rank
     if device_kind == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise LaunchEnvError(f"local rank {local_rank} ({launch.source}) but only "
-                                 f"{torch.cuda.device_count()} CUDA device(s) are visible")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        visible = torch.cuda.device_count()
+        # Slurm may bind one GPU to each task (--gpus-per-task=1): that task sees only its own
+        index = 0 if launch.source == "slurm" and visible == 1 else local_rank
+        if index >= visible:
+            raise LaunchEnvError(f"local rank {local_rank} ({launch.source}) but only {visible} CUDA "
+                                 f"device(s) are visible")
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     if world_size == 1:  # torchrun --nproc_per_node=1, srun -n 1: nothing to communicate

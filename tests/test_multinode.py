@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 from test_train import micro_config, train_losses, write_synthetic_shards
 
@@ -100,6 +101,34 @@ def test_init_world_joins_with_the_configured_timeout(monkeypatch):
     with pytest.raises(PeerLostError, match=r"rank 1 of 2: could not join the other ranks at "
                                             r"gpu007:24242 within 42 s \(The client socket"):
         distributed.init_world("cpu", timeout_s=42)
+
+
+def test_gpu_of_each_rank(monkeypatch):
+    """A rank takes GPU LOCAL_RANK of those it sees; a Slurm task bound to one GPU takes that one;
+    NCCL gets the device and a short debug-dump wait before its watchdog ends a timed-out rank."""
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.delenv("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", raising=False)
+    for k, v in _slurm(1, SLURM_LOCALID="3").items():
+        monkeypatch.setenv(k, v)
+    calls, devices = [], []
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    world = distributed.init_world("cuda")
+    assert devices == [0] and world.device == torch.device("cuda", 0) and world.local_rank == 3
+    assert calls[0]["device_id"] == torch.device("cuda", 0) and world.backend == "nccl"
+    assert os.environ["TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC"] == "5000"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert distributed.init_world("cuda").device == torch.device("cuda", 3)
+    for k in _slurm(0):   # torchrun never binds GPUs: local rank 3 of 1 visible GPU is a mistake
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(LaunchEnvError, match="local rank 3 \\(torchrun\\) but only 1 CUDA device"):
+        distributed.init_world("cuda")
 
 
 def test_local_launcher_inside_a_multi_task_srun_step_is_refused(monkeypatch, capsys):
