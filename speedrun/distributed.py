@@ -23,8 +23,8 @@ import torch.distributed as dist
 from speedrun.config import ConfigError
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-# srun sets SLURM_PROCID / SLURM_NTASKS in the batch script too (as task 0 of the whole allocation),
-# where nobody starts the other tasks: only inside a job step (SLURM_STEP_ID) is each task a rank
+# sbatch sets SLURM_PROCID=0 and the allocation's SLURM_NTASKS in the batch script too, where nobody
+# starts the other tasks: only inside a job step that srun started (SLURM_STEP_ID) is each task a rank
 _SLURM_STEP_VARS = ("SLURM_STEP_ID", "SLURM_STEPID")
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 # no MASTER_PORT under Slurm: every task derives the same port from the job id, in 20000..29999
@@ -177,7 +177,8 @@ class World:
 def init_world(device_kind: str, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> World:
     """Start NCCL (cuda) or gloo (cpu) for the world ``launch_env`` describes (torchrun or a Slurm
     step); a single-process World without a launcher. ``timeout_s`` bounds every collective and the
-    rendezvous: a peer that died or hangs makes this rank fail after at most that long.
+    rendezvous: a peer that died or hangs makes this rank fail after that long (gloo raises; NCCL's
+    watchdog ends the process some 25 s later).
 
     Missing or malformed launcher variables, or no MASTER_ADDR / MASTER_PORT under torchrun's
     variables: a LaunchEnvError saying what is missing.

@@ -194,8 +194,8 @@ def _env(**extra) -> dict:
             "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _config_file(shards, run_dir, **train) -> str:
-    cfg = micro_config(*shards, run_dir, steps=STEPS)
+def _config_file(shards, run_dir, steps=STEPS, **train) -> str:
+    cfg = micro_config(*shards, run_dir, steps=steps)
     for k, v in train.items():
         setattr(cfg.train, k, v)
     path = f"{run_dir}-config.json"
@@ -303,7 +303,8 @@ def test_hung_rank_fails_the_survivor_after_the_collective_timeout(shards, tmp_p
     sockets) holds the other in a collective until train.collective_timeout_s, then that one exits
     with a one-line error instead of waiting for the default 30 minutes."""
     run_dir = tmp_path / "run"
-    config = _config_file(shards, run_dir, collective_timeout_s=4.0)
+    # long enough that rank 1 is stopped mid-run however slowly this test reads rank 0's output
+    config = _config_file(shards, run_dir, steps=400, collective_timeout_s=4.0)
     procs = _start_slurm_step(config, _free_port())
     try:
         for line in procs[0].stdout:   # rank 0 logs; stop rank 1 once training is under way
