@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -306,6 +307,9 @@ def test_hung_rank_fails_the_survivor_after_the_collective_timeout(shards, tmp_p
     # long enough that rank 1 is stopped mid-run however slowly this test reads rank 0's output
     config = _config_file(shards, run_dir, steps=400, collective_timeout_s=4.0)
     procs = _start_slurm_step(config, _free_port())
+    # reading rank 0's output blocks: a timer ends both processes should nothing come in 120 s
+    guard = threading.Timer(120, lambda: [p.kill() for p in procs])
+    guard.start()
     try:
         for line in procs[0].stdout:   # rank 0 logs; stop rank 1 once training is under way
             if line.startswith("step") and "loss" in line and "val" not in line:
@@ -315,8 +319,10 @@ def test_hung_rank_fails_the_survivor_after_the_collective_timeout(shards, tmp_p
         _, err0 = procs[0].communicate(timeout=60)
         waited = time.time() - stopped_at
     finally:
-        procs[1].kill()
-        procs[1].communicate()
+        guard.cancel()
+        for p in procs:
+            p.kill()
+            p.communicate()
     assert procs[0].returncode == 1, err0[-2000:]
     assert 3.0 < waited < 30, waited
     last = err0.strip().splitlines()[-1]
