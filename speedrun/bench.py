@@ -96,7 +96,7 @@ def run_bench(args) -> int:
     from speedrun.distributed import init_world
     from speedrun.train.trainer import Trainer, resolve_device
     t_setup = time.perf_counter()
-    world = init_world(resolve_device(cfg))
+    world = init_world(resolve_device(cfg), cfg.train.collective_timeout_s)
     trainer = Trainer(cfg, world, run_dir)
     setup_s = time.perf_counter() - t_setup  # process group, model, optimizers, loader
     device = trainer.device

@@ -301,6 +301,11 @@ class TrainConfig:
     nan_guard: bool = True
     max_steps: int = 0                 # stop after this many steps (0 = the whole schedule); the
     #                                    schedules stay the full recipe's, so a short run is its prefix
+    collective_timeout_s: float = 600.0  # multi-process runs: a collective (or the start-up
+    #                                    rendezvous) waiting longer ends the rank (gloo: a one-line
+    #                                    error; NCCL: PyTorch's watchdog, ~25 s later), so a dead or
+    #                                    hung peer cannot hold the others for ever; keep it above the
+    #                                    longest wait between ranks (compile skew, checkpoint writes)
 
 
 @dataclass
@@ -387,6 +392,7 @@ class Config:
         for name, shape in zip(self._batch_fields(), self.batch_shapes()):
             self._validate_batch(name, shape)
         _check(t.max_steps >= 0, "train.max_steps", ">= 0 (0 = the whole schedule)")
+        _check(t.collective_timeout_s > 0, "train.collective_timeout_s", "> 0 seconds")
         _check(t.val_every >= 0 and t.save_every >= 0 and t.log_every >= 1, "train.val_every",
                "val_every >= 0, save_every >= 0, log_every >= 1")
         return self

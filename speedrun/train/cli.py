@@ -136,8 +136,14 @@ def run_train(args) -> int:
     if cfg.train.memory_pool:
         # must be set before the first CUDA allocation (and is inherited by launched workers)
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if (args.distributed or (args.num_gpus or 1) > 1) and not under_launcher:
+    from speedrun.distributed import launch_env
+    launch = launch_env()
+    wants_workers = args.distributed or (args.num_gpus or 1) > 1
+    if wants_workers and launch.source == "slurm" and launch.world_size > 1:
+        raise ConfigError(f"--distributed/--num-gpus start local workers, but srun already started "
+                          f"{launch.world_size} tasks, each one rank: drop those flags (one srun task "
+                          f"per GPU), or run one task per node that starts torchrun")
+    if wants_workers and launch.source == "none":
         return launch_workers(args, cfg)
     return train_here(args, cfg)
 
@@ -198,11 +204,12 @@ def _strip_launch_flags(argv: list[str]) -> list[str]:
 
 
 def train_here(args, cfg: Config) -> int:
-    from speedrun.distributed import destroy_world, init_world
+    from speedrun.distributed import check_shared_dir, destroy_world, init_world, is_peer_failure
     from speedrun.kernels.fp8 import fp8_supported
     from speedrun.train.trainer import Trainer, resolve_device
     device = resolve_device(cfg)
-    world = init_world(device)
+    world = init_world(device, cfg.train.collective_timeout_s)
+    run_dir, peer_lost = None, False
     try:
         if args.use_fp8 and not fp8_supported(world.device.type, world.device.index):
             raise ConfigError(f"--use-fp8 needs a CUDA GPU with FP8 matmuls (compute capability >= 8.9); "
@@ -210,8 +217,30 @@ def train_here(args, cfg: Config) -> int:
         run_dir = cfg.train.save_path or (_run_dir_of(args.resume) if args.resume else _default_run_dir())
         if not cfg.train.save_path and not args.resume:   # a timestamped name: rank 0's for all
             run_dir = world.broadcast_object(run_dir)
+        check_shared_dir(world, run_dir)
         trainer = Trainer(cfg, world, run_dir, resume=args.resume)
         trainer.run()
+    except Exception as e:
+        if not (world.distributed and is_peer_failure(e)):
+            raise
+        peer_lost = True
+        raise _peer_lost(e, world, run_dir) from None
     finally:
-        destroy_world()
+        destroy_world(abort=peer_lost)
     return 0
+
+
+def _peer_lost(e: Exception, world, run_dir: str | None) -> Exception:
+    """The one-line error of a rank whose collective failed: why, which knob bounds the wait, and
+    where the run can be resumed from (the newest checkpoint that all ranks completed)."""
+    from speedrun.distributed import PeerLostError, short_reason
+    from speedrun.train.checkpoint import CheckpointError, find_checkpoint
+    resume = ""
+    if run_dir:
+        try:
+            resume = f"; resume from {find_checkpoint(run_dir)} with --resume {run_dir}"
+        except CheckpointError:
+            resume = f"; {run_dir} has no complete checkpoint yet"
+    return PeerLostError(f"rank {world.rank} of {world.world_size}: lost the other ranks "
+                         f"({short_reason(e)}): one of them died or hangs (waits are bounded by "
+                         f"train.collective_timeout_s = {world.timeout_s:g} s){resume}")
