@@ -18,7 +18,7 @@ def labelled(shape, label, dtype=torch.float32, scale=0.1, gen=None) -> nn.Param
 class FakeModel(nn.Module):
     """Every label of the real GPT, tiny shapes. n_attn/n_mlp chosen so buckets need padding on 2 ranks."""
 
-    def __init__(self, d=8, n_attn=3, n_mlp=2, n_gates=3, vocab=16, seed=0):
+    def __init__(self, d=8, n_attn=3, n_mlp=2, n_gates=3, vocab=16, seed=0, r89=False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.attn = nn.ParameterList([labelled((d, 4 * d), "attn", gen=g) for _ in range(n_attn)])
@@ -32,6 +32,11 @@ class FakeModel(nn.Module):
                                              for _ in range(2)])
         self.lm_head = labelled((vocab, d), "lm_head", torch.bfloat16, gen=g)
         self.scalars = labelled((4,), "scalars", scale=1.0, gen=g)
+        if r89:   # record 89's Adam labels; 3 rows, (3, 2, 4) and 0-d do not shard over 2 ranks
+            self.bigram = labelled((vocab, d), "bigram_embed", torch.bfloat16, gen=g)
+            self.resid = labelled((3, 2), "resid_lambdas", scale=1.0, gen=g)
+            self.ve_gate = labelled((3, 2, 4), "ve_gate", torch.bfloat16, gen=g)
+            self.gate_scale = labelled((), "mudd_gate_bias", scale=1.0, gen=g)
 
 
 def integer_sources(model: nn.Module, step: int, n: int) -> list[dict[str, torch.Tensor]]:
