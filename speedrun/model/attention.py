@@ -325,6 +325,8 @@ class CausalSelfAttention(nn.Module):
             v = inp.value_lambdas[0] * v
             if inp.ve is not None:
                 v = v + inp.value_lambdas[1] * inp.ve.view(T, H, D)
+        elif inp.ve is not None:   # the whole value injection (record 89: gated value embedding, MUDD)
+            v = v + inp.ve.view(T, H, D)
         if inp.kv is not None:   # decoding: keys and values of earlier tokens come from the cache
             y = inp.kv.attend(q, k, v, inp.attn_scale)
         else:

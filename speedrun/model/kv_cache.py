@@ -4,7 +4,8 @@ fed to ``GPT.forward(ids, kv_cache=cache)`` a few tokens at a time.
 Owns ``KVCache``, which holds, for one sequence of at most ``max_tokens`` tokens:
 - the keys and values of every attention layer (rotary applied, value embeddings mixed in, in the
   activation dtype, as the full forward hands them to attention);
-- the raw embedding of the last token, because smear mixes each token with its predecessor;
+- the raw embedding and the id of the last token, because smear mixes each token with its
+  predecessor and the bigram hash reads the previous id;
 - the number of tokens already decoded (the position of the next one).
 
 The model's own forward does all the math (one forward for training, evaluation and decoding);
@@ -58,11 +59,12 @@ class KVCache:
         self.values = {i: torch.empty_like(k) for i, k in self.keys.items()}
         self.length = 0                              # tokens decoded so far
         self.last_embedding: Tensor | None = None    # raw embedding of the last token (for smear)
+        self.last_token: Tensor | None = None        # id of the last token (for the bigram hash)
         self._start = 0                              # first position of the tokens being decoded
 
     def reset(self) -> None:
         """Forget the sequence (the buffers are reused)."""
-        self.length, self.last_embedding, self._start = 0, None, 0
+        self.length, self.last_embedding, self.last_token, self._start = 0, None, None, 0
 
     def claim(self, n: int) -> int:
         """Reserve positions for ``n`` new tokens; returns the first one."""
