@@ -139,9 +139,11 @@ class Trainer:
         backend = self.model.attention_backend(self.device)
         if graphs_wanted(cfg.train.cuda_graphs, self.device, cfg.train.compile, backend, world.world_size):
             # flash's kernels take the window as a host value at launch, so a recording bakes it in:
-            # re-record when the window sizes change
-            windows = (lambda: self.model.window) if backend == "flash" else None
-            self.micro_graph = MicroStepGraph(self.micro_step, self.model, self.device, host_state=windows)
+            # re-record when the window sizes change; and when the embedding is untied from the
+            # lm_head (the recording reads the table it was recorded with)
+            def host_state():
+                return self.model.embed_tied, (self.model.window if backend == "flash" else None)
+            self.micro_graph = MicroStepGraph(self.micro_step, self.model, self.device, host_state=host_state)
             self.optimizers.keep_grads = True
         self.loader = self._train_loader()
         done("loader")
@@ -151,6 +153,8 @@ class Trainer:
             self._load_pending_grads(ckpt.find_checkpoint(resume))
             self.loader.load_state_dict(state.loader_state)
             self.start_step, self.train_time_ms = state.step, state.train_time_ms
+        # the checkpoint of a step after the untie holds the embedding's own weights and state
+        self.model.embed_tied = cfg.model.embed_tied_at(self.start_step)
         self.window: Window | None = None  # the windows currently applied to the model
         self.warmup_phases: dict[str, float] = {}
         self.warmup_helper: str | None = None   # parallel warm-up helper: finished / stopped / failed
@@ -235,9 +239,18 @@ class Trainer:
         self.optimizers.step(step, lr_multiplier(step, self.cfg.schedule),
                              muon_momentum(step, self.cfg.optim.muon, self.cfg.schedule))
         self.optimizers.zero_grad(step)
+        if self.model.embed_tied and step == self.cfg.model.untie_after_step:
+            self.untie_embed()
         if mark:
             mark("optimizer")
         return total / (self.grad_accum * self.cfg.train.sequence_tokens)
+
+    def untie_embed(self) -> None:
+        """After this step's update the embedding is its own parameter (model.untie_after_step,
+        record 53/61): it starts from the lm_head's weights and Adam state (step count, moments), so
+        training continues exactly as if the two had been one parameter until now."""
+        self.model.untie_embed()
+        self.optimizers.copy_adam_state(self.model.lm_head.weight, self.model.embed.weight)
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -262,6 +275,7 @@ class Trainer:
             return time.perf_counter() - t0
         model_state = copy.deepcopy(self.model.state_dict())
         optim_state = copy.deepcopy(self.optimizers.state_dict())
+        embed_tied = self.model.embed_tied
         loader = self._train_loader()
         val_batch = next(iter(self.val_loader()))
         phases = self.warmup_phases = {"compile_regions": time.perf_counter() - t0}
@@ -299,6 +313,7 @@ class Trainer:
                 helper.settle()
         self.model.load_state_dict(model_state)
         self.optimizers.load_state_dict(optim_state)
+        self.model.embed_tied = embed_tied   # a warm-up step may have been the untie
         self.optimizers.zero_grad(1)  # odd step: drop every gradient
         self.model.reset_window()
         self.window = None
