@@ -482,6 +482,9 @@ def test_record89_init():
             want = torch.tensor([ln.init for ln in lanes for _ in range(ln.width)])
             torch.testing.assert_close(b2 * scale, want)
     assert model.gate_mlps.scale.dtype == torch.float32 and model.gate_mlps.scale.item() == pytest.approx(0.1)
+    bf16 = GPT(small_r89(), torch.bfloat16)    # the gates' scale is not rounded through bf16
+    assert bf16.gate_mlps.scale.dtype == torch.float32 and bf16.gate_mlps.scale.item() == pytest.approx(0.1)
+    assert bf16.gate_mlps.w1.dtype == bf16.mudd.b2[0].dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------------

@@ -113,8 +113,8 @@ class GPT(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale, cfg.block_size)
         # record 89's, each only when its technique is on
         self.bigram = BigramEmbedding(cfg.bigram_vocab_size, d, cfg.bigram_sign_rows) if cfg.bigram_embed else None
-        self.gated_ve_layers = [i for i in range(L) if has_gated_value_embed(cfg, i) and self.blocks[i].attn
-                                and not (cfg.mudd and i == cfg.mudd_layer)]
+        self.gated_ve_layers = [i for i in range(L) if has_gated_value_embed(cfg, i)
+                                and self.blocks[i].attn is not None and not (cfg.mudd and i == cfg.mudd_layer)]
         self.ve_gates = (nn.Parameter(torch.zeros(len(self.gated_ve_layers), cfg.num_heads,
                                                   2 * cfg.value_embed_gate_dim))
                          if self.gated_ve_layers else None)
@@ -146,14 +146,14 @@ class GPT(nn.Module):
         self.eval_chunk_tokens = eval_chunk_tokens
         self._label_parameters()
         self.reset_parameters()
-        for m in (self.embed, self.value_embeds, self.smear_gate, self.lm_head, self.bigram, self.mudd,
-                  self.gate_mlps):
+        for m in (self.embed, self.value_embeds, self.smear_gate, self.lm_head, self.bigram):
             if m is not None:
                 m.to(dtype)
+        for m in (self.mudd, self.gate_mlps):   # weights and biases; the gates' learned scale stays fp32
+            if m is not None:
+                m.cast_weights_(dtype)
         if self.ve_gates is not None:
             self.ve_gates.data = self.ve_gates.data.to(dtype)
-        if self.gate_mlps is not None:   # the learned scale stays fp32, as the record's
-            self.gate_mlps.scale.data = self.gate_mlps.scale.data.float()
         # weights saved with the earlier scalars / value-embedding layout load into this one
         self.register_load_state_dict_pre_hook(self._upgrade_legacy_state)
         # the regions; compile_regions() swaps in compiled versions

@@ -163,6 +163,11 @@ class CoefficientMLPs(nn.Module):
         if self.learned_scale:
             self.scale.fill_(self.init_scale)
 
+    def cast_weights_(self, dtype: torch.dtype) -> None:
+        """W1, W2 and the biases to ``dtype`` (the model's); a learned scale stays fp32, as the record's."""
+        for p in (self.w1, *self.w2, *self.b2):
+            p.data = p.data.to(dtype)
+
     def forward(self, x: Tensor, block: int) -> Tensor:
         h = F.gelu(F.linear(x, self.w1[block].to(x.dtype)))
         c = F.linear(h, self.w2[block].to(x.dtype), self.b2[block].to(x.dtype))
