@@ -238,17 +238,17 @@ def test_record_inventory(record):
     assert by_label["mlp_proj"] == [((768, 3072), "float32")] * 11
     assert by_label["smear_gate"] == [((1, 12), "bfloat16")]
     assert by_label["attn_gate"] == [((6, 12), "bfloat16")] * 10
-    assert by_label["scalars"] == [((47,), "float32")]
+    assert by_label["scalars"] == [((48,), "float32")]
     assert set(by_label) == LABELS
-    assert record.num_params() == 268_665_611                      # "about 268.7M"
-    assert record.num_params(exclude_embeddings=True) == 114_131_723  # "about 114M"
+    assert record.num_params() == 268_665_612                      # "about 268.7M"
+    assert record.num_params(exclude_embeddings=True) == 114_131_724  # "about 114M"
     assert record.blocks[6].attn is None                           # reference slot 7
 
 
 def test_record_scalars_layout(record):
-    """[skip logit, block lambdas (2L), value lambdas (2L), smear, backout]: 47 values, no padding."""
+    """[skip logit, block lambdas (2L), value lambdas (2L), smear, backout]: 47 values, one of padding."""
     s, L = record.scalars.detach(), 11
-    assert s.numel() == 4 * L + 3 and s.dtype == torch.float32
+    assert s.numel() == 48 and record.layout.used == 4 * L + 3 and s.dtype == torch.float32 and s[47] == 1
     assert s[0] == -1.5 and record.layout.skip == 0
     assert torch.all(s[1:2 * L + 1:2] == 1.1) and torch.all(s[2:2 * L + 1:2] == 0.0)
     assert torch.all(s[2 * L + 1:4 * L + 1] == 0.5)

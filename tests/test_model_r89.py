@@ -432,7 +432,7 @@ def test_record89_inventory_and_optimizer_groups_equal_the_public_code():
     assert all(ours[n].shape == (768, 4 * 768) for n in MAPPING["qk_bank"][0])   # [Wq; Wk; Wv; Wo]
     assert total_public == 643_751_335                                          # the public total
     removed = sum(BANK_PADDING.values()) + sum(u for _, u, _ in MAPPING.values())
-    assert model.num_params() == total_public - removed == 635_885_383
+    assert model.num_params() == total_public - removed == 635_885_383   # (24 scalars: no padding)
     assert optim.adam.eps == 1e-10
     # the shapes that carry over one to one
     for name, ours_name in (("value_embeds", "value_embeds.weight"), ("embed", "embed.weight"),
@@ -470,7 +470,7 @@ def test_record89_init():
         assert torch.all(block.mlp.c_proj == 0)
     assert torch.all(model.resid_lambdas == math.sqrt(1.1)) and torch.all(model.post_lambdas == 1)
     s, lay = model.scalars, model.layout
-    assert s.numel() == 2 * 6 + 2 and s[lay.skip] == -1.5 and s[lay.smear] == 0
+    assert lay.used == 2 * 6 + 2 and s.numel() == 16 and s[lay.skip] == -1.5 and s[lay.smear] == 0
     assert torch.equal(s[lay.attn:lay.attn + 12], torch.tensor([0.5, 1.0] * 6))
     assert lay.block is None and lay.value is None and lay.backout is None
     # MLP output weights zero: every coefficient starts at its lane's init

@@ -1,8 +1,9 @@
 """The GPT's fp32 ``scalars`` vector (label "scalars"): which scalar sits where, its initial values,
 and reading weights saved with the earlier layout.
 
-A section is present exactly when its technique is on; no padding (DistAdam shards or replicates the
-vector itself). In order, L = num_layers:
+A section is present exactly when its technique is on; then ones up to a multiple of 8, so the
+vector shards evenly over 1/2/4/8 ranks (DistAdam would replicate it otherwise). In order, L =
+num_layers:
 
     attn      2L  (qkv, o) lambdas of each layer (record 47; issue 17's ``attn_lambdas``)  init (0.5, 1)
     skip      1   the U-net skip's gate logit (skip_connection)      init skip_gate_init (sigmoid ~0.18)
@@ -12,7 +13,8 @@ vector itself). In order, L = num_layers:
     smear     1   the smear lambda (smear)                             init 0
     backout   1   the backout lambda (backout, without MUDD)           init backout_lambda_init
 
-Record 45: 47 values. Record 89: 24 (attn 22, skip, smear), the public code's ``scalars``.
+Record 45: 47 values, padded to 48. Record 89: 24 (attn 22, skip, smear), the public code's
+``scalars``.
 Until 2026-11 the vector was [skip logits (L, one per layer), block (2L), value (2L), smear,
 backout] padded with ones to a multiple of 8 (64 for record 45), every section always present:
 ``upgrade_legacy_state`` converts weights saved that way.
@@ -26,7 +28,8 @@ from speedrun.config import ModelConfig
 
 
 class ScalarLayout:
-    """Offsets of each section in the vector (None where absent); ``size`` values in all."""
+    """Offsets of each section in the vector (None where absent); ``used`` values, ``size`` with the
+    padding."""
 
     def __init__(self, cfg: ModelConfig):
         L, self.num_layers = cfg.num_layers, cfg.num_layers
@@ -40,11 +43,12 @@ class ScalarLayout:
         for name, size in sizes.items():
             setattr(self, name, offset if size else None)
             offset += size
-        self.size = offset
+        self.used = offset
+        self.size = -(-offset // 8) * 8
 
     def initial(self, cfg: ModelConfig) -> Tensor:
         L = cfg.num_layers
-        s = torch.zeros(self.size)
+        s = torch.ones(self.size)
         if self.attn is not None:
             s[self.attn:self.attn + 2 * L] = torch.tensor([0.5, 1.0]).repeat(L)
         if self.skip is not None:
