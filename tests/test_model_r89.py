@@ -555,6 +555,29 @@ def test_kv_cache_equals_full_forward_every_switch_on(split):
     torch.testing.assert_close(torch.cat(pieces), full, atol=1e-4, rtol=1e-4)
 
 
+def test_kv_cache_on_a_compiled_model_runs_eager_regions():
+    """Decoding chunks of any length on a compiled model compiles nothing (its gate / MUDD regions
+    run eagerly, as the blocks do) and still equals the full forward."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = build(small_r89(), dtype=torch.float32).eval()
+    model.compile_regions(backend=counting_backend)
+    ids = torch.randint(0, 500, (24,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids)
+        before = len(graphs)
+        cache = KVCache(model, 24)
+        got = torch.cat([model(ids[a:b], kv_cache=cache) for a, b in ((0, 5), (5, 6), (6, 13), (13, 24))])
+    assert len(graphs) == before
+    torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------------------
 # weights saved with the earlier layout; config errors
 # ------------------------------------------------------------------------------------------------

@@ -507,10 +507,12 @@ class GPT(nn.Module):
             lambdas = list(zip(r_attn, p_attn, r_mlp, p_mlp))
         ve_gates = self.ve_gates.unbind() if self.ve_gates is not None else ()
         gates = self._coefficients(0, rows, T)
+        # decoding: the eager regions (compiled ones would specialize on each chunk's length)
+        gates_fn, mudd_fn = (self._gates, self._mudd_enter) if decoding else (self._gates_fn, self._mudd_fn)
         states = {STACK_INPUT: x}
         for i, block in enumerate(self.blocks):
             if cfg.mudd_gates and i == cfg.mudd_gate_layer:     # the post gate, on the residual here
-                gates = self._coefficients(1, self._gates_fn(x, 1), T)
+                gates = self._coefficients(1, gates_fn(x, 1), T)
             attn = block.attn is not None
             has_skip = cfg.skip_connection and i == cfg.skip_to_layer
             ve_index = cfg.value_embed_layers[i] if cfg.value_embeds else -1
@@ -539,7 +541,7 @@ class GPT(nn.Module):
                 value_embed=ves[ve_index] if attn and gated_ve else None,
                 ve_gate=ve_gates[self.gated_ve_layers.index(i)] if i in self.gated_ve_layers else None)
             if cfg.mudd and i == cfg.mudd_layer:
-                x, res = self._mudd_layer(x, res, states)
+                x, res = self._mudd_layer(x, res, states, mudd_fn)
             if res.bigram_gate is None:
                 res = res._replace(bigram=None)
             if res.x0_gate is None:
@@ -572,14 +574,14 @@ class GPT(nn.Module):
         counted = (targets != -100).sum()   # cross_entropy's ignore_index: mean over real targets
         return losses.sum() / counted.clamp_min(1)
 
-    def _mudd_layer(self, x: Tensor, res: StreamInputs, states: dict[int, Tensor]
+    def _mudd_layer(self, x: Tensor, res: StreamInputs, states: dict[int, Tensor], mudd_fn
                     ) -> tuple[Tensor, StreamInputs]:
         """The residual and StreamInputs of mudd_layer: MUDD block 0 rewrites the residual and gives
         the layer its value sources, value-embedding gate, lambdas and x0 / bigram gates (the x0
         gate's source there is the stack input, as the record's). Attention reads the residual from
         before the rewrite (or record 77's cached activation)."""
         cfg = self.cfg
-        new_x, v_extra, ve_gate, lambdas, x0_gate, bigram_gate = self._mudd_fn(
+        new_x, v_extra, ve_gate, lambdas, x0_gate, bigram_gate = mudd_fn(
             x, [states[j] for j in cfg.mudd_value_sources], [states[j] for j in cfg.mudd_residual_sources])
         res = res._replace(attn_source=x if res.attn_source is None else res.attn_source,
                            v_extra=v_extra, ve_gate=None, ve_head_gate=ve_gate,
