@@ -180,7 +180,7 @@ def sweep_fp8_head_ce(tokens: int, dim: int, vocab: int) -> list[dict]:
     fp8_head_ce._tile_config. Traffic: read the bf16 logits, write g_f8 and g_f8_t (4 bytes/element)."""
     x, w, t = _fp8_head_inputs(tokens, dim, vocab)
     with torch.no_grad():
-        _, logits, lse, _, _ = torch.ops.speedrun.fp8_head_softcap_ce(x, w, t, 30.0, -100,
+        _, logits, lse, _, _ = torch.ops.speedrun.fp8_head_softcap_ce(x, w, t, 30.0, 7.5, 0.0, -100,
                                                                       *fp8_head_ce.head_scales(dim))
     grad_loss = torch.ones((), device="cuda")
     original = fp8_head_ce._tile_config

@@ -67,6 +67,9 @@ class BatchShape(NamedTuple):
         return n // world_size
 
 
+OptimizerChoice = Literal["muon", "adam"]
+
+
 def choices(literal) -> tuple[str, ...]:
     """The allowed values of an enum-like field type (a ``Literal``)."""
     return typing.get_args(literal)
@@ -135,6 +138,57 @@ class ModelConfig:
     fused_dc: bool = True              # DC-MHA through its Triton kernels on CUDA (kernels/dc_mha.py);
     #                                    the plain twin elsewhere and with it off
 
+    # record 89: embeddings and residual stream (head-spec.md; docs/architecture.md lists each switch
+    # with its record-89 value). Every default is the record-45 behaviour (the technique is off).
+    # Per-token coefficients: with mudd_gates on, the x0 gates, bigram gates, the skip gate and the
+    # attention coefficients (XSA alphas, output gates, DC weights) come from the two MUDD gate MLPs;
+    # with mudd_gates off, a technique that is on gets a learned per-layer constant (label
+    # "gate_constants") starting at the gate MLP's initial output, so each switch ablates alone (the
+    # skip gate alone has no constant: sigmoid(skip logit) already is one). The attention
+    # coefficients are produced for the layers in xsa_layers / attn_out_gate_layers / dc_layers and
+    # the attention lambdas (the scalars vector) with attn_lambdas (the attention block above).
+    bigram_embed: bool = False         # hashed bigram embedding added to the residual (record 62/68):
+    #                                    row (36313 cur ^ 27191 prev) mod (bigram_vocab_size - 1),
+    #                                    the last row at a sequence's first position; zero init; a
+    #                                    gate before layer 0 and after every later attention
+    bigram_vocab_size: int = 377280    # table rows (record 89: 50304 * 15 // 2)
+    bigram_sign_rows: int = 8192       # sign trick (record 83): rows of a fixed +-1 table indexed by
+    #                                    (prev ^ cur) mod rows; 0 = no signs
+    value_embed_gates: bool = False    # record 55/70: v += 2 sigmoid(W [u[:k], ve[:k]]) * ve per head
+    #                                    (u the normed attention input, k value_embed_gate_dim),
+    #                                    in place of the value lambdas (l0, l1)
+    value_embed_gate_dim: int = 6
+    value_embed_init_std: float = 1.0  # record 89: 0.01
+    residual_lambdas: bool = False     # x <- r x + p sublayer(norm x) for attention and MLP apart,
+    #                                    r init sqrt(block_lambda_init), p init 1 (record 89)
+    x0_gates: bool = False             # x += g x0 after each attention (record 89; init 0)
+    attn_input_layer: int = -1         # record 77: attention of the layers after this one reads
+    #                                    norm(output of this layer) instead of norm(x); -1 = off
+    mudd: bool = False                 # MUDD connections (records 81/85): per-token coefficients from
+    #                                    a small MLP at mudd_layer mix cached layer outputs into its v
+    #                                    and residual (and give its lambdas / gates), a second one mixes
+    #                                    them into the final residual; the backout is its coefficient
+    mudd_layer: int = 10
+    mudd_value_sources: list[int] = field(default_factory=lambda: [-1, 7, 9])   # layer outputs
+    #                                    (-1 = the stack input) added to mudd_layer's v
+    mudd_residual_sources: list[int] = field(default_factory=lambda: [-1, 7])
+    mudd_final_sources: list[int] = field(default_factory=lambda: [-1, 7, 9, 3])
+    mudd_final_value_embed: int = 0    # value-embedding table added to the final residual; -1 = none
+    mudd_gates: bool = False           # the per-token coefficients from two gate MLPs (record 85):
+    #                                    one on x0, one on the residual entering mudd_gate_layer
+    mudd_gate_layer: int = 4
+    mudd_hidden: int = 64              # hidden width of the MUDD and MUDD-gate MLPs
+    mudd_scale: float = 0.1            # MUDD outputs are scale * (W2 gelu(W1 x) + b); the gate MLPs'
+    #                                    scale is learned from this value
+    logit_softcap_offset: float = 0.0  # logits <- cap * sigmoid((z + offset) / temperature):
+    logit_softcap_temperature: float = 0.0   # record 89 (54): cap 23, offset 5, temperature 7.5;
+    #                                    temperature 0 = cap / 4 (the symmetric softcap)
+    tie_embed: bool = False            # the input embedding reads the lm_head weight (record 51) ...
+    untie_after_step: int = -1         # ... until this step's update, then it is its own parameter
+    #                                    (record 53/61; record 89: 847); -1 = tied to the end
+    head_init_std: float = 0.0         # lm_head ~ N(0, std) (record 89: 0.005); 0 = zero_init_outputs
+    attn_out_init_nonzero: bool = False   # record 64: Wo initialized like Wq/Wk/Wv, not zero
+
     @property
     def padded_vocab_size(self) -> int:
         m = self.vocab_multiple
@@ -150,6 +204,15 @@ class ModelConfig:
 
     def has_attention(self, layer: int) -> bool:
         return layer not in self.no_attention_layers
+
+    @property
+    def logit_softcap_tau(self) -> float:
+        """The softcap's temperature: logit_softcap_temperature, or cap / 4 when that is 0."""
+        return self.logit_softcap_temperature or self.logit_softcap / 4
+
+    def embed_tied_at(self, step: int) -> bool:
+        """Whether the input embedding reads the lm_head weight when optimizer step ``step`` runs."""
+        return self.tie_embed and (self.untie_after_step < 0 or step <= self.untie_after_step)
 
 
 @dataclass
@@ -178,27 +241,54 @@ class MuonConfig:
 
 
 @dataclass
+class AdamGroup:
+    """The Adam hyperparameters of one parameter label: lr multiplier, betas ([] = optim.adam's
+    beta1, beta2) and weight-decay multiplier (decay = lr * weight_decay * wd_mul)."""
+    lr_mul: float = 1.0
+    betas: list[float] = field(default_factory=list)
+    wd_mul: float = 1.0
+
+
+def _group(lr_mul: float = 1.0, betas: tuple[float, ...] = (), wd_mul: float = 1.0):
+    return field(default_factory=lambda: AdamGroup(lr_mul, list(betas), wd_mul))
+
+
+@dataclass
 class AdamConfig:
-    """Adam for embeddings, value embeddings, lm_head and scalars."""
+    """Adam for embeddings, value embeddings, lm_head, scalars and the record-89 small parameters;
+    one AdamGroup per parameter label (speedrun/optim/build.py reads them by label)."""
     lr: float = 0.008
     beta1: float = 0.65
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.0
     cautious_weight_decay: bool = False
-    embed_lr_mul: float = 75.0
-    value_embed_lr_mul: float = 75.0
-    head_lr_mul: float = 1.0
-    scalar_lr_mul: float = 5.0
     every_other_step: bool = True      # step on odd steps with the summed gradients of two steps
     state_dtype: StateDtype = "bfloat16"
     kernel: KernelChoice = "auto"      # the fused update or its twin
+    # record 45's labels (defaults: record 45)
+    embed: AdamGroup = _group(75.0)
+    value_embed: AdamGroup = _group(75.0)
+    lm_head: AdamGroup = _group(1.0)
+    scalars: AdamGroup = _group(5.0)
+    # labels that exist only with a record-89 technique on (defaults: record 89, r89-model.md 10)
+    bigram_embed: AdamGroup = _group(75.0, (0.75, 0.95), 5.0)
+    ve_gate: AdamGroup = _group(1.0, (0.9, 0.99), 1.0)
+    resid_lambdas: AdamGroup = _group(5.0, (0.9, 0.95), 0.0)
+    post_lambdas: AdamGroup = _group(1.0, (0.9, 0.95), 0.0)
+    mudd: AdamGroup = _group(0.25, (0.9, 0.99), 1.0)            # the MUDD MLPs' weights
+    mudd_bias: AdamGroup = _group(0.25, (0.9, 0.99), 0.0)       # ... and output biases
+    mudd_gate: AdamGroup = _group(0.1, (0.9, 0.99), 1.0)        # the gate MLPs' weights
+    mudd_gate_bias: AdamGroup = _group(0.1, (0.9, 0.99), 0.0)   # ... output biases and scale
+    gate_constants: AdamGroup = _group(1.0, (0.9, 0.99), 0.0)   # the gates without mudd_gates
+    smear_gate: AdamGroup = _group(0.01, (0.9, 0.99), 0.0)      # with optim.smear_gate_optimizer adam
 
 
 @dataclass
 class OptimConfig:
     muon: MuonConfig = field(default_factory=MuonConfig)
     adam: AdamConfig = field(default_factory=AdamConfig)
+    smear_gate_optimizer: OptimizerChoice = "muon"   # record 89: adam
 
 
 @dataclass
@@ -369,6 +459,16 @@ class Config:
         if self.optim.muon.qk_head_pairs:
             _check(m.num_heads % 2 == 0, "optim.muon.qk_head_pairs",
                    f"an even model.num_heads to orthogonalize Wq, Wk per head pair (got {m.num_heads})")
+        _validate_record89(m)
+        if m.tie_embed and m.untie_after_step >= 0 and self.optim.adam.every_other_step:
+            _check(m.untie_after_step % 2 == 1, "model.untie_after_step",
+                   "an odd step (an Adam step with optim.adam.every_other_step: the tied gradient "
+                   "of the step before is still pending on an even one)")
+        for name, group in _adam_groups(self.optim.adam):
+            _check(len(group.betas) in (0, 2) and all(0 <= b < 1 for b in group.betas),
+                   f"optim.adam.{name}.betas", "[] (optim.adam's beta1, beta2) or two values in [0, 1)")
+            _check(group.lr_mul >= 0 and group.wd_mul >= 0, f"optim.adam.{name}.lr_mul",
+                   "lr_mul >= 0 and wd_mul >= 0")
         _check(t.tokens_per_step > 0 and t.sequence_tokens > 0, "train.tokens_per_step", "> 0")
         _check(t.micro_batches_per_step >= 0, "train.micro_batches_per_step",
                ">= 0 (0 = micro-batches of train.sequence_tokens)")
@@ -449,7 +549,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "Config":
-        return _build(cls, data, source, prefix="")
+        return _build(cls, _renamed(data), source, prefix="")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Config":
@@ -470,6 +570,7 @@ class Config:
     def override(self, dotted: dict[str, Any]) -> "Config":
         """Apply ``{"optim.muon.lr": "0.02", ...}``; string values are parsed as the field's type."""
         for key, raw in dotted.items():
+            key = RENAMED_FIELDS.get(key, key)
             obj, parts = self, key.split(".")
             for part in parts[:-1]:
                 if not dataclasses.is_dataclass(obj) or part not in _field_names(obj):
@@ -484,6 +585,89 @@ class Config:
             value = _parse_value(raw, ftype, key) if isinstance(raw, str) else _coerce(raw, ftype, key)
             setattr(obj, name, value)
         return self
+
+
+# Fields that moved: old dotted name -> new one. Configs saved before the move (a run's config.json,
+# a checkpoint's meta.json, an export) and old command lines keep working.
+RENAMED_FIELDS = {
+    "optim.adam.embed_lr_mul": "optim.adam.embed.lr_mul",
+    "optim.adam.value_embed_lr_mul": "optim.adam.value_embed.lr_mul",
+    "optim.adam.head_lr_mul": "optim.adam.lm_head.lr_mul",
+    "optim.adam.scalar_lr_mul": "optim.adam.scalars.lr_mul",
+}
+
+
+def _renamed(data: dict) -> dict:
+    """``data`` with the fields of RENAMED_FIELDS under their new names (a copy where one moved)."""
+    for old, new in RENAMED_FIELDS.items():
+        *path, leaf = old.split(".")
+        parent = data
+        for part in path:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or leaf not in parent:
+            continue
+        data = json.loads(json.dumps(data))   # a deep copy of JSON data: the caller's stays as it was
+        parent = data
+        for part in path:
+            parent = parent[part]
+        value = parent.pop(leaf)
+        *new_path, new_leaf = new.split(".")[len(path):]
+        for part in new_path:
+            parent = parent.setdefault(part, {})
+        parent.setdefault(new_leaf, value)
+    return data
+
+
+def _adam_groups(adam: AdamConfig) -> list[tuple[str, AdamGroup]]:
+    return [(f.name, getattr(adam, f.name)) for f in dataclasses.fields(adam)
+            if isinstance(getattr(adam, f.name), AdamGroup)]
+
+
+def _validate_record89(m: ModelConfig) -> None:
+    """The record-89 switches of the residual side (each only when it is on)."""
+    L = m.num_layers
+    if m.bigram_embed:
+        _check(m.bigram_vocab_size >= 2, "model.bigram_vocab_size", ">= 2 (hash rows + the first position's)")
+        _check(m.bigram_sign_rows >= 0, "model.bigram_sign_rows", ">= 0 (0 = no sign trick)")
+    if m.value_embeds and m.value_embed_gates:
+        _check(1 <= m.value_embed_gate_dim <= m.model_dim, "model.value_embed_gate_dim",
+               f"in [1, model_dim ({m.model_dim})]")
+    _check(m.value_embed_init_std > 0, "model.value_embed_init_std", "> 0")
+    _check(-1 <= m.attn_input_layer < L, "model.attn_input_layer", f"-1 (off) or a layer in [0, {L})")
+    if m.mudd:
+        _check(0 <= m.mudd_layer < L and m.has_attention(m.mudd_layer), "model.mudd_layer",
+               f"an attention layer in [0, {L})")
+        _check(all(-1 <= j < m.mudd_layer for j in m.mudd_value_sources), "model.mudd_value_sources",
+               f"layers in [-1, mudd_layer) (-1 = the stack input, {m.mudd_layer - 1} = the residual itself)")
+        _check(all(-1 <= j < m.mudd_layer - 1 for j in m.mudd_residual_sources), "model.mudd_residual_sources",
+               "layers in [-1, mudd_layer - 1) (the residual itself has its own coefficient)")
+        _check(all(-1 <= j < L - 1 for j in m.mudd_final_sources), "model.mudd_final_sources",
+               f"layers in [-1, {L - 1}) (the last layer's output is the residual itself)")
+        _check(m.mudd_final_value_embed == -1 or 0 <= m.mudd_final_value_embed < m.num_value_embeds,
+               "model.mudd_final_value_embed", f"-1 or a value-embedding table in [0, {m.num_value_embeds})")
+        _check(not m.value_embeds or m.value_embed_gates, "model.value_embed_gates",
+               "true with model.mudd and model.value_embeds (MUDD adds to v the way the gated value "
+               "embeddings do, not through the value lambdas)")
+        _check(m.num_heads % 2 == 0, "model.num_heads", "even with model.mudd (its value gate has one "
+               "coefficient per half of the heads)")
+        if m.backout:
+            _check(m.backout_layer in m.mudd_final_sources, "model.mudd_final_sources",
+                   f"to hold backout_layer ({m.backout_layer}): with model.mudd the backout is the final "
+                   "MUDD coefficient of that output (or set model.backout false)")
+    for name in ("mudd_value_sources", "mudd_residual_sources", "mudd_final_sources"):
+        _check(len(set(getattr(m, name))) == len(getattr(m, name)), f"model.{name}", "no layer twice")
+    if m.mudd_gates:
+        _check(1 <= m.mudd_gate_layer < L, "model.mudd_gate_layer", f"in [1, {L})")
+    if m.mudd or m.mudd_gates:
+        _check(m.mudd_hidden >= 1 and m.mudd_scale > 0, "model.mudd_hidden", "mudd_hidden >= 1, mudd_scale > 0")
+    _check(m.logit_softcap_temperature >= 0, "model.logit_softcap_temperature", ">= 0 (0 = cap / 4)")
+    if m.logit_softcap_offset or m.logit_softcap_temperature:
+        _check(m.logit_softcap > 0, "model.logit_softcap", "> 0 with a softcap offset or temperature")
+    _check(m.head_init_std >= 0, "model.head_init_std", ">= 0 (0 = the zero_init_outputs rule)")
+    _check(m.untie_after_step >= -1, "model.untie_after_step", ">= -1 (-1 = tied to the end)")
+    if m.tie_embed:
+        _check(m.head_init_std > 0 or not m.zero_init_outputs, "model.head_init_std",
+               "> 0 with model.tie_embed (the tied embedding starts as the lm_head, which would be zero)")
 
 
 def _check(ok: bool, field_name: str, expected: str) -> None:

@@ -22,7 +22,7 @@ class FakeModel(nn.Module):
     (bf16 for optim.muon.bf16_weights)."""
 
     def __init__(self, d=8, n_attn=3, n_mlp=2, n_gates=3, vocab=16, seed=0, num_heads=4,
-                 matrix_dtype=torch.float32):
+                 matrix_dtype=torch.float32, r89=False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.attn = nn.ParameterList([labelled((d, 4 * d), "attn", matrix_dtype, gen=g) for _ in range(n_attn)])
@@ -38,6 +38,11 @@ class FakeModel(nn.Module):
                                              for _ in range(2)])
         self.lm_head = labelled((vocab, d), "lm_head", torch.bfloat16, gen=g)
         self.scalars = labelled((4,), "scalars", scale=1.0, gen=g)
+        if r89:   # record 89's Adam labels; 3 rows, (3, 2, 4) and 0-d do not shard over 2 ranks
+            self.bigram = labelled((vocab, d), "bigram_embed", torch.bfloat16, gen=g)
+            self.resid = labelled((3, 2), "resid_lambdas", scale=1.0, gen=g)
+            self.ve_gate = labelled((3, 2, 4), "ve_gate", torch.bfloat16, gen=g)
+            self.gate_scale = labelled((), "mudd_gate_bias", scale=1.0, gen=g)
 
 
 def integer_sources(model: nn.Module, step: int, n: int) -> list[dict[str, torch.Tensor]]:

@@ -71,9 +71,11 @@ def test_every_model_optimizer_and_schedule_field_has_a_row():
         documented |= set(re.findall(r"`([a-z0-9_.]+)`", switches))
     wanted = config_fields(cfg.model, "model.") + config_fields(cfg.optim, "optim.") \
         + config_fields(cfg.schedule, "schedule.")
-    missing = [f for f in wanted if f not in documented]
+    # a documented section (e.g. one Adam label's group) covers its fields
+    missing = [f for f in wanted if f not in documented and not any(f.startswith(d + ".") for d in documented)]
     assert not missing, f"docs/architecture.md: no techniques row for {missing}"
-    unknown = sorted(documented - set(config_fields(cfg, "")))
+    known = set(config_fields(cfg, ""))
+    unknown = sorted(d for d in documented if d not in known and not any(k.startswith(d + ".") for k in known))
     assert not unknown, f"docs/architecture.md names config fields that do not exist: {unknown}"
 
 

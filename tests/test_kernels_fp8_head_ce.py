@@ -27,6 +27,7 @@ from speedrun.kernels.softcap_ce import softcapped_cross_entropy_reference
 
 E5M2 = torch.float8_e5m2
 GRAD_S = 1 / 448
+R89_RESCALE = {"temperature": 7.5, "offset": 5.0}   # record 89: 23 sigmoid((z + 5) / 7.5)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,11 +43,12 @@ def e5m2_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ordinal(a) - ordinal(b)).abs()
 
 
-def reference_grad_e5m2(z, t, cap, grad_loss, grad_s=GRAD_S, ignore_index=-100):
-    """e5m2(grad_loss * dL/dz / grad_s) of the summed softcapped CE, maths in float64, one rounding."""
+def reference_grad_e5m2(z, t, cap, grad_loss, grad_s=GRAD_S, ignore_index=-100, tau=None, offset=0.0):
+    """e5m2(grad_loss * dL/dz / grad_s) of the summed softcapped CE, s = cap sigmoid((z + offset) /
+    tau) (tau None = cap/4), maths in float64, one rounding."""
     z = z.double()
-    tau = cap / 4.0
-    sig = torch.sigmoid(z / tau)
+    tau = cap / 4.0 if tau is None else tau
+    sig = torch.sigmoid((z + offset) / tau)
     s = cap * sig
     keep = t != ignore_index
     onehot = F.one_hot(t.clamp_min(0), z.shape[1]).double() * keep[:, None]
@@ -90,6 +92,38 @@ def test_torch_tile_maths_matches_float64(dtype):
     assert g[5].float().abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_tile_maths_asymmetric_rescale(dtype):
+    """Record 89's 23 sigmoid((z + 5) / 7.5): the torch tile twin's loss and e5m2 gradient against
+    float64 maths written from the formula."""
+    torch.manual_seed(2)
+    z = (torch.randn(29, 260) * 8).to(dtype)
+    t = torch.randint(0, 260, (29,))
+    t[4] = -100
+    loss, lse = M._ce_forward_torch(z, t, 23.0, -100, **R89_RESCALE)
+    s = 23.0 * torch.sigmoid((z.double() + 5.0) / 7.5)
+    want = torch.logsumexp(s, 1) - s.gather(1, t.clamp_min(0)[:, None]).squeeze(1)
+    want[4] = 0
+    assert rel(loss, want) < 1e-6 and loss[4] == 0
+    g, _ = M.softcap_ce_grad_fp8(z, lse, t, torch.tensor(0.9), 23.0, GRAD_S, kernel="torch", **R89_RESCALE)
+    steps = e5m2_steps(g, reference_grad_e5m2(z, t, 23.0, 0.9, tau=7.5, offset=5.0))
+    assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-3 and (g.float() != 0).float().mean() > 0.3
+
+
+def test_op_asymmetric_rescale_equals_unfused_and_autograd():
+    """The fused op with record 89's rescale: its loss and gradients equal the unfused pipeline
+    (same logits, fp32 maths), and its loss equals the plain formula on the op's own logits."""
+    x, w, t = head_inputs()
+    fused = loss_and_grads(M.fp8_head_softcap_ce, x, w, t, kernel="fused", **R89_RESCALE)
+    unfused = loss_and_grads(M.fp8_head_softcap_ce_reference, x, w, t, **R89_RESCALE)
+    assert rel(fused[0], unfused[0]) < 1e-6
+    assert rel(fused[1], unfused[1]) < 1e-6 and rel(fused[2], unfused[2]) < 1e-6
+    symmetric = loss_and_grads(M.fp8_head_softcap_ce, x, w, t, kernel="fused")
+    assert rel(fused[0], symmetric[0]) > 1e-3        # the rescale changes the loss
+    with pytest.raises(ValueError, match="temperature"):
+        M.fp8_head_softcap_ce(x, w, t, 23.0, temperature=0.0)
+
+
 def test_torch_forward_matches_twin_and_flags_bad_targets():
     torch.manual_seed(1)
     z = (torch.randn(9, 50) * 5).bfloat16()
@@ -109,7 +143,7 @@ def test_op_equals_its_formulas(dtype):
     x, w, t = head_inputs(dtype=dtype)
     x_s, w_s, grad_s = F8.head_scales(x.shape[1])
     loss, gx, gw = loss_and_grads(M.fp8_head_softcap_ce, x, w, t, grad_loss=0.37, kernel="fused")
-    _, logits, lse, x_f8, w_f8 = torch.ops.speedrun.fp8_head_softcap_ce(x, w, t, 30.0, -100, x_s, w_s, grad_s)
+    _, logits, lse, x_f8, w_f8 = torch.ops.speedrun.fp8_head_softcap_ce(x, w, t, 30.0, 7.5, 0.0, -100, x_s, w_s, grad_s)
     assert torch.equal(x_f8.float(), (x / x_s).to(torch.float8_e4m3fn).float())
     assert torch.equal(logits, ((x_f8.float() @ w_f8.float().T) * (x_s * w_s)).to(dtype))
     assert rel(loss, softcapped_cross_entropy_reference(logits, t, 30.0, "sum")) < 1e-6
@@ -143,10 +177,10 @@ def test_op_registration():
     x, w = x.requires_grad_(), w.requires_grad_()
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.speedrun.fp8_head_softcap_ce.default,
-                          (x, w, t, 30.0, -100, 0.02, 2 ** -9, GRAD_S), test_utils=utils)
-    _, logits, lse, x_f8, w_f8 = torch.ops.speedrun.fp8_head_softcap_ce(x, w, t, 30.0, -100, 0.02, 2 ** -9, GRAD_S)
+                          (x, w, t, 30.0, 7.5, 0.0, -100, 0.02, 2 ** -9, GRAD_S), test_utils=utils)
+    _, logits, lse, x_f8, w_f8 = torch.ops.speedrun.fp8_head_softcap_ce(x, w, t, 30.0, 7.5, 0.0, -100, 0.02, 2 ** -9, GRAD_S)
     torch.library.opcheck(torch.ops.speedrun.fp8_head_softcap_ce_backward.default,
-                          (torch.tensor(1.0), logits, lse, t, x_f8, w_f8, 30.0, -100, 0.02, 2 ** -9, GRAD_S,
+                          (torch.tensor(1.0), logits, lse, t, x_f8, w_f8, 30.0, 7.5, 0.0, -100, 0.02, 2 ** -9, GRAD_S,
                            torch.float32, torch.bfloat16),
                           test_utils=("test_faketensor",))  # test_schema cannot compare fp8 inputs (torch 2.13)
 
@@ -227,17 +261,18 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     T, V, SENTINEL = 37, 300, 0x55
     for dtype in ("float32", "bfloat16"):
-        for cap, grad_loss in ((30.0, 0.7), (15.0, 1.0)):
+        # (30, 15: symmetric softcaps; 23 with offset 5 and temperature 7.5: record 89's rescale)
+        for cap, grad_loss, tau, offset in ((30.0, 0.7, None, 0.0), (15.0, 1.0, None, 0.0), (23.0, 0.9, 7.5, 5.0)):
             z = (torch.randn(T, V) * 8).to(getattr(torch, dtype))
             t = torch.randint(0, V, (T,))
             t[5] = -100
-            _, lse = M._ce_forward_torch(z, t, cap, -100)
+            _, lse = M._ce_forward_torch(z, t, cap, -100, tau, offset)
             gbuf = torch.full((T + 3, V + 5), SENTINEL, dtype=torch.uint8)
             gtbuf = torch.full((V + 3, T + 5), SENTINEL, dtype=torch.uint8)
             g, gt = gbuf.view(E5M2)[:T, :V], gtbuf.view(E5M2)[:V, :T]
-            M._launch_grad_kernel(z, lse, t, torch.tensor(grad_loss), cap, T_.GRAD_S, -100, g, gt)
-            want = T_.reference_grad_e5m2(z, t, cap, grad_loss)
-            twin, _ = M._grad_fp8_torch(z, lse, t, torch.tensor(grad_loss), cap, T_.GRAD_S, -100)
+            M._launch_grad_kernel(z, lse, t, torch.tensor(grad_loss), cap, T_.GRAD_S, -100, g, gt, tau, offset)
+            want = T_.reference_grad_e5m2(z, t, cap, grad_loss, tau=tau, offset=offset)
+            twin, _ = M._grad_fp8_torch(z, lse, t, torch.tensor(grad_loss), cap, T_.GRAD_S, -100, tau, offset)
             steps = T_.e5m2_steps(g, want)
             pad_ok = bool((gbuf[T:] == SENTINEL).all() and (gbuf[:, V:] == SENTINEL).all()
                           and (gtbuf[V:] == SENTINEL).all() and (gtbuf[:, T:] == SENTINEL).all())
@@ -249,14 +284,15 @@ INTERPRETER_SCRIPT = textwrap.dedent(
                                                  g.T.contiguous().view(torch.uint8))),
                 ignored_zero=bool((g[5].float() == 0).all()), padding_untouched=pad_ok)
     # the public entry (allocates; "auto" picks the kernel under the interpreter)
+    _, lse = M._ce_forward_torch(z, t, 15.0, -100)
     g, gt = M.softcap_ce_grad_fp8(z, lse, t, torch.tensor(1.0), 15.0, T_.GRAD_S)
     out["public_entry_steps"] = int(T_.e5m2_steps(g, T_.reference_grad_e5m2(z, t, 15.0, 1.0)).max())
 
     # 3. The op (forward kernel + backward tile kernel, emulated fp8 matmuls) vs the unfused pipeline.
-    for dtype in ("float32", "bfloat16"):
-        x, w, t = T_.head_inputs(T=45, d=32, V=200, dtype=getattr(torch, dtype))
-        fused = T_.loss_and_grads(M.fp8_head_softcap_ce, x, w, t, grad_loss=0.5, kernel="fused")
-        unfused = T_.loss_and_grads(M.fp8_head_softcap_ce_reference, x, w, t, grad_loss=0.5)
+    for dtype, rescale in (("float32", {}), ("bfloat16", {}), ("bfloat16-r89", T_.R89_RESCALE)):
+        x, w, t = T_.head_inputs(T=45, d=32, V=200, dtype=getattr(torch, dtype.removesuffix("-r89")))
+        fused = T_.loss_and_grads(M.fp8_head_softcap_ce, x, w, t, grad_loss=0.5, kernel="fused", **rescale)
+        unfused = T_.loss_and_grads(M.fp8_head_softcap_ce_reference, x, w, t, grad_loss=0.5, **rescale)
         out[f"op-{dtype}"] = dict(loss=T_.rel(fused[0], unfused[0]), grad_x=T_.rel(fused[1], unfused[1]),
                                   grad_w=T_.rel(fused[2], unfused[2]),
                                   ignored_row_zero=bool((fused[1][3] == 0).all()))
@@ -282,7 +318,8 @@ def test_interpreter_rounding_is_torchs_e5m2_cast(interpreter_results):
     assert r["rounding_count"] > 40000 and r["rounding_mismatches"] == 0
 
 
-@pytest.mark.parametrize("case", ["float32-30.0", "bfloat16-30.0", "float32-15.0", "bfloat16-15.0"])
+@pytest.mark.parametrize("case", ["float32-30.0", "bfloat16-30.0", "float32-15.0", "bfloat16-15.0",
+                                  "float32-23.0", "bfloat16-23.0"])
 def test_interpreter_tile_kernel(interpreter_results, case):
     r = interpreter_results[f"tile-{case}"]
     # fp32 kernel maths vs float64: equal after rounding except next to a rounding midpoint
@@ -296,7 +333,7 @@ def test_interpreter_public_entry(interpreter_results):
     assert interpreter_results["public_entry_steps"] <= 1
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-r89"])
 def test_interpreter_op_matches_unfused(interpreter_results, dtype):
     r = interpreter_results[f"op-{dtype}"]
     assert r["loss"] < 1e-5, r

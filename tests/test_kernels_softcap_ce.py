@@ -5,6 +5,7 @@ only), so this pytest process never switches Triton into interpreter mode and GP
 """
 from __future__ import annotations
 
+import math
 import os
 import textwrap
 
@@ -24,11 +25,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def direct_loss_and_grad(z: torch.Tensor, t: torch.Tensor, cap: float, g: torch.Tensor):
-    """Float64 loss per row and d(sum g*loss)/dz written out by hand (no autograd)."""
+def direct_loss_and_grad(z: torch.Tensor, t: torch.Tensor, cap: float, g: torch.Tensor, tau=None, offset=0.0):
+    """Float64 loss per row and d(sum g*loss)/dz written out by hand (no autograd), for the softcap
+    s = cap sigmoid((z + offset) / tau) (tau None = cap/4)."""
     z = z.double()
-    tau = cap / 4.0
-    sig = torch.sigmoid(z / tau)
+    tau = cap / 4.0 if tau is None else tau
+    sig = torch.sigmoid((z + offset) / tau)
     s = cap * sig
     lse = torch.logsumexp(s, dim=1)
     loss = lse - s.gather(1, t[:, None]).squeeze(1)
@@ -56,6 +58,24 @@ def test_twin_matches_direct_float64(cap):
     assert rel(grad, want_grad) < 1e-5
     total = softcapped_cross_entropy_reference(z, t, cap, reduction="sum")
     assert total.shape == () and abs(total.item() - want_loss.sum().item()) < 1e-5 * want_loss.sum().item()
+
+
+def test_twin_asymmetric_rescale_matches_direct_float64():
+    """Record 89's 23 sigmoid((z + 5) / 7.5), loss and gradient, against the hand-written maths."""
+    torch.manual_seed(3)
+    z = torch.randn(21, 199) * 6
+    t = torch.randint(0, 199, (21,))
+    g = torch.randn(21)
+    want_loss, want_grad = direct_loss_and_grad(z, t, 23.0, g, tau=7.5, offset=5.0)
+    zz = z.clone().requires_grad_()
+    loss = softcapped_cross_entropy(zz, t, 23.0, "none", temperature=7.5, offset=5.0)
+    assert rel(loss, want_loss) < 1e-6
+    (grad,) = torch.autograd.grad(loss, zz, g)
+    assert rel(grad, want_grad) < 1e-5
+    # asymmetric: the rescaled value at 0 is 23 sigmoid(5/7.5) ~ 15.05, range (0, 23)
+    assert softcap(torch.zeros(1), 23.0, 7.5, 5.0).item() == pytest.approx(23 / (1 + math.exp(-5 / 7.5)))
+    with pytest.raises(ValueError, match="temperature"):
+        softcapped_cross_entropy(z, t, 23.0, temperature=-1.0)
 
 
 def test_twin_gradcheck_float64():
@@ -122,7 +142,8 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     T, V = 37, 300  # neither a multiple of anything: V = 2 blocks of 128 + a 44-wide masked tail
     for dtype in ("float32", "bfloat16"):
-        for cap in (30.0, 100.0):  # 100 > 80 takes the online-max branch
+        for cap in (30.0, 100.0, 23.0):  # 100 > 80 takes the online-max branch; 23: record 89's rescale
+            rescale = {"temperature": 7.5, "offset": 5.0} if cap == 23.0 else {}
             for reduction in ("sum", "none"):
                 z = (torch.randn(T, V) * 8).to(getattr(torch, dtype))
                 t = torch.randint(0, V, (T,))
@@ -131,7 +152,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
                 results = []
                 for kernel in ("triton", "torch"):
                     zz = z.clone().requires_grad_()
-                    loss = softcapped_cross_entropy(zz, t, cap, reduction, kernel=kernel)
+                    loss = softcapped_cross_entropy(zz, t, cap, reduction, kernel=kernel, **rescale)
                     (grad,) = torch.autograd.grad(loss, zz, g)
                     results.append((loss, grad))
                 (lk, gk), (lt, gt) = results
@@ -176,7 +197,7 @@ def interpreter_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("cap", [30.0, 100.0])
+@pytest.mark.parametrize("cap", [30.0, 100.0, 23.0])
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_triton_interpreter_matches_twin(interpreter_results, dtype, cap, reduction):
     r = interpreter_results[f"{dtype}-{cap}-{reduction}"]

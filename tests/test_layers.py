@@ -15,7 +15,7 @@ PACKAGE_DIR = os.path.dirname(speedrun.__file__)
 
 # bottom to top; a module may import modules of its own layer or of layers below it
 LAYERS = [
-    ["speedrun.utils", "speedrun.config", "speedrun.pycache"],
+    ["speedrun.utils", "speedrun.config", "speedrun.pycache", "speedrun.presets"],
     ["speedrun.distributed", "speedrun.kernels", "speedrun.data"],
     ["speedrun.model"],
     ["speedrun.optim"],

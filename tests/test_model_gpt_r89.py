@@ -1,5 +1,5 @@
-"""The GPT with record 89's attention switches on: the learned per-layer constants (inventory, r89
-initial values, labels, gradients), KV-cache decoding equal to the full forward with every switch
+"""The GPT with record 89's attention switches on: the learned per-layer coefficients without the
+MUDD gates (r89 initial values, labels, gradients), KV-cache decoding equal to the full forward with every switch
 on, the backends agreeing on the whole model, and regional compilation (one graph per block
 variant, nothing new across window stages)."""
 import copy
@@ -11,7 +11,6 @@ from test_model_gpt import batch, randomized, small_cfg
 
 from speedrun.config import ModelConfig, OptimConfig, Window
 from speedrun.model import GPT
-from speedrun.model.attn_coefficients import AttentionCoefficients, needed
 from speedrun.model.kv_cache import KVCache
 from speedrun.optim.build import build_optimizers
 
@@ -26,37 +25,44 @@ def r89_cfg(**kw) -> ModelConfig:
     return small_cfg(**{**R89, **kw})
 
 
+def attn_lambdas(model: GPT) -> torch.Tensor:
+    """The (qkv, o) lambdas of every layer, (L, 2), a view into the scalars vector."""
+    lay = model.layout
+    return model.scalars[lay.attn:lay.attn + 2 * model.cfg.num_layers].view(-1, 2)
+
+
 def r89_model(seed=0, **kw) -> GPT:
     """Every coefficient away from its neutral initial value, so each technique changes the output."""
     torch.manual_seed(seed)
     model = randomized(GPT(r89_cfg(**kw)), seed, scale=0.1)
     with torch.no_grad():
-        v = model.attn_coefficients.values
-        v.add_(torch.randn(v.shape, generator=torch.Generator().manual_seed(seed)) * 0.5)
+        g = torch.Generator().manual_seed(seed)
+        v = model.gate_constants.values
+        v.add_(torch.randn(v.shape, generator=g) * 0.5)
+        lam = attn_lambdas(model)
+        lam.add_(torch.randn(lam.shape, generator=g) * 0.1)
     return model
 
 
 def test_coefficients_only_when_switched_on_with_r89_initial_values():
-    assert GPT(small_cfg()).attn_coefficients is None and not needed(ModelConfig())   # record 45: none
+    """Without the MUDD gates, each attention coefficient is a learned per-layer constant (label
+    gate_constants, fp32) starting at record 89's initial value; the attention lambdas sit in the
+    scalars vector. Record 45 has neither."""
+    plain = GPT(small_cfg())
+    assert plain.gate_constants is None and plain.layout.attn is None
     model = GPT(r89_cfg())
-    values = model.attn_coefficients.values
-    assert values.dtype == torch.float32 and values.label == "scalars" and values.numel() % 8 == 0
-    per_layer = model.attn_coefficients()
-    ones, zeros = torch.ones(1, 6), torch.zeros(1, 6)
-    for i in (0, 1, 2, 4):   # the attention layers all have lambdas (0.5, 1.0)
-        assert [float(x) for x in per_layer[i]["attn_lambdas"]] == [0.5, 1.0]
-    assert set(per_layer[0]) == {"attn_lambdas"}
-    assert torch.equal(per_layer[1]["xsa_alpha"], zeros) and torch.equal(per_layer[2]["xsa_alpha"], zeros)
+    values = model.gate_constants.values
+    assert values.dtype == torch.float32 and values.label == "gate_constants"
+    c = model._coefficients(0, None, 3)
+    ones, zeros = torch.ones(3, 6), torch.zeros(3, 6)
+    assert torch.equal(c.take("xsa", 1), zeros) and torch.equal(c.take("xsa", 2), zeros)
     for i in (2, 4):
-        assert torch.equal(per_layer[i]["out_gate"], 0.25 * ones)
-    w1, w2 = per_layer[4]["dc_weights"]
-    assert torch.equal(w1, ones) and torch.equal(w2, zeros)
-    assert set(per_layer[1]) == {"attn_lambdas", "xsa_alpha"}
-    # a coefficient already given (by the residual side's producer) is kept
-    from speedrun.model.attention import LayerInputs
-    given = torch.full((3, 6), 0.7)
-    inp = AttentionCoefficients.fill(LayerInputs(x0=torch.zeros(1), out_gate=given), per_layer[2])
-    assert inp.out_gate is given and inp.xsa_alpha is per_layer[2]["xsa_alpha"]
+        assert torch.equal(c.take("out_gate", i), 0.25 * ones)
+    assert torch.equal(c.take("dc_w1", 4), ones) and torch.equal(c.take("dc_w2", 4), zeros)
+    assert c.take("xsa", 0) is None and c.take("out_gate", 1) is None and c.take("dc_w1", 2) is None
+    lam = attn_lambdas(model)
+    for i in (0, 1, 2, 4):   # the attention layers all have lambdas (0.5, 1.0)
+        assert lam[i].tolist() == [0.5, 1.0]
 
 
 def test_every_coefficient_gets_a_gradient_and_adam_takes_it():
@@ -64,12 +70,13 @@ def test_every_coefficient_gets_a_gradient_and_adam_takes_it():
     ids, targets, cu = batch(T=96)
     model.set_window(Window(1, 2))
     model(ids, targets, cu).backward()
-    grad = model.attn_coefficients.values.grad
-    used = sum(model.attn_coefficients.sizes)
-    assert (grad[:used] != 0).all() and (grad[used:] == 0).all()
+    assert (model.gate_constants.values.grad != 0).all()
+    grad = model.scalars.grad[model.layout.attn:model.layout.attn + 2 * model.cfg.num_layers].view(-1, 2)
+    attention = [i for i, b in enumerate(model.blocks) if b.attn is not None]
+    assert (grad[attention] != 0).all() and (grad[[3]] == 0).all()     # layer 3: MLP only
     opt = build_optimizers(model, OptimConfig())
     adam_params = {id(p) for g in opt.adam.param_groups for p in g["params"]}
-    assert id(model.attn_coefficients.values) in adam_params
+    assert id(model.gate_constants.values) in adam_params and id(model.scalars) in adam_params
 
 
 @pytest.mark.parametrize("split", [[40], [1] * 40, [7, 1, 1, 1, 12, 1, 17]])
@@ -101,7 +108,8 @@ def test_each_switch_changes_the_model():
         for off in ({"paired_head_layers": []}, {"key_offset": False}, {"xsa_layers": []}, {"dc_layers": []},
                     {"attn_out_gate_layers": []}):
             other = GPT(r89_cfg(**off))
-            state = {k: v for k, v in model.state_dict().items() if k != "attn_coefficients.values"}
+            # the constants' lanes follow the switches: the others keep their values
+            state = {k: v for k, v in model.state_dict().items() if k != "gate_constants.values"}
             other.load_state_dict(state, strict=False)
             other.eval().set_window(Window(1, 2))
             assert not torch.allclose(other(ids, cu_seqlens=cu), full, atol=1e-3), off

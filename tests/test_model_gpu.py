@@ -244,8 +244,12 @@ def r89_record_model(dev):
         for block in model.blocks:
             if block.attn is not None:
                 block.attn.qkvo.view(4, 768, 768)[3].normal_(0, 0.02)   # a non-zero Wo
-        c = model.attn_coefficients.values
-        c.add_(torch.randn(c.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(4)) * 0.3)
+        g = torch.Generator(device=dev).manual_seed(4)
+        c = model.gate_constants.values
+        c.add_(torch.randn(c.shape, device=dev, generator=g) * 0.3)
+        lay = model.layout
+        lam = model.scalars[lay.attn:lay.attn + 2 * cfg.num_layers]
+        lam.add_(torch.randn(lam.shape, device=dev, generator=g) * 0.1)
     return cfg, model
 
 

@@ -3,12 +3,13 @@ import copy
 
 import pytest
 import torch
-from optim_helpers import FakeModel, labelled
+from optim_helpers import FakeModel, labelled, reference_adam
 from torch import nn
 
-from speedrun.config import OptimConfig
+from speedrun.config import AdamGroup, OptimConfig
 from speedrun.optim.adam import DistAdam
-from speedrun.optim.build import ADAM_LR_MUL, build_optimizers
+from speedrun.optim.build import adam_group, build_optimizers
+from speedrun.presets import record89_optim
 
 
 def _cfg(**adam):
@@ -77,7 +78,7 @@ def test_adam_every_other_step_sums_two_steps():
     cfg = _cfg()
     tp = dict(twin.named_parameters())
     # (deepcopy drops param.label, so labels come from the original params)
-    ref = DistAdam([{"params": [tp[n]], "lr_mul": getattr(cfg.adam, ADAM_LR_MUL[params[n].label])}
+    ref = DistAdam([{"params": [tp[n]], **adam_group(params[n].label, cfg)}
                     for n in adam_names], lr=cfg.adam.lr, betas=(cfg.adam.beta1, cfg.adam.beta2))
     for n in adam_names:
         tp[n].grad = (g0[n] + g1[n])
@@ -127,9 +128,85 @@ def test_bundle_state_roundtrip():
     assert all(b.momentum.abs().sum() == 0 for b in other.muon.buckets)
 
 
-def test_adam_rows_must_divide_world_size():
+def test_adam_replicates_what_does_not_shard():
+    """Params whose dim 0 does not divide by the world size (and 0-d ones) are replicated: full state
+    on every rank; the others keep only this rank's rows."""
     from speedrun.distributed import World
     model = nn.Module()
     model.scalars = labelled((5,), "scalars")
-    with pytest.raises(ValueError, match="'scalars'.*divisible by the world size 2"):
-        build_optimizers(model, _cfg(), World(rank=0, world_size=2))
+    model.embed = labelled((8, 4), "embed")
+    model.scale = labelled((), "mudd_gate_bias")
+    opt = build_optimizers(model, _cfg(), World(rank=1, world_size=2))
+    shapes = {p.label: tuple(opt.adam.state[p]["exp_avg"].shape) for p in model.parameters()}
+    assert shapes == {"scalars": (5,), "embed": (4, 4), "mudd_gate_bias": ()}
+    assert opt.adam._shard(model.embed).data_ptr() == model.embed[4:].data_ptr()
+
+
+def test_record89_groups_per_label():
+    """Each Adam label is one param group with its AdamGroup's betas, lr_mul and wd_mul; record 89
+    puts the smear gate on Adam."""
+    model = FakeModel(r89=True)
+    opt = build_optimizers(model, record89_optim())
+    groups = {g["params"][0].label: (g["betas"], g["lr_mul"], g["wd_mul"], g["eps"]) for g in opt.adam.param_groups}
+    assert groups == {"embed": ((0.5, 0.95), 1.0, 150.0, 1e-10), "value_embed": ((0.75, 0.95), 75.0, 5.0, 1e-10),
+                      "lm_head": ((0.5, 0.95), 1.0, 150.0, 1e-10), "scalars": ((0.9, 0.99), 5.0, 0.0, 1e-10),
+                      "smear_gate": ((0.9, 0.99), 0.01, 0.0, 1e-10),
+                      "bigram_embed": ((0.75, 0.95), 75.0, 5.0, 1e-10),
+                      "resid_lambdas": ((0.9, 0.95), 5.0, 0.0, 1e-10), "ve_gate": ((0.9, 0.99), 1.0, 1.0, 1e-10),
+                      "mudd_gate_bias": ((0.9, 0.99), 0.1, 0.0, 1e-10)}
+    assert {g["params"][0].label for g in opt.muon.param_groups} == {"attn", "mlp_fc", "mlp_proj", "attn_gate"}
+    # record 45's labels under record 45's config: one betas pair, wd_mul 1
+    opt45 = build_optimizers(model, _cfg())
+    assert {(g["betas"], g["wd_mul"]) for g in opt45.adam.param_groups
+            if g["params"][0].label in ("embed", "value_embed", "lm_head", "scalars")} == {((0.65, 0.95), 1.0)}
+
+
+def test_per_group_betas_and_weight_decay_multiplier_math():
+    """Two steps of two groups with their own betas / lr_mul / wd_mul (cautious decay on) against
+    Adam written out per parameter."""
+    torch.manual_seed(0)
+    a, b = labelled((6, 5), "embed"), labelled((4, 3), "bigram_embed")
+    ref = {n: (p.detach().clone(), {}) for n, p in (("a", a), ("b", b))}
+    hp = {"a": dict(b1=0.5, b2=0.9, lr_mul=2.0, wd_mul=150.0), "b": dict(b1=0.8, b2=0.99, lr_mul=0.5, wd_mul=0.0)}
+    opt = DistAdam([{"params": [a], "betas": (0.5, 0.9), "lr_mul": 2.0, "wd_mul": 150.0},
+                    {"params": [b], "betas": (0.8, 0.99), "lr_mul": 0.5, "wd_mul": 0.0}],
+                   lr=0.01, eps=1e-10, weight_decay=0.005, cautious_weight_decay=True,
+                   state_dtype=torch.float32, kernel="torch")
+    for step in range(2):
+        grads = {"a": torch.randn(6, 5), "b": torch.randn(4, 3)}
+        a.grad, b.grad = grads["a"], grads["b"]
+        opt.step(lr_mult=0.7)
+        for n, p in (("a", a), ("b", b)):
+            h = hp[n]
+            lr = 0.01 * 0.7 * h["lr_mul"]
+            want, state = ref[n]
+            ref[n] = (reference_adam(want, grads[n], state, lr=lr, b1=h["b1"], b2=h["b2"], eps=1e-10,
+                                     wd=0.005 * h["wd_mul"], cautious=True, state_dtype=torch.float32), state)
+            torch.testing.assert_close(p.detach(), ref[n][0], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ref["a"][0], a.detach() * 0)   # decayed and moved
+
+
+def test_copy_adam_state_for_the_untie():
+    model = FakeModel()
+    opt = build_optimizers(model, _cfg())
+    for step in range(2):
+        opt.begin_step(step)
+        _accumulate(model, _grads(model, step))
+        opt.step(step, 1.0, 0.9)
+        opt.zero_grad(step)
+    head, embed = opt.adam.state[model.lm_head], opt.adam.state[model.embed]
+    assert not torch.equal(head["exp_avg"], embed["exp_avg"])
+    opt.copy_adam_state(model.lm_head, model.embed)
+    assert embed["step"] == head["step"] == 1
+    assert torch.equal(embed["exp_avg"], head["exp_avg"]) and torch.equal(embed["exp_avg_sq"], head["exp_avg_sq"])
+    assert embed["exp_avg"].data_ptr() != head["exp_avg"].data_ptr()   # copied, not shared
+    with pytest.raises(ValueError, match="shapes differ"):
+        opt.copy_adam_state(model.lm_head, model.scalars)
+
+
+def test_renamed_lr_fields_still_load():
+    """Configs written before the per-label groups (embed_lr_mul, ...) load into the groups."""
+    from speedrun.config import Config
+    cfg = Config.from_dict({"optim": {"adam": {"embed_lr_mul": 3.0, "head_lr_mul": 2.0}}})
+    assert cfg.optim.adam.embed == AdamGroup(3.0) and cfg.optim.adam.lm_head == AdamGroup(2.0)
+    assert Config().override({"optim.adam.scalar_lr_mul": "4"}).optim.adam.scalars.lr_mul == 4.0

@@ -19,6 +19,7 @@ from speedrun.config import OptimConfig, ScheduleConfig
 from speedrun.distributed import World, destroy_world, init_world
 from speedrun.optim.build import build_optimizers
 from speedrun.optim.schedules import lr_multiplier
+from speedrun.presets import record89_optim
 
 STEPS, SOURCES = 4, 4
 SCHED = ScheduleConfig(num_scheduled_steps=4, num_extension_steps=0)
@@ -27,10 +28,11 @@ SCHED = ScheduleConfig(num_scheduled_steps=4, num_extension_steps=0)
 def _train(world: World, r89: bool = False) -> tuple[dict, list[int]]:
     """Run STEPS optimizer steps; returns final params and how many Adam grads hooks reduced.
     r89: every record-89 NorMuon switch on (matrix axis, Q/K head pairs, bf16 weights + mantissa,
-    c_proj lr), on bf16 block matrices."""
+    c_proj lr), on bf16 block matrices; record 89's labels and Adam groups too, some of them
+    replicated (dim 0 not divisible)."""
     torch.manual_seed(0)
-    model = FakeModel(matrix_dtype=torch.bfloat16 if r89 else torch.float32)
-    cfg = OptimConfig()
+    model = FakeModel(matrix_dtype=torch.bfloat16 if r89 else torch.float32, r89=r89)
+    cfg = record89_optim() if r89 else OptimConfig()
     cfg.muon.kernel = "torch"
     if r89:
         m = cfg.muon
@@ -74,11 +76,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         fallback, _ = _train(world)
         gathered.append(_helpers(world))
         distributed._reduce_scatter_ok.pop("gloo")             # probe again: the native path
-        r89, _ = _train(world, r89=True)
+        r89, r89_hooked = _train(world, r89=True)
         mean = world.all_reduce_mean(float(rank))
         world.barrier()
-        torch.save({"native": native, "fallback": fallback, "r89": r89, "hooked": hooked, "mean": mean,
-                    "gathered": gathered},
+        torch.save({"native": native, "fallback": fallback, "hooked": hooked, "mean": mean,
+                    "gathered": gathered, "r89": r89, "r89_hooked": r89_hooked},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         destroy_world()
@@ -113,7 +115,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
                 p.kill()
             pytest.fail("2-process run did not finish in 120 s")
     single, _ = _train(World())
-    single_r89, _ = _train(World(), r89=True)
+    single89, _ = _train(World(), r89=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for res in results:
         assert res["mean"] == 0.5
@@ -124,10 +126,15 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
                 atol = 1e-6 if p.dtype == torch.float32 else 0.0   # bf16: the same rounding
                 torch.testing.assert_close(res[variant][name], p, atol=atol, rtol=0,
                                            msg=lambda m: f"{variant} {name}: {m}")
-        for name, p in single_r89.items():   # bf16 weights, mantissas on the owning rank: exact
-            assert torch.equal(res["r89"][name], p), f"r89 {name}"
+        # record 89's groups: the smear gate and 4 more labels on Adam, 3 of them replicated
+        assert res["r89_hooked"] == [0, 10, 0, 10]
+        for name, p in single89.items():   # bf16 weights with mantissas on the owning rank: exact
+            atol = 1e-6 if p.dtype == torch.float32 else 0.0
+            torch.testing.assert_close(res["r89"][name], p, atol=atol, rtol=0, msg=lambda m: f"r89 {name}: {m}")
     for name in single:   # every rank holds the same full params
         assert torch.equal(results[0]["native"][name], results[1]["native"][name])
+    for name in single89:
+        assert torch.equal(results[0]["r89"][name], results[1]["r89"][name])
 
 
 @pytest.mark.slow

@@ -46,6 +46,8 @@ def export_model(path: str, out: str) -> str:
     state = {}
     for name, tensor in model.state_dict().items():
         state[name] = stored.get(name, tensor).detach().contiguous().cpu()
+    if loaded.embed_from_head:   # the source still embedded with its lm_head: that is its embedding
+        state["embed.weight"] = state["lm_head.weight"].clone()
     cfg = model.cfg
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,

@@ -39,6 +39,7 @@ class LoadedModel:
     config: Config | None      # the training config (None for an export without one)
     step: int | None           # optimizer steps the weights were trained for
     source: str                # the checkpoint or export directory actually read
+    embed_from_head: bool = False   # the source's embedding was still tied to its lm_head
 
     def describe(self) -> str:
         return self.source + (f" (step {self.step})" if self.step is not None else "")
@@ -95,8 +96,12 @@ def load_checkpoint_model(path: str, device: torch.device, dtype: torch.dtype) -
     load_model_weights(model, ckpt)
     step = int(meta.get("step", cfg.schedule.total_steps))
     apply_eval_windows(model, cfg.schedule, step)
+    # a run still tied at this step embeds with its lm_head: make that the embedding's own value, so
+    # the loaded model (and an export of it) is self-contained
+    tied = model.embed_tied = cfg.model.embed_tied_at(step)
+    model.untie_embed()
     model.eval()
-    return LoadedModel(model, cfg, step, ckpt)
+    return LoadedModel(model, cfg, step, ckpt, embed_from_head=tied)
 
 
 def is_export_dir(path: str) -> bool:
@@ -126,6 +131,7 @@ def load_export(path: str, device: torch.device, dtype: torch.dtype) -> LoadedMo
     if not os.path.isfile(weights):
         raise EvalError(f"{weights}: missing")
     state = load_file(weights, device=str(device))
+    model.embed_tied = False   # an export holds the embedding's own weights (export_model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

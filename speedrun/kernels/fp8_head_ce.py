@@ -39,14 +39,20 @@ import torch
 from torch import Tensor
 
 from speedrun.kernels.fp8 import E4M3, E5M2, _scaled_mm, fp8_linear, head_scales
-from speedrun.kernels.softcap_ce import HAS_TRITON, _interpreting, softcap, softcapped_cross_entropy
+from speedrun.kernels.softcap_ce import (
+    HAS_TRITON,
+    _interpreting,
+    rescale_constants,
+    softcap,
+    softcapped_cross_entropy,
+)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     # the row-streaming CE forward is reused as is: it writes exactly the per-row loss and lse we need
-    from speedrun.kernels.softcap_ce import _LOG2E, forward_rows
+    from speedrun.kernels.softcap_ce import forward_rows
 
 __all__ = [
     "fp8_head_softcap_ce",
@@ -118,7 +124,8 @@ if HAS_TRITON:
         g_row_stride,
         gt_row_stride,
         cap,
-        neg_inv_tau_log2e,  # -log2(e) / tau: sigmoid(z/tau) = 1 / (1 + 2^(z * this))
+        neg_inv_tau_log2e,  # -log2(e) / tau: sigmoid((z + b)/tau) = 1 / (1 + 2^(z * this + shift))
+        shift,  # -b log2(e) / tau (0 for the symmetric softcap)
         scale,  # (cap / tau) / grad_s: the softcap's slope factor and the fp8 scale in one
         ignore_index,
         BLOCK_T: tl.constexpr,
@@ -135,6 +142,7 @@ if HAS_TRITON:
         # torch.compile may hand Python floats over as fp64; keep the maths in fp32
         cap = tl.cast(cap, tl.float32)
         neg_inv_tau_log2e = tl.cast(neg_inv_tau_log2e, tl.float32)
+        shift = tl.cast(shift, tl.float32)
         scale = tl.cast(scale, tl.float32)
         cap_log2e = cap * 1.4426950408889634
 
@@ -148,12 +156,12 @@ if HAS_TRITON:
             cols = (first_tile + k) * BLOCK_V + tl.arange(0, BLOCK_V)
             _grad_tile(logits_ptr, g_ptr, gt_ptr, rows, rows64, row_ok, cols, n_cols, target, lse_log2e,
                        g_row, logits_row_stride, g_row_stride, gt_row_stride, cap_log2e,
-                       neg_inv_tau_log2e, SOFTWARE_ROUNDING)
+                       neg_inv_tau_log2e, shift, SOFTWARE_ROUNDING)
 
     @triton.jit
     def _grad_tile(logits_ptr, g_ptr, gt_ptr, rows, rows64, row_ok, cols, n_cols, target, lse_log2e,
                    g_row, logits_row_stride, g_row_stride, gt_row_stride, cap_log2e, neg_inv_tau_log2e,
-                   SOFTWARE_ROUNDING: tl.constexpr):
+                   shift, SOFTWARE_ROUNDING: tl.constexpr):
         """One (BLOCK_T x BLOCK_V) tile of the gradient: load z, store e5m2 g and its transpose."""
         col_ok = cols < n_cols
         cols64 = cols.to(tl.int64)
@@ -161,12 +169,12 @@ if HAS_TRITON:
         z = tl.load(logits_ptr + rows64[:, None] * logits_row_stride + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         # the maths of softcap_ce's _softcap_ce_backward_kernel, on a 2-D tile
-        # sigmoid(z/tau) = r = 1 / (1 + e), e = exp(-z/tau); its slope r(1 - r) = e r^2 has no
+        # sigmoid((z + b)/tau) = r = 1 / (1 + e), e = exp(-(z + b)/tau); its slope r(1 - r) = e r^2 has no
         # cancellation where r -> 1. The reciprocal is the hardware one (rcp.approx, 1 ulp): Triton's
         # fp32 "/" is the IEEE division, a dozen instructions per element, and the result is rounded
         # to e5m2 (2 mantissa bits) anyway. (SOFTWARE_ROUNDING doubles as "interpreted".)
         # (clamped: e = inf would make e r^2 = inf * 0; at 2^126 the slope is 2^-126, i.e. 0 in e5m2)
-        e = tl.exp2(tl.minimum(z * neg_inv_tau_log2e, 126.0))
+        e = tl.exp2(tl.minimum(z * neg_inv_tau_log2e + shift, 126.0))
         if SOFTWARE_ROUNDING:  # the interpreter runs no PTX
             sig = 1.0 / (1.0 + e)
         else:
@@ -185,18 +193,19 @@ if HAS_TRITON:
 
 
 def _launch_grad_kernel(logits: Tensor, lse: Tensor, targets: Tensor, grad_loss: Tensor, cap: float,
-                        grad_s: float, ignore_index: int, g_f8: Tensor, g_f8_t: Tensor) -> None:
+                        grad_s: float, ignore_index: int, g_f8: Tensor, g_f8_t: Tensor,
+                        temperature: float | None = None, offset: float = 0.0) -> None:
     """Fill g_f8 (T, V) and g_f8_t (V, T) (unit column stride, any row stride) from the logits."""
     n_rows, n_cols = logits.shape
     if n_rows == 0 or n_cols == 0:
         return
     block_t, block_v, num_warps, num_stages, tiles = _tile_config()
-    tau = cap / 4.0
+    tau, neg_inv_tau_log2e, shift = rescale_constants(cap, temperature, offset)
     grid = (triton.cdiv(triton.cdiv(n_cols, block_v), tiles), triton.cdiv(n_rows, block_t))
     _fp8_softcap_ce_grad_kernel[grid](
         logits, targets, lse, grad_loss, g_f8, g_f8_t, n_rows, n_cols,
         logits.stride(0), g_f8.stride(0), g_f8_t.stride(0),
-        float(cap), -_LOG2E / tau, (cap / tau) / grad_s, int(ignore_index),
+        float(cap), neg_inv_tau_log2e, shift, (cap / tau) / grad_s, int(ignore_index),
         BLOCK_T=block_t, BLOCK_V=block_v, SOFTWARE_ROUNDING=_interpreting(), TILES_PER_PROGRAM=tiles,
         NUM_STAGES=num_stages, num_warps=num_warps,
     )
@@ -238,10 +247,11 @@ def transpose_fp8(t: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # The same tile maths in plain torch (CPU without the interpreter)
 # --------------------------------------------------------------------------------------------------
-def _ce_forward_torch(logits: Tensor, targets: Tensor, cap: float, ignore_index: int) -> tuple[Tensor, Tensor]:
+def _ce_forward_torch(logits: Tensor, targets: Tensor, cap: float, ignore_index: int,
+                      temperature: float | None = None, offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """Per-row loss and lse in fp32, as the forward kernel (an out-of-range target gives NaN)."""
     n_cols = logits.shape[1]
-    s = softcap(logits, cap).float()
+    s = softcap(logits, cap, temperature, offset).float()
     lse = torch.logsumexp(s, dim=1)
     valid = (targets >= 0) & (targets < n_cols)
     s_t = s.gather(1, targets.clamp(0, max(n_cols - 1, 0))[:, None]).squeeze(1)
@@ -250,9 +260,11 @@ def _ce_forward_torch(logits: Tensor, targets: Tensor, cap: float, ignore_index:
 
 
 def _grad_fp8_torch(logits: Tensor, lse: Tensor, targets: Tensor, grad_loss: Tensor, cap: float,
-                    grad_s: float, ignore_index: int) -> tuple[Tensor, Tensor]:
-    tau = cap / 4.0
-    sig = torch.sigmoid(logits.float() / tau)
+                    grad_s: float, ignore_index: int, temperature: float | None = None,
+                    offset: float = 0.0) -> tuple[Tensor, Tensor]:
+    tau = rescale_constants(cap, temperature, offset)[0]
+    z = logits.float()
+    sig = torch.sigmoid((z + offset if offset else z) / tau)
     p = torch.exp(cap * sig - lse[:, None])
     onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
     g = torch.where(targets == ignore_index, 0.0, grad_loss.float()) * ((cap / tau) / grad_s)
@@ -267,9 +279,11 @@ def _use_kernels(t: Tensor) -> bool:
 
 
 def softcap_ce_grad_fp8(logits: Tensor, lse: Tensor, targets: Tensor, grad_loss: Tensor, cap: float,
-                        grad_s: float, ignore_index: int = -100, kernel: str = "auto") -> tuple[Tensor, Tensor]:
+                        grad_s: float, ignore_index: int = -100, kernel: str = "auto",
+                        temperature: float | None = None, offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """(g_f8 (T, V), g_f8_t (V, T)) float8 e5m2: e5m2(grad_loss * dL/dz / grad_s) of the summed
-    softcapped cross-entropy, L = sum_rows lse(s) - s_target, and its transpose.
+    softcapped cross-entropy, L = sum_rows lse(s) - s_target, s = cap sigmoid((z + offset) /
+    temperature) (temperature None = cap/4), and its transpose.
 
     logits (T, V) raw head outputs; lse (T,) fp32 from the forward; grad_loss 0-d (any float dtype).
     kernel: "auto" (Triton on CUDA or under the interpreter, else torch) | "triton" | "torch".
@@ -280,7 +294,7 @@ def softcap_ce_grad_fp8(logits: Tensor, lse: Tensor, targets: Tensor, grad_loss:
         kernel = "triton" if _use_kernels(logits) else "torch"
     targets = targets.contiguous()
     if kernel == "torch":
-        return _grad_fp8_torch(logits, lse, targets, grad_loss, cap, grad_s, ignore_index)
+        return _grad_fp8_torch(logits, lse, targets, grad_loss, cap, grad_s, ignore_index, temperature, offset)
     if not _use_kernels(logits):
         raise RuntimeError("softcap_ce_grad_fp8: kernel='triton' needs triton and CUDA tensors "
                            "(or TRITON_INTERPRET=1 on CPU)")
@@ -290,7 +304,7 @@ def softcap_ce_grad_fp8(logits: Tensor, lse: Tensor, targets: Tensor, grad_loss:
     g_f8 = torch.empty(n_rows, n_cols, device=logits.device, dtype=E5M2)
     g_f8_t = torch.empty(n_cols, n_rows, device=logits.device, dtype=E5M2)
     _launch_grad_kernel(logits, lse.float().contiguous(), targets, grad_loss.float().contiguous(), cap,
-                        grad_s, ignore_index, g_f8, g_f8_t)
+                        grad_s, ignore_index, g_f8, g_f8_t, temperature, offset)
     return g_f8, g_f8_t
 
 
@@ -298,8 +312,8 @@ def softcap_ce_grad_fp8(logits: Tensor, lse: Tensor, targets: Tensor, grad_loss:
 # Custom ops
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("speedrun::fp8_head_softcap_ce", mutates_args=())
-def _fp8_head_softcap_ce_op(x: Tensor, w: Tensor, targets: Tensor, cap: float, ignore_index: int,
-                            x_s: float, w_s: float, grad_s: float
+def _fp8_head_softcap_ce_op(x: Tensor, w: Tensor, targets: Tensor, cap: float, temperature: float,
+                            offset: float, ignore_index: int, x_s: float, w_s: float, grad_s: float
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss_sum fp32 0-d, logits (T, V) in x.dtype, lse (T,) fp32, x_f8, w_f8). Everything after the
     loss is an output only so that the backward can have it (setup_context sees inputs and outputs)."""
@@ -308,14 +322,14 @@ def _fp8_head_softcap_ce_op(x: Tensor, w: Tensor, targets: Tensor, cap: float, i
     logits = _scaled_mm(x_f8, w_f8.T, x_s, w_s, x.dtype, fast_accum=True)
     targets = targets.contiguous()
     if _use_kernels(logits):
-        loss, lse = forward_rows(logits, targets, cap, ignore_index)
+        loss, lse = forward_rows(logits, targets, cap, ignore_index, temperature, offset)
     else:
-        loss, lse = _ce_forward_torch(logits, targets, cap, ignore_index)
+        loss, lse = _ce_forward_torch(logits, targets, cap, ignore_index, temperature, offset)
     return loss.sum(), logits, lse, x_f8, w_f8
 
 
 @_fp8_head_softcap_ce_op.register_fake
-def _fp8_head_softcap_ce_fake(x, w, targets, cap, ignore_index, x_s, w_s, grad_s):
+def _fp8_head_softcap_ce_fake(x, w, targets, cap, temperature, offset, ignore_index, x_s, w_s, grad_s):
     return (x.new_empty((), dtype=torch.float32), x.new_empty(x.shape[0], w.shape[0]),
             x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape, dtype=E4M3),
             w.new_empty(w.shape, dtype=E4M3))
@@ -323,11 +337,12 @@ def _fp8_head_softcap_ce_fake(x, w, targets, cap, ignore_index, x_s, w_s, grad_s
 
 @torch.library.custom_op("speedrun::fp8_head_softcap_ce_backward", mutates_args=())
 def _fp8_head_softcap_ce_backward_op(grad_loss: Tensor, logits: Tensor, lse: Tensor, targets: Tensor,
-                                     x_f8: Tensor, w_f8: Tensor, cap: float, ignore_index: int, x_s: float,
-                                     w_s: float, grad_s: float, x_dtype: torch.dtype, w_dtype: torch.dtype
-                                     ) -> tuple[Tensor, Tensor]:
+                                     x_f8: Tensor, w_f8: Tensor, cap: float, temperature: float, offset: float,
+                                     ignore_index: int, x_s: float, w_s: float, grad_s: float,
+                                     x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(grad_x in x_dtype, grad_w in w_dtype): fp8_mm's backward with g from the tile kernel."""
-    g_f8, g_f8_t = softcap_ce_grad_fp8(logits, lse, targets, grad_loss, cap, grad_s, ignore_index)
+    g_f8, g_f8_t = softcap_ce_grad_fp8(logits, lse, targets, grad_loss, cap, grad_s, ignore_index,
+                                       temperature=temperature, offset=offset)
     # _scaled_mm wants its second operand column-major: the transposed copy, viewed back (.T)
     grad_x = _scaled_mm(g_f8, transpose_fp8(w_f8).T, grad_s, w_s, x_dtype, fast_accum=False)
     # grad_w = g^T x computed as (V, T) @ (T, d): g_f8_t is already the row-major g^T, and the result
@@ -337,16 +352,16 @@ def _fp8_head_softcap_ce_backward_op(grad_loss: Tensor, logits: Tensor, lse: Ten
 
 
 @_fp8_head_softcap_ce_backward_op.register_fake
-def _fp8_head_softcap_ce_backward_fake(grad_loss, logits, lse, targets, x_f8, w_f8, cap, ignore_index, x_s,
-                                       w_s, grad_s, x_dtype, w_dtype):
+def _fp8_head_softcap_ce_backward_fake(grad_loss, logits, lse, targets, x_f8, w_f8, cap, temperature, offset,
+                                       ignore_index, x_s, w_s, grad_s, x_dtype, w_dtype):
     return x_f8.new_empty(x_f8.shape, dtype=x_dtype), w_f8.new_empty(w_f8.shape, dtype=w_dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w, targets, cap, ignore_index, x_s, w_s, grad_s = inputs
+    x, w, targets, cap, temperature, offset, ignore_index, x_s, w_s, grad_s = inputs
     _, logits, lse, x_f8, w_f8 = output
     ctx.save_for_backward(logits, lse, targets, x_f8, w_f8)
-    ctx.args = (cap, ignore_index, x_s, w_s, grad_s, x.dtype, w.dtype)
+    ctx.args = (cap, temperature, offset, ignore_index, x_s, w_s, grad_s, x.dtype, w.dtype)
     ctx.mark_non_differentiable(logits, lse, x_f8, w_f8)
 
 
@@ -354,7 +369,7 @@ def _backward(ctx, grad_loss: Tensor, _grad_logits, _grad_lse, _grad_x_f8, _grad
     logits, lse, targets, x_f8, w_f8 = ctx.saved_tensors
     grad_x, grad_w = torch.ops.speedrun.fp8_head_softcap_ce_backward(
         grad_loss.float(), logits, lse, targets, x_f8, w_f8, *ctx.args)
-    return grad_x, grad_w, None, None, None, None, None, None
+    return grad_x, grad_w, None, None, None, None, None, None, None, None
 
 
 _fp8_head_softcap_ce_op.register_autograd(_backward, setup_context=_setup_context)
@@ -363,7 +378,7 @@ _fp8_head_softcap_ce_op.register_autograd(_backward, setup_context=_setup_contex
 # --------------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------------
-def _check_args(x: Tensor, w: Tensor, targets: Tensor, cap: float) -> None:
+def _check_args(x: Tensor, w: Tensor, targets: Tensor, cap: float, temperature: float | None = None) -> None:
     name = "fp8_head_softcap_ce"
     if x.dim() != 2 or w.dim() != 2:
         raise ValueError(f"{name}: x (T, d) and w (V, d) must be 2-D, got {tuple(x.shape)} and {tuple(w.shape)}")
@@ -375,6 +390,8 @@ def _check_args(x: Tensor, w: Tensor, targets: Tensor, cap: float) -> None:
         raise ValueError(f"{name}: targets must be integer class indices, got {targets.dtype}")
     if not cap > 0:
         raise ValueError(f"{name}: cap must be > 0 (the fused loss is the softcapped one), got {cap}")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"{name}: temperature must be > 0 (or None = cap/4), got {temperature}")
     if x.is_cuda and any(n % 16 for n in (*x.shape, w.shape[0])):
         # cuBLAS FP8 matmuls (torch._scaled_mm) need every dimension, T included, a multiple of 16
         raise ValueError(f"{name}: on CUDA T, d and V must be multiples of 16, got x {tuple(x.shape)}, "
@@ -382,32 +399,35 @@ def _check_args(x: Tensor, w: Tensor, targets: Tensor, cap: float) -> None:
 
 
 def fp8_head_softcap_ce_fused(x: Tensor, w: Tensor, targets: Tensor, cap: float = 30.0, *,
-                              scales: tuple[float, float, float] | None = None, ignore_index: int = -100
-                              ) -> Tensor:
+                              scales: tuple[float, float, float] | None = None, ignore_index: int = -100,
+                              temperature: float | None = None, offset: float = 0.0) -> Tensor:
     """The fused op (no dispatch): see `fp8_head_softcap_ce`."""
-    _check_args(x, w, targets, cap)
+    _check_args(x, w, targets, cap, temperature)
     x_s, w_s, grad_s = scales if scales is not None else head_scales(x.shape[1])
-    return torch.ops.speedrun.fp8_head_softcap_ce(x, w, targets, float(cap), int(ignore_index), float(x_s),
-                                                  float(w_s), float(grad_s))[0]
+    tau = rescale_constants(cap, temperature, offset)[0]
+    return torch.ops.speedrun.fp8_head_softcap_ce(x, w, targets, float(cap), tau, float(offset),
+                                                  int(ignore_index), float(x_s), float(w_s), float(grad_s))[0]
 
 
 def fp8_head_softcap_ce_reference(x: Tensor, w: Tensor, targets: Tensor, cap: float = 30.0, *,
-                                  scales: tuple[float, float, float] | None = None, ignore_index: int = -100
-                                  ) -> Tensor:
+                                  scales: tuple[float, float, float] | None = None, ignore_index: int = -100,
+                                  temperature: float | None = None, offset: float = 0.0) -> Tensor:
     """The twin: the unfused pipeline, `speedrun::fp8_mm` then `softcapped_cross_entropy` (Triton on
     CUDA, plain torch elsewhere), exactly what the model runs without this op."""
-    _check_args(x, w, targets, cap)
+    _check_args(x, w, targets, cap, temperature)
     logits = fp8_linear(x, w, scales)
-    return softcapped_cross_entropy(logits, targets, cap, "sum", ignore_index=ignore_index, kernel="auto")
+    return softcapped_cross_entropy(logits, targets, cap, "sum", ignore_index=ignore_index, kernel="auto",
+                                    temperature=temperature, offset=offset)
 
 
 def fp8_head_softcap_ce(x: Tensor, w: Tensor, targets: Tensor, cap: float = 30.0, *,
                         scales: tuple[float, float, float] | None = None, ignore_index: int = -100,
-                        kernel: str = "auto") -> Tensor:
+                        kernel: str = "auto", temperature: float | None = None, offset: float = 0.0) -> Tensor:
     """Summed softcapped cross-entropy (fp32 0-d) of the FP8 head's logits x @ w^T.
 
     x (T, d) normed hidden states, w (V, d) the lm_head weight, targets (T,) int (ignore_index rows
-    count 0), cap the softcap (cap * sigmoid(z / (cap/4))), scales (x_s, w_s, grad_s) default
+    count 0), the softcap cap * sigmoid((z + offset) / temperature) (temperature None = cap/4; record
+    89: cap 23, offset 5, temperature 7.5), scales (x_s, w_s, grad_s) default
     fp8.head_scales(d). kernel: "auto" (fused on CUDA when Triton imports, else the twin) | "fused"
     (the custom op on any device; see the module docstring for what runs where) | "reference" (twin).
     """
@@ -416,4 +436,5 @@ def fp8_head_softcap_ce(x: Tensor, w: Tensor, targets: Tensor, cap: float = 30.0
     if kernel == "auto":
         kernel = "fused" if HAS_TRITON and x.is_cuda else "reference"
     fn = fp8_head_softcap_ce_fused if kernel == "fused" else fp8_head_softcap_ce_reference
-    return fn(x, w, targets, cap, scales=scales, ignore_index=ignore_index)
+    return fn(x, w, targets, cap, scales=scales, ignore_index=ignore_index, temperature=temperature,
+              offset=offset)

@@ -1,8 +1,8 @@
 """Fused softcapped cross-entropy: a Triton kernel pair and its plain-PyTorch twin.
 
-Owns the training loss of the head: logits z (T, V) are softcapped to s = cap * sigmoid(z / (cap/4))
-(range (0, cap); 30 * sigmoid(z / 7.5) in the record) and scored with cross-entropy against the
-targets. The twin (`softcapped_cross_entropy_reference`) does exactly what the model does in plain
+Owns the training loss of the head: logits z (T, V) are softcapped to s = cap * sigmoid((z + b) / tau)
+(range (0, cap); record 45: 30 * sigmoid(z / 7.5), tau = cap/4 and b = 0 by default; record 89's
+asymmetric rescale: 23 * sigmoid((z + 5) / 7.5)) and scored with cross-entropy against the targets. The twin (`softcapped_cross_entropy_reference`) does exactly what the model does in plain
 PyTorch: softcap in fp32, then `F.cross_entropy`. The kernels do the same maths without ever writing
 fp32 logits to memory:
 
@@ -11,8 +11,8 @@ fp32 logits to memory:
 * backward: one program per row re-reads the (bf16) logits, recomputes s, and writes the gradient
   with respect to the *raw* logits in the logits' dtype:
 
-      L = lse(s) - s_t            dL/ds_j = softmax(s)_j - [j == t]
-      s_j = cap * sig(z_j / tau)  ds_j/dz_j = (cap / tau) * sig * (1 - sig)   (= 4 sig (1 - sig), tau = cap/4)
+      L = lse(s) - s_t                  dL/ds_j = softmax(s)_j - [j == t]
+      s_j = cap * sig((z_j + b) / tau)  ds_j/dz_j = (cap / tau) * sig * (1 - sig)   (= 4 sig (1 - sig), tau = cap/4)
       dL/dz_j = g * (exp(s_j - lse) - [j == t]) * (cap / tau) * sig_j * (1 - sig_j)
 
   where g is the incoming gradient (a scalar for reduction "sum", one value per row for "none").
@@ -68,24 +68,37 @@ def _interpreting() -> bool:
     return _INTERPRET
 
 
-def softcap(logits: Tensor, cap: float = 30.0) -> Tensor:
-    """cap * sigmoid(z / (cap/4)) in fp32 (float64 stays float64, for gradient checks).
+def softcap(logits: Tensor, cap: float = 30.0, temperature: float | None = None, offset: float = 0.0) -> Tensor:
+    """cap * sigmoid((z + offset) / temperature) in fp32 (float64 stays float64, for gradient checks);
+    temperature None = cap/4.
 
-    Equals cap/2 * (tanh(2z/cap) + 1): range (0, cap), slope 1 at z = 0.
+    Record 45 (cap/4, no offset): cap/2 * (tanh(2z/cap) + 1), range (0, cap), slope 1 at z = 0.
     """
     z = logits if logits.dtype == torch.float64 else logits.float()
-    return cap * torch.sigmoid(z / (cap / 4.0))
+    if offset:
+        z = z + offset
+    return cap * torch.sigmoid(z / (cap / 4.0 if temperature is None else temperature))
 
 
 def softcapped_cross_entropy_reference(
-    logits: Tensor, targets: Tensor, cap: float = 30.0, reduction: str = "sum", ignore_index: int = -100
+    logits: Tensor, targets: Tensor, cap: float = 30.0, reduction: str = "sum", ignore_index: int = -100,
+    temperature: float | None = None, offset: float = 0.0,
 ) -> Tensor:
     """The plain twin: softcap in fp32 with torch ops, then F.cross_entropy. Returns fp32 (float64 for float64)."""
-    _check_args(logits, targets, cap, reduction)
-    return F.cross_entropy(softcap(logits, cap), targets, reduction=reduction, ignore_index=ignore_index)
+    _check_args(logits, targets, cap, reduction, temperature)
+    return F.cross_entropy(softcap(logits, cap, temperature, offset), targets, reduction=reduction,
+                           ignore_index=ignore_index)
 
 
-def _check_args(logits: Tensor, targets: Tensor, cap: float, reduction: str) -> None:
+def rescale_constants(cap: float, temperature: float | None, offset: float) -> tuple[float, float, float]:
+    """(tau, -log2(e)/tau, -offset log2(e)/tau): sigmoid((z + offset)/tau) = 1 / (1 + 2^(z a + b))
+    with a, b the last two (b = 0 without an offset, so record 45's arithmetic is unchanged)."""
+    tau = cap / 4.0 if temperature is None else float(temperature)
+    return tau, -_LOG2E / tau, -offset * _LOG2E / tau
+
+
+def _check_args(logits: Tensor, targets: Tensor, cap: float, reduction: str,
+                temperature: float | None = None) -> None:
     if logits.dim() != 2:
         raise ValueError(f"softcapped_cross_entropy: logits must be 2-D (T, V), got shape {tuple(logits.shape)}")
     if targets.shape != logits.shape[:1]:
@@ -96,6 +109,8 @@ def _check_args(logits: Tensor, targets: Tensor, cap: float, reduction: str) -> 
         raise ValueError(f"softcapped_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not cap > 0:
         raise ValueError(f"softcapped_cross_entropy: cap must be > 0, got {cap}")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"softcapped_cross_entropy: temperature must be > 0 (or None = cap/4), got {temperature}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,7 +126,8 @@ if HAS_TRITON:
         lse_ptr,
         row_stride,
         cap,  # fp32
-        neg_inv_tau_log2e,  # -log2(e) / tau: sigmoid(z/tau) = 1 / (1 + 2^(z * this))
+        neg_inv_tau_log2e,  # -log2(e) / tau: sigmoid((z + b)/tau) = 1 / (1 + 2^(z * this + shift))
+        shift,  # -b log2(e) / tau (0 for the symmetric softcap)
         ignore_index,
         N_COLS: tl.constexpr,  # constexpr: V is fixed for a run, and the loop bound must be static
         BLOCK_V: tl.constexpr,
@@ -122,6 +138,7 @@ if HAS_TRITON:
         # torch.compile passes Python floats as fp64 scalars; keep the loop-carried sums in fp32
         cap = tl.cast(cap, tl.float32)
         neg_inv_tau_log2e = tl.cast(neg_inv_tau_log2e, tl.float32)
+        shift = tl.cast(shift, tl.float32)
         cap_log2e = cap * 1.4426950408889634
         offsets = tl.arange(0, BLOCK_V)
         if FIXED_SHIFT:
@@ -131,7 +148,7 @@ if HAS_TRITON:
                 cols = start + offsets
                 mask = cols < N_COLS
                 z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                sig = 1.0 / (1.0 + tl.exp2(z * neg_inv_tau_log2e))
+                sig = 1.0 / (1.0 + tl.exp2(z * neg_inv_tau_log2e + shift))
                 e = tl.exp2(cap_log2e * sig - cap_log2e)
                 acc += tl.where(mask, e, 0.0)
             lse = cap + tl.log(tl.sum(acc, axis=0))
@@ -143,7 +160,7 @@ if HAS_TRITON:
                 cols = start + offsets
                 mask = cols < N_COLS
                 z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                sig = 1.0 / (1.0 + tl.exp2(z * neg_inv_tau_log2e))
+                sig = 1.0 / (1.0 + tl.exp2(z * neg_inv_tau_log2e + shift))
                 s = tl.where(mask, cap * sig, -float("inf"))
                 m_new = tl.maximum(m, tl.max(s, axis=0))
                 total = total * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
@@ -155,7 +172,7 @@ if HAS_TRITON:
         # An out-of-range target (other than ignore_index) reads NaN, so the loss says so loudly
         # without a host-side check (which would cost a device sync every step).
         z_t = tl.load(row_ptr + target, mask=valid, other=float("nan")).to(tl.float32)
-        s_t = cap / (1.0 + tl.exp2(z_t * neg_inv_tau_log2e))
+        s_t = cap / (1.0 + tl.exp2(z_t * neg_inv_tau_log2e + shift))
         loss = tl.where(target == ignore_index, 0.0, lse - s_t)
         tl.store(loss_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
@@ -172,6 +189,7 @@ if HAS_TRITON:
         grad_row_stride,
         cap,
         neg_inv_tau_log2e,
+        shift,
         dsdz_scale,  # cap / tau
         ignore_index,
         N_COLS: tl.constexpr,
@@ -181,6 +199,7 @@ if HAS_TRITON:
         in_ptr = logits_ptr + row * logits_row_stride
         cap = tl.cast(cap, tl.float32)  # fp64 under torch.compile, as in the forward
         neg_inv_tau_log2e = tl.cast(neg_inv_tau_log2e, tl.float32)
+        shift = tl.cast(shift, tl.float32)
         dsdz_scale = tl.cast(dsdz_scale, tl.float32)
         out_ptr = grad_ptr + row * grad_row_stride
         target = tl.load(targets_ptr + row).to(tl.int32)  # int32 compares per element (V < 2^31)
@@ -193,7 +212,7 @@ if HAS_TRITON:
             cols = start + offsets
             mask = cols < N_COLS
             z = tl.load(in_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            sig = 1.0 / (1.0 + tl.exp2(z * neg_inv_tau_log2e))
+            sig = 1.0 / (1.0 + tl.exp2(z * neg_inv_tau_log2e + shift))
             p = tl.exp2(cap_log2e * sig - lse_log2e)  # softmax(s)_j = exp(s_j - lse)
             dlds = tl.where(cols == target, p - 1.0, p)
             dz = g * dlds * sig * (1.0 - sig)
@@ -219,16 +238,18 @@ def _require_triton(where: str, tensor: Tensor) -> None:
         )
 
 
-def forward_rows(logits: Tensor, targets: Tensor, cap: float, ignore_index: int) -> tuple[Tensor, Tensor]:
+def forward_rows(logits: Tensor, targets: Tensor, cap: float, ignore_index: int,
+                 temperature: float | None = None, offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """The forward kernel: per-row loss and lse (fp32, (T,) each) of unit-column-stride logits and
     contiguous targets. Also the forward of the fused FP8 head (fp8_head_ce.py)."""
+    _, neg_inv_tau_log2e, shift = rescale_constants(cap, temperature, offset)
     n_rows, n_cols = logits.shape
     loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     block_v, num_warps = _launch_config(n_cols)
     if n_rows > 0:
         _softcap_ce_forward_kernel[(n_rows,)](
-            logits, targets, loss, lse, logits.stride(0), float(cap), -_LOG2E / (cap / 4.0), int(ignore_index),
+            logits, targets, loss, lse, logits.stride(0), float(cap), neg_inv_tau_log2e, shift, int(ignore_index),
             N_COLS=n_cols, BLOCK_V=block_v, FIXED_SHIFT=cap <= _MAX_FIXED_SHIFT_CAP, num_warps=num_warps,
         )
     return loss, lse
@@ -237,13 +258,14 @@ def forward_rows(logits: Tensor, targets: Tensor, cap: float, ignore_index: int)
 class _SoftcappedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, cap: float, reduction: str, ignore_index: int,
-                inplace_backward: bool) -> Tensor:
+                inplace_backward: bool, temperature: float | None, offset: float) -> Tensor:
         if logits.stride(1) != 1:
             logits = logits.contiguous()  # the kernels stream rows; columns must be unit-stride
         targets = targets.contiguous()
-        loss, lse = forward_rows(logits, targets, cap, ignore_index)
+        loss, lse = forward_rows(logits, targets, cap, ignore_index, temperature, offset)
         ctx.save_for_backward(logits, targets, lse)
         ctx.cap, ctx.ignore_index, ctx.reduction = float(cap), int(ignore_index), reduction
+        ctx.rescale = (temperature, float(offset))
         ctx.inplace_backward = inplace_backward
         ctx.consumed = False
         return loss.sum() if reduction == "sum" else loss
@@ -267,27 +289,27 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
         grad_stride = 0 if ctx.reduction == "sum" else 1
         block_v, num_warps = _launch_config(n_cols)
         cap = ctx.cap
-        tau = cap / 4.0
+        tau, neg_inv_tau_log2e, shift = rescale_constants(cap, *ctx.rescale)
         if n_rows > 0:
             _softcap_ce_backward_kernel[(n_rows,)](
                 logits, grad, targets, lse, grad_loss, grad_stride, logits.stride(0), grad.stride(0),
-                cap, -_LOG2E / tau, cap / tau, ctx.ignore_index,
+                cap, neg_inv_tau_log2e, shift, cap / tau, ctx.ignore_index,
                 N_COLS=n_cols, BLOCK_V=block_v, num_warps=num_warps,
             )
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def softcapped_cross_entropy_triton(
     logits: Tensor, targets: Tensor, cap: float = 30.0, reduction: str = "sum", ignore_index: int = -100,
-    inplace_backward: bool = False,
+    inplace_backward: bool = False, temperature: float | None = None, offset: float = 0.0,
 ) -> Tensor:
     """The Triton path (no dispatch). See `softcapped_cross_entropy` for the arguments."""
-    _check_args(logits, targets, cap, reduction)
+    _check_args(logits, targets, cap, reduction, temperature)
     _require_triton("softcapped_cross_entropy", logits)
     if inplace_backward and not logits.is_contiguous():
         raise ValueError("softcapped_cross_entropy(inplace_backward=True): logits must be contiguous")
     return _SoftcappedCrossEntropy.apply(logits, targets, float(cap), reduction, int(ignore_index),
-                                         bool(inplace_backward))
+                                         bool(inplace_backward), temperature, float(offset))
 
 
 def softcapped_cross_entropy(
@@ -299,8 +321,11 @@ def softcapped_cross_entropy(
     ignore_index: int = -100,
     kernel: str = "auto",
     inplace_backward: bool = False,
+    temperature: float | None = None,
+    offset: float = 0.0,
 ) -> Tensor:
-    """Cross-entropy of softcapped logits cap * sigmoid(z / (cap/4)) against `targets`.
+    """Cross-entropy of softcapped logits cap * sigmoid((z + offset) / temperature) against `targets`
+    (temperature None = cap/4: the symmetric softcap; record 89: cap 23, offset 5, temperature 7.5).
 
     logits: (T, V) bf16 / fp16 / fp32 raw head outputs; targets: (T,) int64 (ignore_index rows count 0).
     reduction: "sum" -> fp32 scalar; "none" -> fp32 (T,) per-token losses.
@@ -319,5 +344,6 @@ def softcapped_cross_entropy(
     if kernel == "auto":
         kernel = "triton" if HAS_TRITON and logits.is_cuda else "torch"
     if kernel == "triton":
-        return softcapped_cross_entropy_triton(logits, targets, cap, reduction, ignore_index, inplace_backward)
-    return softcapped_cross_entropy_reference(logits, targets, cap, reduction, ignore_index)
+        return softcapped_cross_entropy_triton(logits, targets, cap, reduction, ignore_index, inplace_backward,
+                                               temperature, offset)
+    return softcapped_cross_entropy_reference(logits, targets, cap, reduction, ignore_index, temperature, offset)

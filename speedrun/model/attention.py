@@ -96,8 +96,8 @@ class LayerInputs(NamedTuple):
     (record 47); with value_lambdas None, ``ve`` is the whole value injection (T, dim) added to v
     (gated value embedding, MUDD value sources); xsa_alpha: (T, H) pre-tanh XSA strengths;
     out_gate: (T, H) linear per-head output gate; dc_weights: (w1, w2), each (T, H), of the
-    lightweight DC-MHA (w1 before its RMS norm over heads). A (1, H) tensor (one learned value per
-    layer, model/attn_coefficients.py) stands for the same value at every token.
+    lightweight DC-MHA (w1 before its RMS norm over heads). The model produces them from the MUDD
+    gates or, without those, from learned per-layer constants (model/mudd.py: GateConstants).
     In a paired-head layer ``rope`` holds per-head tables (T, H, D/2) and ``doc`` / ``window``
     describe the 2T-row stream (``stream_doc_info``)."""
     x0: Tensor

@@ -1,16 +1,23 @@
-"""The speedrun GPT (reference-spec 1.1-1.7): token embedding, smear, value embeddings, a stack of
-blocks with block lambdas, a U-net skip and backout, final norm, (FP8) lm_head, logit softcap and
-the cross-entropy loss.
+"""The speedrun GPT (reference-spec 1.1-1.7, head-spec.md): token embedding, smear, value embeddings,
+a stack of blocks with block lambdas, a U-net skip and backout, final norm, (FP8) lm_head, logit
+softcap and the cross-entropy loss; and record 89's embedding / residual-stream techniques: the
+hashed bigram embedding, gated value-embedding banks, residual/post lambdas, x0 and bigram gates,
+the cached attention input, MUDD connections and MUDD gates, the asymmetric logit rescale, the
+embedding tied to the lm_head until a step, nonzero attention-output init.
 
-Owns the model's parameters and their labels, the ``scalars`` vector layout, initialization, the
-window/YaRN state (``set_window`` / ``reset_window``) and regional compilation
-(``compile_regions``). Attention lives in attention.py, rotary/YaRN in rotary.py, the FP8 head
-matmul in kernels/fp8.py.
+Owns the model's parameters and their labels, initialization, the window/YaRN state
+(``set_window`` / ``reset_window``), the tie state of the embedding (``embed_tied``,
+``untie_embed``), regional compilation (``compile_regions``) and the forward: which per-layer inputs
+each layer gets. A layer's algebra is block.py's; the scalars vector layout scalars.py's; the
+value-embedding banks and the bigram hash embeddings.py's; the MUDD lanes and MLPs mudd.py's;
+attention attention.py's, rotary/YaRN rotary.py's, the FP8 head matmul kernels/fp8.py's.
 
 Every technique is switched by a ``ModelConfig`` field; switched off, the math is the plain
-transformer's (no extra parameter is used and no extra op is run).
+transformer's (no extra parameter is used and no extra op is run). All record-89 switches off is
+record 45, bit for bit (tests/test_regression_r45.py).
 
-Layers are 0-based: the reference's empty slot 0 is dropped, so reference layer i is layer i-1.
+Layers are 0-based: the reference's empty slot 0 is dropped, so reference layer i is layer i-1
+(record 89 numbers its layers the same way as this package).
 """
 from __future__ import annotations
 
@@ -23,14 +30,11 @@ from torch import Tensor, nn
 from speedrun.config import ModelConfig, Window
 from speedrun.kernels.fp8 import fp8_active, head_matmul, linear_head
 from speedrun.kernels.fp8_head_ce import fp8_head_softcap_ce_fused
-from speedrun.kernels.relu2_mlp import relu2_mlp
 from speedrun.kernels.softcap_ce import softcapped_cross_entropy
-from speedrun.model import attn_coefficients
 from speedrun.model.attention import (
     FLEX_BLOCK_SIZE,
     UNBOUNDED_WINDOW,
     AttnWindow,
-    CausalSelfAttention,
     DocInfo,
     LayerInputs,
     build_doc_info,
@@ -39,105 +43,51 @@ from speedrun.model.attention import (
     rms_norm,
     stream_doc_info,
 )
+from speedrun.model.block import MLP, Block, StreamInputs  # noqa: F401  (MLP: part of this module's API)
+from speedrun.model.embeddings import BigramEmbedding, ValueEmbeddings
 from speedrun.model.flash import flash_attn_impl
 from speedrun.model.kv_cache import KVCache
+from speedrun.model.mudd import (
+    CoefficientMLPs,
+    Coefficients,
+    GateConstants,
+    gate_groups,
+    gate_lanes,
+    has_gated_value_embed,
+    mudd_lanes,
+)
 from speedrun.model.rotary import Rotary
+from speedrun.model.scalars import ScalarLayout, upgrade_legacy_state
 
 EVAL_CHUNK_TOKENS = 16384   # eval logits are made this many tokens at a time (16K x 50304 fp32 = 3.3 GB)
 REDUCTIONS = ("sum", "mean", "none")
-
-
-class ScalarLayout:
-    """Offsets in the one fp32 ``scalars`` vector (label "scalars"); L = num_layers:
-
-    [0, L)     skip-gate logits, entry i gates the skip added before layer i (only skip_to_layer
-               is used; init skip_gate_init, sigmoid(-1.5) ~ 0.18)
-    [L, 3L)    block lambdas (a_i, b_i): x <- a_i x + b_i x0             init (1.1, 0)
-    [3L, 5L)   value lambdas (l0_i, l1_i): v <- l0_i v + l1_i ve         init (0.5, 0.5)
-    5L         smear lambda                                              init 0
-    5L+1       backout lambda                                            init 0.5
-    then ones up to a multiple of 8, so the vector shards evenly over 1/2/4/8 ranks.
-    Record (L=11): 57 values padded to 64, the reference's length."""
-
-    def __init__(self, num_layers: int):
-        L = num_layers
-        self.skip, self.block, self.value = 0, L, 3 * L
-        self.smear, self.backout = 5 * L, 5 * L + 1
-        self.used = 5 * L + 2
-        self.size = -(-self.used // 8) * 8
-
-    def initial(self, cfg: ModelConfig) -> Tensor:
-        L = cfg.num_layers
-        s = torch.ones(self.size)
-        s[self.skip:self.skip + L] = cfg.skip_gate_init
-        s[self.block:self.block + 2 * L] = torch.tensor([cfg.block_lambda_init, 0.0]).repeat(L)
-        s[self.value:self.value + 2 * L] = cfg.value_lambda_init
-        s[self.smear] = 0.0
-        s[self.backout] = cfg.backout_lambda_init
-        return s
-
-
-def softcap(logits: Tensor, cap: float) -> Tensor:
-    """cap * sigmoid(z / (cap/4)) = cap/2 * (tanh(z/(cap/2)) + 1): squashes logits into (0, cap)."""
-    return cap * torch.sigmoid(logits / (cap / 4)) if cap > 0 else logits
-
-
+STACK_INPUT = -1            # "layer" index of the stack input (x0, plus the bigram injection) in caches
 # the block matrices: fp32 parameters cast at use, or bf16 ones (GPT's matrix_dtype)
 MATRIX_LABELS = ("attn", "mlp_fc", "mlp_proj")
 
 
-class MLP(nn.Module):
-    """relu(x W_fc)^2 W_proj^T (GELU when relu_squared is off). Both weights are fp32 (dim, hidden):
-    ``c_fc`` is used as x @ c_fc (stored (in, out)), ``c_proj`` as an nn.Linear weight (out, in).
-    With ``fused_mlp`` the relu² MLP on bf16/fp16 CUDA activations runs as one fused op
-    (kernels/relu2_mlp.py: relu² and its derivative in Triton matmul epilogues); same parameters."""
-
-    def __init__(self, dim: int, hidden: int, relu_squared: bool, fused_mlp: bool = False):
-        super().__init__()
-        self.relu_squared = relu_squared
-        self.fused_mlp = fused_mlp
-        self.c_fc = nn.Parameter(torch.empty(dim, hidden))
-        self.c_proj = nn.Parameter(torch.empty(dim, hidden))
-        self.c_fc.label, self.c_proj.label = "mlp_fc", "mlp_proj"
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fused_mlp and self.relu_squared and x.is_cuda:
-            # the fused op for 16-bit activations, its twin (this method's math) otherwise
-            return relu2_mlp(x, self.c_fc, self.c_proj, kernel="auto")
-        h = x @ self.c_fc.to(x.dtype)
-        h = F.relu(h).square() if self.relu_squared else F.gelu(h)
-        return F.linear(h, self.c_proj.to(x.dtype))
+def softcap(logits: Tensor, cap: float, tau: float | None = None, offset: float = 0.0) -> Tensor:
+    """cap * sigmoid((z + offset) / tau), tau = cap / 4 by default: squashes logits into (0, cap).
+    Record 45: cap 30 (= 15 (tanh(z / 15) + 1)); record 89: cap 23, offset 5, tau 7.5."""
+    if cap <= 0:
+        return logits
+    z = logits + offset if offset else logits
+    return cap * torch.sigmoid(z / (cap / 4 if tau is None else tau))
 
 
-class Block(nn.Module):
-    """One layer: [skip add] -> x <- a x + b x0 -> x + attn(norm x) -> x + mlp(norm x).
-
-    One class for all layers; everything layer-specific (lambdas, value embedding, window, skip)
-    comes in through ``LayerInputs`` as *tensors*, never as Python numbers read from the module.
-    That keeps the compiled code identical across layers, so regional compilation compiles it once
-    per variant (with/without attention, value embedding, skip) and reuses it for every layer."""
-
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
-        super().__init__()
-        self.attn = None
-        if cfg.has_attention(layer):
-            self.attn = CausalSelfAttention(cfg.model_dim, cfg.num_heads, cfg.head_dim,
-                                            qk_norm=cfg.qk_norm, rotary=cfg.rotary,
-                                            attn_gate=cfg.attn_gate, gate_dim=cfg.gate_dim,
-                                            dtype=dtype, paired=layer in cfg.paired_head_layers,
-                                            key_offset=cfg.key_offset and layer in cfg.long_window_layers,
-                                            dc_window=cfg.dc_window,
-                                            dc_kernel="auto" if cfg.fused_dc else "torch")
-        self.mlp = MLP(cfg.model_dim, cfg.mlp_dim, cfg.relu_squared, cfg.fused_mlp)
-
-    def forward(self, x: Tensor, inp: LayerInputs) -> Tensor:
-        if inp.skip is not None:
-            x = x + torch.sigmoid(inp.skip_gate) * inp.skip
-        if inp.lambdas is not None:
-            x = inp.lambdas[0] * x + inp.lambdas[1] * inp.x0
-        if self.attn is not None:
-            x = x + self.attn(rms_norm(x), inp)
-        return x + self.mlp(rms_norm(x))
+def cached_layers(cfg: ModelConfig) -> set[int]:
+    """The layers whose outputs the forward keeps (STACK_INPUT: the stack input): the U-net skip's
+    source, the backout's, record 77's attention input and the MUDD sources (``cache_layers``)."""
+    out = set()
+    if cfg.skip_connection:
+        out.add(cfg.skip_from_layer)
+    if cfg.backout and not cfg.mudd:
+        out.add(cfg.backout_layer)
+    if cfg.attn_input_layer >= 0:
+        out.add(cfg.attn_input_layer)
+    if cfg.mudd:
+        out.update(cfg.mudd_value_sources, cfg.mudd_residual_sources, cfg.mudd_final_sources)
+    return out
 
 
 class GPT(nn.Module):
@@ -150,24 +100,42 @@ class GPT(nn.Module):
         it as its launch bound, None = the batch length); ``flex_block_size``: FlexAttention's tile;
         ``eval_chunk_tokens``: eval logits are made this many tokens at a time; ``matrix_dtype``:
         storage of the block matrices (labels in MATRIX_LABELS): fp32 (record 45) or bf16 with
-        ``optim.muon.bf16_weights`` (the trainer passes it; the optimizer keeps the fp32 masters)."""
+        NorMuon's mantissa master (optim.muon.bf16_weights, record 57)."""
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         assert cfg.num_heads * cfg.head_dim == cfg.model_dim, "num_heads * head_dim != model_dim"
         assert len(cfg.value_embed_layers) == cfg.num_layers, "value_embed_layers: one per layer"
-        V, d = cfg.padded_vocab_size, cfg.model_dim
-        self.layout = ScalarLayout(cfg.num_layers)
+        V, d, L = cfg.padded_vocab_size, cfg.model_dim, cfg.num_layers
+        self.layout = ScalarLayout(cfg)
 
+        # record 45's modules, in its order (their construction draws from the global RNG)
         self.embed = nn.Embedding(V, d)
-        self.value_embeds = nn.ModuleList(nn.Embedding(V, d) for _ in range(cfg.num_value_embeds))
+        self.value_embeds = ValueEmbeddings(cfg.num_value_embeds, V, d) if cfg.num_value_embeds else None
         self.smear_gate = nn.Linear(cfg.gate_dim, 1, bias=False) if cfg.smear else None
-        self.blocks = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, dtype) for i in range(L))
         self.lm_head = nn.Linear(d, V, bias=False)
         self.scalars = nn.Parameter(self.layout.initial(cfg))
-        # record 89: attention lambdas and per-layer stand-ins for per-token coefficients
-        self.attn_coefficients = (attn_coefficients.AttentionCoefficients(cfg)
-                                  if attn_coefficients.needed(cfg) else None)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale, cfg.block_size)
+        # record 89's, each only when its technique is on
+        self.bigram = BigramEmbedding(cfg.bigram_vocab_size, d, cfg.bigram_sign_rows) if cfg.bigram_embed else None
+        self.gated_ve_layers = [i for i in range(L) if has_gated_value_embed(cfg, i)
+                                and self.blocks[i].attn is not None and not (cfg.mudd and i == cfg.mudd_layer)]
+        self.ve_gates = (nn.Parameter(torch.zeros(len(self.gated_ve_layers), cfg.num_heads,
+                                                  2 * cfg.value_embed_gate_dim))
+                         if self.gated_ve_layers else None)
+        self.resid_lambdas = nn.Parameter(torch.empty(L, 2)) if cfg.residual_lambdas else None
+        self.post_lambdas = nn.Parameter(torch.empty(L, 2)) if cfg.residual_lambdas else None
+        self.mudd = (CoefficientMLPs(mudd_lanes(cfg), d, cfg.mudd_hidden, cfg.mudd_scale, False, "mudd")
+                     if cfg.mudd else None)
+        groups = [gate_lanes(cfg, layers) for layers in gate_groups(cfg)]
+        self.gate_mlps = self.gate_constants = None
+        if cfg.mudd_gates:
+            self.gate_mlps = CoefficientMLPs(groups, d, cfg.mudd_hidden, cfg.mudd_scale, True, "mudd_gate")
+        elif groups[0]:
+            self.gate_constants = GateConstants(groups[0])
+        self.gate_groups = gate_groups(cfg)
+        self.cached = cached_layers(cfg)
+
         # window state: Python ints for bookkeeping, 0-d int32 buffers for the kernels
         self.register_buffer("window_long", torch.tensor(UNBOUNDED_WINDOW, dtype=torch.int32),
                              persistent=False)
@@ -175,21 +143,32 @@ class GPT(nn.Module):
                              persistent=False)
         self.window: Window | None = None        # None: no window (full causal within documents)
         self.yarn_blocks: int | None = None      # the long window the current YaRN state was made for
+        # the input embedding reads the lm_head weight until untie_embed() (model.tie_embed)
+        self.embed_tied = cfg.tie_embed
 
         self.max_doc_len = max_doc_len
         self.flex_block_size = flex_block_size
         self.eval_chunk_tokens = eval_chunk_tokens
         self._label_parameters()
         self.reset_parameters()
-        for m in (self.embed, *self.value_embeds, self.smear_gate, self.lm_head):
+        for m in (self.embed, self.value_embeds, self.smear_gate, self.lm_head, self.bigram):
             if m is not None:
                 m.to(dtype)
+        for m in (self.mudd, self.gate_mlps):   # weights and biases; the gates' learned scale stays fp32
+            if m is not None:
+                m.cast_weights_(dtype)
+        if self.ve_gates is not None:
+            self.ve_gates.data = self.ve_gates.data.to(dtype)
         if matrix_dtype != torch.float32:   # initialized in fp32 above, rounded once (as record 89)
             for p in self.parameters():
                 if p.label in MATRIX_LABELS:
                     p.data = p.data.to(matrix_dtype)
+        # weights saved with the earlier scalars / value-embedding layout load into this one
+        self.register_load_state_dict_pre_hook(self._upgrade_legacy_state)
         # the regions; compile_regions() swaps in compiled versions
         self._embed_fn = self._embed
+        self._gates_fn = self._gates
+        self._mudd_fn = self._mudd_enter
         self._train_loss_fn = self._train_loss
         self._final_fn = self._final
         self._token_losses_fn = self._token_losses
@@ -199,12 +178,14 @@ class GPT(nn.Module):
     # ---- parameters ----------------------------------------------------------------------------
     def _label_parameters(self) -> None:
         self.embed.weight.label = "embed"
-        for ve in self.value_embeds:
-            ve.weight.label = "value_embed"
         if self.smear_gate is not None:
             self.smear_gate.weight.label = "smear_gate"
         self.lm_head.weight.label = "lm_head"
         self.scalars.label = "scalars"
+        if self.ve_gates is not None:
+            self.ve_gates.label = "ve_gate"
+        if self.resid_lambdas is not None:
+            self.resid_lambdas.label, self.post_lambdas.label = "resid_lambdas", "post_lambdas"
         missing = [n for n, p in self.named_parameters() if not isinstance(getattr(p, "label", None), str)]
         assert not missing, f"unlabelled parameters: {missing}"
 
@@ -212,7 +193,10 @@ class GPT(nn.Module):
     def reset_parameters(self) -> None:
         """Spec 1.7: embeddings N(0,1); Wq, Wk, Wv, c_fc uniform(+-sqrt(3)*0.5*dim^-0.5);
         Wo, c_proj, lm_head zero (zero_init_outputs; otherwise the same uniform rule with their own
-        fan-in); gates zero; scalars per ScalarLayout."""
+        fan-in); gates zero; scalars per ScalarLayout. Record 89's switches: Wo uniform like Wv
+        (attn_out_init_nonzero), lm_head N(0, head_init_std), the tied embedding a copy of the
+        lm_head, value embeddings N(0, value_embed_init_std), bigram table and value-embedding gates
+        zero, resid lambdas sqrt(block_lambda_init), post lambdas 1, MUDD per mudd.py."""
         cfg, d = self.cfg, self.cfg.model_dim
 
         def uniform_(t: Tensor, fan_in: int) -> None:
@@ -223,26 +207,42 @@ class GPT(nn.Module):
             t.zero_() if cfg.zero_init_outputs else uniform_(t, fan_in)
 
         self.embed.weight.normal_()
-        for ve in self.value_embeds:
-            ve.weight.normal_()
+        if self.value_embeds is not None:
+            self.value_embeds.reset_parameters(cfg.value_embed_init_std)
         for block in self.blocks:
             if block.attn is not None:
                 w = block.attn.qkvo.view(4, d, d)
                 uniform_(w[:3], d)
-                output_(w[3], d)
+                uniform_(w[3], d) if cfg.attn_out_init_nonzero else output_(w[3], d)
                 if block.attn.gate is not None:
                     block.attn.gate.weight.zero_()
             uniform_(block.mlp.c_fc, d)
             output_(block.mlp.c_proj, cfg.mlp_dim)
         if self.smear_gate is not None:
             self.smear_gate.weight.zero_()
-        output_(self.lm_head.weight, d)
+        if cfg.head_init_std > 0:
+            self.lm_head.weight.normal_(0.0, cfg.head_init_std)
+        else:
+            output_(self.lm_head.weight, d)
+        if cfg.tie_embed:
+            self.embed.weight.copy_(self.lm_head.weight)
         self.scalars.copy_(self.layout.initial(cfg))
-        if self.attn_coefficients is not None:
-            self.attn_coefficients.reset_parameters()
+        if self.bigram is not None:
+            self.bigram.weight.zero_()
+        if self.ve_gates is not None:
+            self.ve_gates.zero_()
+        if self.resid_lambdas is not None:
+            self.resid_lambdas.fill_(math.sqrt(cfg.block_lambda_init))
+            self.post_lambdas.fill_(1.0)
+        for m in (self.mudd, self.gate_mlps, self.gate_constants):
+            if m is not None:
+                m.reset_parameters()
+
+    def _upgrade_legacy_state(self, module, state_dict, prefix, *args) -> None:
+        upgrade_legacy_state(state_dict, prefix, self.cfg, self.layout)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        skip = {"embed", "value_embed"} if exclude_embeddings else set()
+        skip = {"embed", "value_embed", "bigram_embed"} if exclude_embeddings else set()
         return sum(p.numel() for p in self.parameters() if p.label not in skip)
 
     def inventory(self) -> list[tuple[str, tuple[int, ...], str, str, int]]:
@@ -253,15 +253,29 @@ class GPT(nn.Module):
     def format_inventory(self) -> str:
         rows = self.inventory()
         w = max(len(r[0]) for r in rows)
-        lines = [f"{'name':<{w}}  {'shape':<14} {'dtype':<9} {'label':<12} {'count':>12}"]
-        lines += [f"{n:<{w}}  {str(list(s)):<14} {dt:<9} {lb:<12} {c:>12,}" for n, s, dt, lb, c in rows]
+        lines = [f"{'name':<{w}}  {'shape':<14} {'dtype':<9} {'label':<14} {'count':>12}"]
+        lines += [f"{n:<{w}}  {str(list(s)):<14} {dt:<9} {lb:<14} {c:>12,}" for n, s, dt, lb, c in rows]
         by_label: dict[str, int] = {}
         for *_, lb, c in rows:
             by_label[lb] = by_label.get(lb, 0) + c
         lines.append("by label: " + ", ".join(f"{k} {v:,}" for k, v in by_label.items()))
         lines.append(f"total {self.num_params():,} ({self.num_params() / 1e6:.1f}M); without "
-                     f"embeddings/value embeddings {self.num_params(True):,}")
+                     f"embeddings/value embeddings/bigram table {self.num_params(True):,}")
         return "\n".join(lines)
+
+    # ---- the tied embedding (record 51/53/61) --------------------------------------------------
+    def embedding_table(self) -> Tensor:
+        """The (V, dim) table the input embedding reads: the lm_head weight while tied."""
+        return self.lm_head.weight if self.embed_tied else self.embed.weight
+
+    @torch.no_grad()
+    def untie_embed(self) -> None:
+        """From now on the embedding is its own parameter, starting as the lm_head's values (the
+        trainer also hands it the lm_head's optimizer state). Also how a tied model is made
+        self-contained for evaluation and export."""
+        if self.embed_tied:
+            self.embed.weight.copy_(self.lm_head.weight)
+            self.embed_tied = False
 
     # ---- windows -------------------------------------------------------------------------------
     def set_window(self, window: Window, update_yarn: bool = True) -> None:
@@ -302,27 +316,24 @@ class GPT(nn.Module):
 
     # ---- compilation ---------------------------------------------------------------------------
     def compile_regions(self, **compile_kwargs) -> "GPT":
-        """Compile each block and the embedding / head / loss regions separately.
+        """Compile each block and the embedding / gate / MUDD / head / loss regions separately.
 
         Why regions and not one monolith: the 11 blocks share one code object (``Block.forward``),
         and parameters are graph inputs (dynamo inlines nn.Module parameters), so a block is traced
-        and compiled once per variant (attention, MLP+skip) and the cached graph is reused by every
-        other layer of the same variant (forward() gives attention layers without a value embedding
-        a zero one, so they share the attention graph). Cold compile time is then a few block-sized
+        and compiled once per variant (which of its inputs are present) and the cached graph is
+        reused by every other layer of the same variant (record 45: forward() gives attention layers
+        without a value embedding a zero one, so they share the attention graph; record 89's
+        heterogeneous layers make more variants). Cold compile time is then a few block-sized
         graphs instead of one 11-layer graph (the reference's 7-8 minutes).
-        Window sizes, the YaRN frequencies and attn_scale, and the block masks all enter as
-        tensors, so changing windows changes inputs, not graphs: no recompilation.
-        The Python loop over blocks, the skip/backout bookkeeping and mask building stay eager
-        (a few dozen tiny launches per forward)."""
+        Window sizes, the YaRN frequencies and attn_scale, the block masks, every gate and lambda
+        and the embedding table (tied or not) enter as tensors, so changing windows or untying the
+        embedding changes inputs, not graphs: no recompilation.
+        The Python loop over blocks, the cache/skip/backout bookkeeping and mask building stay
+        eager (a few dozen tiny launches per forward)."""
         kw = {"dynamic": False, "fullgraph": True}
-        # Block.forward legitimately has several graphs: 2 variants x (train, no-grad eval) x each
+        # Block.forward legitimately has several graphs: each variant x (train, no-grad eval) x each
         # sequence length used (train, val, HellaSwag...). Room for them (the reference used 64).
-        limit = 32
-        c = self.cfg
-        if c.paired_head_layers or c.xsa_layers or c.dc_layers or c.attn_out_gate_layers or c.key_offset:
-            # record 89's attention makes more block variants (6 at its layout: paired, XSA, long +
-            # offset + XSA + gate, long + offset + DC + gate, plain, MLP + skip)
-            limit = 64
+        limit = 64
         if self.cfg.attention_backend == "flash" and flash_attn_impl() == "fa3":
             # FlashAttention-3 runs eagerly behind a graph break (model/flash.py); FA4 is traced
             kw["fullgraph"] = False
@@ -333,6 +344,8 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.compile(**kw)
         self._embed_fn = torch.compile(self._embed, **kw)
+        self._gates_fn = torch.compile(self._gates, **kw)
+        self._mudd_fn = torch.compile(self._mudd_enter, **kw)
         self._train_loss_fn = torch.compile(self._train_loss, **kw)
         self._final_fn = torch.compile(self._final, **kw)
         self._token_losses_fn = torch.compile(self._token_losses, **kw)
@@ -341,13 +354,16 @@ class GPT(nn.Module):
         return self
 
     # ---- regions -------------------------------------------------------------------------------
-    def _embed(self, ids: Tensor, previous: Tensor | None = None, start: int = 0
-               ) -> tuple[Tensor, list[Tensor], tuple[Tensor, Tensor] | None]:
-        """Embedding -> smear -> rmsnorm = x0; value embeddings; rotary tables (cos, sin) for
-        positions start.. . ``previous``: the raw embedding of the token before ids[0] (decoding
-        with a KV cache); None: ids[0] has no predecessor."""
+    def _embed(self, ids: Tensor, table: Tensor, previous: Tensor | None = None,
+               previous_id: Tensor | None = None, start: int = 0):
+        """Embedding (from ``table``) -> smear -> rmsnorm = x0; value embeddings; rotary tables
+        (cos, sin) for positions start..; the bigram vector beta; the first gate block's
+        coefficients (on x0); the stack input x = x0 [+ gate beta].
+        ``previous`` / ``previous_id``: the raw embedding and the id of the token before ids[0]
+        (decoding with a KV cache); None: ids[0] has no predecessor.
+        Returns (x0, x, ves, rope, beta, gate_rows)."""
         cfg = self.cfg
-        x = self.embed(ids)
+        x = F.embedding(ids, table)
         if self.smear_gate is not None:
             # one-token look-back: x_t += lambda * sigmoid(w . x_t[:gate_dim]) * x_{t-1}
             # (crosses document boundaries, as the reference does)
@@ -356,39 +372,99 @@ class GPT(nn.Module):
             gate = self.scalars[self.layout.smear] * torch.sigmoid(self.smear_gate(x[first:, :cfg.gate_dim]))
             x = torch.cat([x[:first], x[first:] + gate * before])
         x0 = rms_norm(x)
-        ves = [ve(ids) for ve in self.value_embeds]
+        ves = self.value_embeds(ids) if self.value_embeds is not None else []
         rope = self.rotary.cos_sin(ids.numel(), x0.dtype, start=start) if cfg.rotary else None
-        return x0, ves, rope
+        beta = rows = None
+        # layer 0 sees x == x0; a separate tensor object (a view) keeps the compiled block from
+        # specializing on "x is x0" (an aliasing guard = one more graph to compile)
+        x = x0.view_as(x0)
+        if self.gate_mlps is not None:
+            rows = self.gate_mlps(x0, 0)
+        if self.bigram is not None:
+            beta = self.bigram(ids, previous_id).to(x0.dtype)
+            gate = self._coefficients(0, rows, ids.numel()).take("bigram", 0)
+            x = x0 + gate * beta     # record 89's injection before layer 0 (the stack input)
+        return x0, x, ves, rope, beta, rows
 
-    def _final(self, x: Tensor, backout: Tensor | None) -> Tensor:
-        """Backout (subtract the scaled output of backout_layer), then the final rmsnorm."""
+    def _gates(self, x: Tensor, block: int) -> Tensor:
+        """A gate block's coefficients (n, T) from the residual x (the post gate)."""
+        return self.gate_mlps(x, block)
+
+    def _coefficients(self, group: int, rows: Tensor | None, num_tokens: int) -> Coefficients:
+        """Gate group ``group``'s coefficients: the gate MLP's rows, or the learned constants."""
+        if self.gate_mlps is not None:
+            return Coefficients(self.gate_mlps.blocks[group], rows, num_tokens)
+        if self.gate_constants is not None:
+            return Coefficients(self.gate_constants.lanes, self.gate_constants.values, num_tokens)
+        return Coefficients([], None, num_tokens)
+
+    def _mudd_enter(self, x: Tensor, value_sources: list[Tensor], residual_sources: list[Tensor]):
+        """MUDD block 0 at mudd_layer (r89-model.md 4.3 steps 2-5) on the residual x entering it.
+        Returns (new x, the value sources' sum for v, the per-head value-embedding gate, the layer's
+        (r_attn, p_attn, r_mlp, p_mlp), x0 gate, bigram gate); None where off."""
+        cfg, T = self.cfg, x.shape[0]
+        c = Coefficients(self.mudd.blocks[0], self.mudd(x, 0), T)
+        v_extra = None
+        for j, src in zip(cfg.mudd_value_sources, value_sources):
+            term = c.take("value_source", j) * src
+            v_extra = term if v_extra is None else v_extra + term
+        new_x = (1 + c.take("self", cfg.mudd_layer)) * x
+        for j, src in zip(cfg.mudd_residual_sources, residual_sources):
+            new_x = new_x + c.take("residual_source", j) * src
+        ve_gate = c.take("ve_gate", cfg.mudd_layer)
+        if ve_gate is not None:   # one coefficient per half of the heads
+            ve_gate = ve_gate.repeat_interleave(cfg.num_heads // 2, dim=-1)
+        lambdas = None
+        if cfg.residual_lambdas:
+            lambdas = tuple(c.take(k, cfg.mudd_layer) for k in ("resid_attn", "post_attn", "resid_mlp", "post_mlp"))
+        return (new_x, v_extra, ve_gate, lambdas, c.take("x0", cfg.mudd_layer),
+                c.take("bigram", cfg.mudd_layer))
+
+    def _final(self, x: Tensor, backout: Tensor | None, sources: list[Tensor] | None = None) -> Tensor:
+        """Backout (subtract the scaled output of backout_layer) or the final MUDD block (add the
+        coefficient-weighted ``sources``), then the final rmsnorm."""
         if backout is not None:
             x = x - self.scalars[self.layout.backout] * backout
+        if sources is not None:
+            lanes = self.mudd.blocks[1]
+            c = self.mudd(x, 1)
+            update = None
+            for lane, src in zip(lanes, sources):
+                term = c[lane.start].unsqueeze(-1) * src
+                update = term if update is None else update + term
+            x = x + update
         return rms_norm(x)
 
-    def _train_loss(self, x: Tensor, backout: Tensor | None, targets: Tensor, use_fp8: bool) -> Tensor:
+    def _train_loss(self, x: Tensor, backout: Tensor | None, sources: list[Tensor] | None, targets: Tensor,
+                    use_fp8: bool) -> Tensor:
         """Training loss: summed cross-entropy on softcapped logits kept in the activation dtype
         (bf16 on GPU, as the record), FP8 head matmul when use_fp8. Per-token losses are summed in
         fp32 so the returned value is precise (gradients are those of the plain sum)."""
-        xn = self._final(x, backout)
-        if use_fp8 and self.cfg.fused_loss and self.cfg.logit_softcap and xn.is_cuda:
+        cfg = self.cfg
+        xn = self._final(x, backout, sources)
+        rescale = dict(offset=cfg.logit_softcap_offset, temperature=cfg.logit_softcap_tau)
+        if use_fp8 and cfg.fused_loss and cfg.logit_softcap and xn.is_cuda:
             # FP8 head + softcapped CE as one op pair: the backward writes the logit gradient straight
             # to e5m2 (and its transpose), no bf16 gradient, no quantize/transpose pass
-            return fp8_head_softcap_ce_fused(xn, self.lm_head.weight, targets, self.cfg.logit_softcap)
+            return fp8_head_softcap_ce_fused(xn, self.lm_head.weight, targets, cfg.logit_softcap, **rescale)
         logits = head_matmul(xn, self.lm_head.weight, use_fp8)
-        if self.cfg.fused_loss and self.cfg.logit_softcap and logits.is_cuda:
+        if cfg.fused_loss and cfg.logit_softcap and logits.is_cuda:
             # one pass over the bf16 logits forward, one backward; softcap computed in fp32 inside
-            return softcapped_cross_entropy(logits, targets, self.cfg.logit_softcap, "sum", kernel="triton")
-        logits = softcap(logits, self.cfg.logit_softcap)
+            return softcapped_cross_entropy(logits, targets, cfg.logit_softcap, "sum", kernel="triton", **rescale)
+        logits = self._softcap(logits)
         return F.cross_entropy(logits, targets, reduction="none").float().sum()
+
+    def _softcap(self, logits: Tensor) -> Tensor:
+        cfg = self.cfg
+        return softcap(logits, cfg.logit_softcap, cfg.logit_softcap_temperature or None, cfg.logit_softcap_offset)
 
     def _token_losses(self, xn: Tensor, targets: Tensor) -> Tensor:
         """Per-token fp32 losses of a chunk of normed hidden states (eval path, bf16/fp32 head)."""
-        logits = softcap(linear_head(xn, self.lm_head.weight).float(), self.cfg.logit_softcap)
+        logits = self._softcap(linear_head(xn, self.lm_head.weight).float())
         return F.cross_entropy(logits, targets, reduction="none")
 
     def _logits(self, xn: Tensor) -> Tensor:
-        return softcap(linear_head(xn, self.lm_head.weight).float(), self.cfg.logit_softcap)
+        return self._softcap(linear_head(xn, self.lm_head.weight).float())
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, inputs: Tensor, targets: Tensor | None = None, cu_seqlens: Tensor | None = None,
@@ -405,6 +481,7 @@ class GPT(nn.Module):
         cfg, lay = self.cfg, self.layout
         ids = inputs.reshape(-1)
         T, device = ids.numel(), ids.device
+        table = self.embedding_table()
         decoding = kv_cache is not None
         if decoding:
             if targets is not None or cu_seqlens is not None:
@@ -412,65 +489,97 @@ class GPT(nn.Module):
             start = kv_cache.claim(T)
             doc, masks = None, [None] * cfg.num_layers
             # decoding runs the eager modules: compiled regions would specialize on the cache
-            x0, ves, rope = self._embed(ids, kv_cache.last_embedding, start)
-            kv_cache.last_embedding = self.embed(ids[-1:])
+            x0, x, ves, rope, beta, rows = self._embed(ids, table, kv_cache.last_embedding,
+                                                       kv_cache.last_token, start)
+            kv_cache.last_embedding = F.embedding(ids[-1:], table)
+            kv_cache.last_token = ids[-1:]
         else:
             backend = self.attention_backend(device)
             # training batches cap documents at max_doc_len (flash's launch bound); eval batches do not
             doc = build_doc_info(cu_seqlens, T, device, backend, self.max_doc_len if self.training else None)
             masks = self._masks(doc)
-            x0, ves, rope = self._embed_fn(ids)
+            x0, x, ves, rope, beta, rows = self._embed_fn(ids, table)
         paired_rope = None
         if cfg.rotary and cfg.paired_head_layers:   # record 89: head h of token t at 2t + (h mod 2)
             paired_rope = self.rotary.paired_cos_sin(T, cfg.num_heads, x0.dtype, start if decoding else 0)
-        coefficients = self.attn_coefficients() if self.attn_coefficients is not None else None
         # compiled: attention layers without a value embedding get a zero one, so every attention
         # layer runs one compiled graph (v = l0 v + l1 * 0 = l0 v exactly; l1 gets a zero gradient,
         # as an unused entry of the scalars vector does); one variant fewer to compile, train and eval.
         # It requires grad exactly when the real ones do (else dynamo guards tell them apart); its
         # own gradient (a few pointwise ops per layer) is thrown away with it.
         no_ve = None
-        if self._compiled and cfg.value_embeds and not decoding:
+        if self._compiled and lay.value is not None and not decoding:
             no_ve = x0.new_zeros(x0.shape).requires_grad_(bool(ves) and ves[0].requires_grad)
         # one unbind (a single autograd node) instead of a slice per use
         s = self.scalars.unbind()
-        # layer 0 sees x == x0; a separate tensor object (a view) keeps the compiled block from
-        # specializing on "x is x0" (an aliasing guard = one more graph to compile)
-        x, skip, backout = x0.view_as(x0), None, None
+        lambdas = None
+        if self.resid_lambdas is not None:   # per layer (r_attn, p_attn, r_mlp, p_mlp)
+            r_attn, r_mlp = (column.unbind() for column in self.resid_lambdas.unbind(1))
+            p_attn, p_mlp = (column.unbind() for column in self.post_lambdas.unbind(1))
+            lambdas = list(zip(r_attn, p_attn, r_mlp, p_mlp))
+        ve_gates = self.ve_gates.unbind() if self.ve_gates is not None else ()
+        gates = self._coefficients(0, rows, T)
+        # decoding: the eager regions (compiled ones would specialize on each chunk's length)
+        gates_fn, mudd_fn = (self._gates, self._mudd_enter) if decoding else (self._gates_fn, self._mudd_fn)
+        states = {STACK_INPUT: x}
         for i, block in enumerate(self.blocks):
-            has_skip = cfg.skip_connection and i == cfg.skip_to_layer
+            if cfg.mudd_gates and i == cfg.mudd_gate_layer:     # the post gate, on the residual here
+                gates = self._coefficients(1, gates_fn(x, 1), T)
             attn = block.attn is not None
+            has_skip = cfg.skip_connection and i == cfg.skip_to_layer
             ve_index = cfg.value_embed_layers[i] if cfg.value_embeds else -1
+            gated_ve = has_gated_value_embed(cfg, i)
             layer_doc, window = masks[i] or (doc, None)   # a paired layer's: its stream's
             inp = LayerInputs(
                 x0=x0,
-                lambdas=(s[lay.block + 2 * i], s[lay.block + 2 * i + 1]) if cfg.block_lambdas else None,
-                skip=skip if has_skip else None,
-                skip_gate=s[lay.skip + i] if has_skip else None,
-                ve=(ves[ve_index] if ve_index >= 0 else no_ve) if attn else None,
+                lambdas=(s[lay.block + 2 * i], s[lay.block + 2 * i + 1]) if lay.block is not None else None,
+                skip=states[cfg.skip_from_layer] if has_skip else None,
+                skip_gate=s[lay.skip] if has_skip else None,
+                ve=(ves[ve_index] if ve_index >= 0 else no_ve) if attn and not gated_ve else None,
                 value_lambdas=(s[lay.value + 2 * i], s[lay.value + 2 * i + 1])
-                if cfg.value_embeds and attn else None,
+                if lay.value is not None and attn else None,
                 rope=paired_rope if i in cfg.paired_head_layers else rope, attn_scale=self.rotary.attn_scale,
                 doc=layer_doc, window=window,
-                kv=kv_cache.layer(i, self.window_tokens(i)) if decoding and attn else None)
-            if coefficients is not None and attn and i < len(coefficients):
-                inp = self.attn_coefficients.fill(inp, coefficients[i])
-            x = block.forward(x, inp) if decoding else block(x, inp)
-            if cfg.skip_connection and i == cfg.skip_from_layer:
-                skip = x
-            if cfg.backout and i == cfg.backout_layer:
-                backout = x
+                kv=kv_cache.layer(i, self.window_tokens(i)) if decoding and attn else None,
+                attn_lambdas=(s[lay.attn + 2 * i], s[lay.attn + 2 * i + 1]) if lay.attn is not None and attn
+                else None,
+                xsa_alpha=gates.take("xsa", i),
+                out_gate=gates.take("out_gate", i),
+                dc_weights=(gates.take("dc_w1", i), gates.take("dc_w2", i)) if gates.has("dc_w1", i) else None)
+            res = StreamInputs(
+                lambdas=lambdas[i] if lambdas is not None else None,
+                x0_gate=gates.take("x0", i), x0_source=x0,
+                bigram=beta, bigram_gate=gates.take("bigram", i) if i > 0 else None,
+                skip_gate=gates.take("skip", i),
+                attn_source=states[cfg.attn_input_layer] if 0 <= cfg.attn_input_layer < i else None,
+                value_embed=ves[ve_index] if attn and gated_ve else None,
+                ve_gate=ve_gates[self.gated_ve_layers.index(i)] if i in self.gated_ve_layers else None)
+            if cfg.mudd and i == cfg.mudd_layer:
+                x, res = self._mudd_layer(x, res, states, mudd_fn)
+            if res.bigram_gate is None:
+                res = res._replace(bigram=None)
+            if res.x0_gate is None:
+                res = res._replace(x0_source=None)
+            x = block.forward(x, inp, res) if decoding else block(x, inp, res)
+            if i in self.cached:
+                states[i] = x
 
+        backout = states[cfg.backout_layer] if lay.backout is not None else None
+        sources = None
+        if self.mudd is not None:
+            sources = [states[j] for j in cfg.mudd_final_sources]
+            if cfg.mudd_final_value_embed >= 0:
+                sources.append(ves[cfg.mudd_final_value_embed].to(x.dtype))
         if decoding:
-            return self._logits(self._final(x, backout))
+            return self._logits(self._final(x, backout, sources))
         if targets is None:
-            return self._logits_fn(self._final_fn(x, backout))
+            return self._logits_fn(self._final_fn(x, backout, sources))
         targets = targets.reshape(-1).long()
         if reduction == "sum":
             use_fp8 = self.training and self.fp8_head_active(device)
-            return self._train_loss_fn(x, backout, targets, use_fp8)
+            return self._train_loss_fn(x, backout, sources, targets, use_fp8)
         # eval: fp32 logits, chunk by chunk, so a 262,144-token forward never holds them all
-        xn = self._final_fn(x, backout)
+        xn = self._final_fn(x, backout, sources)
         chunk = self.eval_chunk_tokens
         losses = torch.cat([self._token_losses_fn(xn[i:i + chunk], targets[i:i + chunk])
                             for i in range(0, T, chunk)])
@@ -478,6 +587,21 @@ class GPT(nn.Module):
             return losses
         counted = (targets != -100).sum()   # cross_entropy's ignore_index: mean over real targets
         return losses.sum() / counted.clamp_min(1)
+
+    def _mudd_layer(self, x: Tensor, res: StreamInputs, states: dict[int, Tensor], mudd_fn
+                    ) -> tuple[Tensor, StreamInputs]:
+        """The residual and StreamInputs of mudd_layer: MUDD block 0 rewrites the residual and gives
+        the layer its value sources, value-embedding gate, lambdas and x0 / bigram gates (the x0
+        gate's source there is the stack input, as the record's). Attention reads the residual from
+        before the rewrite (or record 77's cached activation)."""
+        cfg = self.cfg
+        new_x, v_extra, ve_gate, lambdas, x0_gate, bigram_gate = mudd_fn(
+            x, [states[j] for j in cfg.mudd_value_sources], [states[j] for j in cfg.mudd_residual_sources])
+        res = res._replace(attn_source=x if res.attn_source is None else res.attn_source,
+                           v_extra=v_extra, ve_gate=None, ve_head_gate=ve_gate,
+                           lambdas=lambdas, x0_gate=x0_gate, x0_source=states[STACK_INPUT],
+                           bigram_gate=bigram_gate)
+        return new_x, res
 
     def window_tokens(self, layer: int) -> int:
         """The attention window of ``layer`` in tokens under the current window config."""

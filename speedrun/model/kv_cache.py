@@ -8,7 +8,8 @@ Owns ``KVCache``, which holds, for one sequence of at most ``max_tokens`` tokens
   shifted as attention consumed them;
 - per attention layer the last token's key before the key offset (the next token's shifted dims
   come from it);
-- the raw embedding of the last token, because smear mixes each token with its predecessor;
+- the raw embedding and the id of the last token, because smear mixes each token with its
+  predecessor and the bigram hash reads the previous id;
 - the number of tokens already decoded (the position of the next one).
 
 The model's own forward does all the math (one forward for training, evaluation and decoding);
@@ -87,11 +88,12 @@ class KVCache:
         self.last_keys = {i: torch.zeros((H, D), dtype=model.dtype, device=device) for i in layers}
         self.length = 0                              # tokens decoded so far
         self.last_embedding: Tensor | None = None    # raw embedding of the last token (for smear)
+        self.last_token: Tensor | None = None        # id of the last token (for the bigram hash)
         self._start = 0                              # first position of the tokens being decoded
 
     def reset(self) -> None:
         """Forget the sequence (the buffers are reused)."""
-        self.length, self.last_embedding, self._start = 0, None, 0
+        self.length, self.last_embedding, self.last_token, self._start = 0, None, None, 0
 
     def claim(self, n: int) -> int:
         """Reserve positions for ``n`` new tokens; returns the first one."""

@@ -5,36 +5,54 @@ Per param, on the rank-averaged gradient g of this rank's row shard, t = number 
 
     m <- b1*m + (1-b1)*g ;  v <- b2*v + (1-b2)*g^2           (stored in state_dtype, bf16 in the record)
     eff_lr = lr * lr_mult * lr_mul
-    p <- p - eff_lr * weight_decay * [mask] * p               (only if weight_decay > 0; cautious mask
+    p <- p - eff_lr * weight_decay * wd_mul * [mask] * p      (only if that is > 0; cautious mask
                                                                = sign agreement of update and p)
     p <- p - eff_lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)
 
-Sharding: rank r owns rows [r*N/W, (r+1)*N/W) of every param (so dim 0 must divide by the world size)
-and keeps Adam state only for them. When ``should_sync`` is set (by the Optimizers bundle, for the last
+lr_mul, wd_mul, betas and eps are per param group (one group per parameter label, optim/build.py).
+
+Sharding: rank r owns rows [r*N/W, (r+1)*N/W) of a param whose dim 0 divides by the world size and
+keeps Adam state only for them. When ``should_sync`` is set (by the Optimizers bundle, for the last
 backward of a step that updates Adam) a post-accumulate-grad hook launches each gradient's
 reduce-scatter (AVG) as soon as backward has produced it; step() waits per param, updates its shard and
 all-gathers the param. Params whose reduce was not launched from a hook are reduced inside step()
-(same result, no overlap). World size 1: no hooks, no communication, same math.
+(same result, no overlap). Every other param (0-d, or dim 0 not divisible: the record-89 gates,
+lambdas and MUDD weights, a few thousand values) is replicated: its gradient is all-reduced and every
+rank updates all of it with full state, as the record does for its small parameters. World size 1:
+no hooks, no communication, same math.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from speedrun.distributed import World, all_gather, reduce_scatter_avg
 from speedrun.kernels.adam_update import adam_update_
 
 
+class _AverageAfterWait:
+    """Handle of an all-reduce (SUM) of a replicated param's gradient: divides by W after the wait."""
+
+    def __init__(self, work, tensor: Tensor, world_size: int):
+        self.work, self.tensor, self.world_size = work, tensor, world_size
+
+    def wait(self) -> bool:
+        self.work.wait()
+        self.tensor.div_(self.world_size)
+        return True
+
+
 class DistAdam(torch.optim.Optimizer):
-    """Param groups may set lr, betas, eps, weight_decay and lr_mul."""
+    """Param groups may set lr, betas, eps, weight_decay, lr_mul and wd_mul."""
 
     def __init__(self, params, lr: float = 0.008, betas: tuple[float, float] = (0.65, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.0, cautious_weight_decay: bool = False,
                  state_dtype: torch.dtype = torch.bfloat16, world: World | None = None,
                  kernel: str = "auto"):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_mul=1.0)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_mul=1.0, wd_mul=1.0)
         super().__init__(params, defaults)
         self.cautious = cautious_weight_decay
         self.state_dtype = state_dtype
@@ -44,28 +62,39 @@ class DistAdam(torch.optim.Optimizer):
         self._pending: dict[Tensor, tuple[Tensor, object]] = {}
         W = self.world.world_size
         for p in self._params():
-            if p.size(0) % W:
-                raise ValueError(f"DistAdam: param {getattr(p, 'label', '?')} of shape {tuple(p.shape)}: "
-                                 f"dim 0 ({p.size(0)}) must be divisible by the world size ({W})")
-            rows = p.size(0) // W
+            shape = self._shard(p).shape
             self.state[p] = {"step": 0,
-                             "exp_avg": torch.zeros(rows, *p.shape[1:], dtype=state_dtype, device=p.device),
-                             "exp_avg_sq": torch.zeros(rows, *p.shape[1:], dtype=state_dtype, device=p.device)}
+                             "exp_avg": torch.zeros(shape, dtype=state_dtype, device=p.device),
+                             "exp_avg_sq": torch.zeros(shape, dtype=state_dtype, device=p.device)}
             if W > 1:
                 p.register_post_accumulate_grad_hook(self._launch_reduce)
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
+    def _replicated(self, p: Tensor) -> bool:
+        return p.dim() == 0 or p.size(0) % self.world.world_size != 0
+
     def _shard(self, t: Tensor) -> Tensor:
+        """This rank's rows of a sharded param (all of a replicated one)."""
+        if self._replicated(t):
+            return t
         rows = t.size(0) // self.world.world_size
         return t[self.world.rank * rows:(self.world.rank + 1) * rows]
+
+    def _reduce(self, p: Tensor):
+        """Launch the averaging of p's gradient over ranks: (this rank's gradient rows, handle)."""
+        if self._replicated(p):
+            grad = p.grad.clone()
+            return grad, _AverageAfterWait(dist.all_reduce(grad, op=dist.ReduceOp.SUM, async_op=True),
+                                           grad, self.world.world_size)
+        shard = p.grad.new_empty(p.size(0) // self.world.world_size, *p.shape[1:])
+        return shard, reduce_scatter_avg(shard, p.grad, self.world)
 
     def _launch_reduce(self, p: Tensor) -> None:
         if not self.should_sync or p.grad is None:
             return
-        shard = p.grad.new_empty(p.size(0) // self.world.world_size, *p.shape[1:])
-        self._pending[p] = (shard, reduce_scatter_avg(shard, p.grad, self.world))
+        self._pending[p] = self._reduce(p)
 
     @torch.no_grad()
     def step(self, lr_mult: float = 1.0) -> None:
@@ -80,13 +109,13 @@ class DistAdam(torch.optim.Optimizer):
                 elif p.grad is None:
                     continue
                 elif W > 1:                                # not launched from a hook: reduce now
-                    grad = p.grad.new_empty(p.size(0) // W, *p.shape[1:])
-                    reduce_scatter_avg(grad, p.grad, self.world).wait()
+                    grad, handle = self._reduce(p)
+                    handle.wait()
                 else:
                     grad = p.grad
                 shard = self._shard(p)
                 self._update(p, shard, grad, group, lr_mult)
-                if W > 1:
+                if W > 1 and not self._replicated(p):
                     gathers.append(all_gather(p, shard, self.world))
         for handle in gathers:
             handle.wait()
@@ -102,7 +131,19 @@ class DistAdam(torch.optim.Optimizer):
         # one pass over p, g, m, v (kernels/adam_update.py; its twin is the plain torch update)
         adam_update_(shard, grad, state["exp_avg"], state["exp_avg_sq"], b1=b1, b2=b2, eps=group["eps"],
                      step_size=eff_lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t),
-                     lr_wd=eff_lr * group["weight_decay"], cautious=self.cautious, kernel=self.kernel)
+                     lr_wd=eff_lr * group["weight_decay"] * group["wd_mul"], cautious=self.cautious,
+                     kernel=self.kernel)
+
+    @torch.no_grad()
+    def copy_state(self, src: Tensor, dst: Tensor) -> None:
+        """dst's Adam state (step count and this rank's moments) <- src's: both params must have the
+        same shape (the untie of the embedding from the lm_head, record 53/61)."""
+        if src.shape != dst.shape:
+            raise ValueError(f"DistAdam.copy_state: shapes differ, {tuple(src.shape)} vs {tuple(dst.shape)}")
+        s, d = self.state[src], self.state[dst]
+        d["step"] = s["step"]
+        d["exp_avg"].copy_(s["exp_avg"])
+        d["exp_avg_sq"].copy_(s["exp_avg_sq"])
 
     # ---- state: this rank's row shards only ----------------------------------------------------
 

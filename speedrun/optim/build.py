@@ -23,8 +23,11 @@ from speedrun.optim.adam import DistAdam
 from speedrun.optim.muon import NorMuon
 
 MUON_LABELS = ("attn", "mlp_fc", "mlp_proj", "smear_gate", "attn_gate")
-ADAM_LR_MUL = {"embed": "embed_lr_mul", "value_embed": "value_embed_lr_mul", "lm_head": "head_lr_mul",
-               "scalars": "scalar_lr_mul"}   # label -> AdamConfig field
+# Adam's labels; each names the AdamConfig field (an AdamGroup) with its lr_mul, betas, wd_mul
+ADAM_LABELS = ("embed", "value_embed", "lm_head", "scalars",
+               # record 89 (present only with their technique on)
+               "bigram_embed", "ve_gate", "resid_lambdas", "post_lambdas", "mudd", "mudd_bias",
+               "mudd_gate", "mudd_gate_bias", "gate_constants")
 
 STATE_FORMAT = "speedrun.optim/1"
 
@@ -81,6 +84,12 @@ class Optimizers:
         last micro-step of a step where Adam updates): that backward must run eagerly."""
         return self.adam is not None and self.adam.should_sync and self.world.world_size > 1
 
+    def copy_adam_state(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """dst's Adam state <- src's (the embedding's untie from the lm_head)."""
+        if self.adam is None:
+            raise ValueError("copy_adam_state: this model has no Adam parameters")
+        self.adam.copy_state(src, dst)
+
     def reset(self) -> None:
         """Zero all optimizer state (after an untimed warm-up that must not train)."""
         for o in self.optimizers:
@@ -111,9 +120,28 @@ class Optimizers:
                 opt.load_state_dict(state[name])
 
 
+def optimizer_of(label: str, cfg: OptimConfig) -> str:
+    """"muon" or "adam": which optimizer trains the parameters labelled ``label``."""
+    if label == "smear_gate":
+        return cfg.smear_gate_optimizer
+    if label in MUON_LABELS:
+        return "muon"
+    if label in ADAM_LABELS:
+        return "adam"
+    raise ValueError(f"label {label!r}; expected one of {', '.join(MUON_LABELS + ADAM_LABELS)}")
+
+
+def adam_group(label: str, cfg: OptimConfig) -> dict:
+    """The DistAdam param-group settings of an Adam label (its AdamGroup in the config)."""
+    ac, group = cfg.adam, getattr(cfg.adam, label)
+    return {"lr_mul": group.lr_mul, "betas": tuple(group.betas) or (ac.beta1, ac.beta2),
+            "wd_mul": group.wd_mul}
+
+
 def build_optimizers(model: nn.Module, cfg: OptimConfig, world: World | None = None) -> Optimizers:
-    """NorMuon for labels attn/mlp_fc/mlp_proj/smear_gate/attn_gate, DistAdam for embed/value_embed/
-    lm_head/scalars (lr_mul from AdamConfig). Every trainable param must carry a known label."""
+    """NorMuon for labels attn/mlp_fc/mlp_proj/attn_gate (and smear_gate unless
+    optim.smear_gate_optimizer is adam), DistAdam for the others, one param group per label with
+    that label's AdamGroup (lr_mul, betas, wd_mul). Every trainable param must carry a known label."""
     world = world or World()
     mc, ac = cfg.muon, cfg.adam
     muon_groups: dict[str, list] = {}
@@ -122,16 +150,11 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, world: World | None = N
         if not p.requires_grad:
             continue
         label = getattr(p, "label", None)
-        if label in MUON_LABELS:
-            muon_groups.setdefault(label, []).append(p)
-        elif label in ADAM_LR_MUL:
-            if p.size(0) % world.world_size:
-                raise ValueError(f"parameter '{name}' ({label}, shape {tuple(p.shape)}): dim 0 must be "
-                                 f"divisible by the world size {world.world_size} (Adam shards rows)")
-            adam_groups.setdefault(label, []).append(p)
-        else:
-            raise ValueError(f"parameter '{name}' has label {label!r}; expected one of "
-                             f"{', '.join(MUON_LABELS + tuple(ADAM_LR_MUL))}")
+        try:
+            which = optimizer_of(label, cfg)
+        except ValueError as e:
+            raise ValueError(f"parameter '{name}' has {e}") from None
+        (muon_groups if which == "muon" else adam_groups).setdefault(label, []).append(p)
 
     muon = None
     if muon_groups:
@@ -143,7 +166,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, world: World | None = N
                        axis=mc.axis, qk_head_pairs=mc.qk_head_pairs, bf16_weights=mc.bf16_weights)
     adam = None
     if adam_groups:
-        groups = [{"params": ps, "lr_mul": getattr(ac, ADAM_LR_MUL[label])} for label, ps in adam_groups.items()]
+        groups = [{"params": ps, **adam_group(label, cfg)} for label, ps in adam_groups.items()]
         adam = DistAdam(groups, lr=ac.lr, betas=(ac.beta1, ac.beta2), eps=ac.eps,
                         weight_decay=ac.weight_decay, cautious_weight_decay=ac.cautious_weight_decay,
                         state_dtype=getattr(torch, ac.state_dtype), world=world, kernel=ac.kernel)

@@ -157,12 +157,14 @@ class Trainer:
         self.micro_graph = None   # replays the forward/backward micro-step (train.cuda_graphs)
         backend = self.model.attention_backend(self.device)
         if graphs_wanted(cfg.train.cuda_graphs, self.device, cfg.train.compile, backend, world.world_size):
-            # a recording bakes in the loss scale 1/grad_accum and, for flash (whose kernels take the
-            # window as a host value at launch), the window sizes: re-record when they change
+            # a recording bakes in the loss scale 1/grad_accum, the embedding's tie to the lm_head (it
+            # reads the table it was recorded with) and, for flash (whose kernels take the window as a
+            # host value at launch), the window sizes: re-record when any of them changes
             flash_windows = backend == "flash"
             self.micro_graph = MicroStepGraph(
                 self.micro_step, self.model, self.device,
-                host_state=lambda: (self.grad_accum, self.model.window if flash_windows else None))
+                host_state=lambda: (self.grad_accum, self.model.embed_tied,
+                                    self.model.window if flash_windows else None))
             self.optimizers.keep_grads = True
         self.loader = self._train_loader()
         done("loader")
@@ -172,6 +174,8 @@ class Trainer:
             self._load_pending_grads(ckpt.find_checkpoint(resume))
             self.loader.load_state_dict(state.loader_state)
             self.start_step, self.train_time_ms = state.step, state.train_time_ms
+        # the checkpoint of a step after the untie holds the embedding's own weights and state
+        self.model.embed_tied = cfg.model.embed_tied_at(self.start_step)
         self.window: Window | None = None  # the windows currently applied to the model
         self.warmup_phases: dict[str, float] = {}
         self.warmup_helper: str | None = None   # parallel warm-up helper: finished / stopped / failed
@@ -262,9 +266,18 @@ class Trainer:
         self.optimizers.step(step, lr_multiplier(step, self.cfg.schedule),
                              muon_momentum(step, self.cfg.optim.muon, self.cfg.schedule))
         self.optimizers.zero_grad(step)
+        if self.model.embed_tied and step == self.cfg.model.untie_after_step:
+            self.untie_embed()
         if mark:
             mark("optimizer")
         return total / (self.grad_accum * batches[0].inputs.numel())
+
+    def untie_embed(self) -> None:
+        """After this step's update the embedding is its own parameter (model.untie_after_step,
+        record 53/61): it starts from the lm_head's weights and Adam state (step count, moments), so
+        training continues exactly as if the two had been one parameter until now."""
+        self.model.untie_embed()
+        self.optimizers.copy_adam_state(self.model.lm_head.weight, self.model.embed.weight)
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -290,6 +303,7 @@ class Trainer:
             return time.perf_counter() - t0
         model_state = copy.deepcopy(self.model.state_dict())
         optim_state = copy.deepcopy(self.optimizers.state_dict())
+        embed_tied = self.model.embed_tied
         loader = self._train_loader()
         val_batch = next(iter(self.val_loader()))
         phases = self.warmup_phases = {"compile_regions": time.perf_counter() - t0}
@@ -337,6 +351,7 @@ class Trainer:
                 helper.settle()
         self.model.load_state_dict(model_state)
         self.optimizers.load_state_dict(optim_state)
+        self.model.embed_tied = embed_tied   # a warm-up step may have been the untie
         self.optimizers.zero_grad(1)  # odd step: drop every gradient
         self.model.reset_window()
         self.window = None

@@ -1,0 +1,80 @@
+"""GPU tests of record 89's embedding / residual-stream switches (skipped without CUDA): the
+regionally compiled record-89-shaped model agrees with its eager twin and compiles nothing new over
+the window stages and the untie; the fused losses (Triton CE, FP8 head + CE) with record 89's
+asymmetric rescale agree with the plain softcap + F.cross_entropy.
+
+Run on the GPU machine: python -m pytest tests/test_model_r89_gpu.py -m gpu -q
+"""
+import pytest
+import torch
+from r89_helpers import randomized89
+from test_model_gpu import packed_docs, rel
+
+from speedrun.config import Window
+from speedrun.kernels import fp8 as F8
+from speedrun.model import GPT
+from speedrun.presets import record89_model
+
+pytestmark = pytest.mark.gpu
+
+
+def record89_on_gpu(T=16384, **overrides):
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    cfg = record89_model(**overrides)
+    model = randomized89(GPT(cfg, torch.bfloat16).to(dev), scale=0.02)
+    g = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, 50256, (T,), device=dev, generator=g, dtype=torch.int32)
+    targets = torch.randint(0, 50256, (T,), device=dev, generator=g)
+    return cfg, model, ids, targets, packed_docs(T, 700, dev)
+
+
+def test_compiled_record89_model_matches_eager_and_never_recompiles():
+    torch._dynamo.reset()
+    cfg, model, ids, targets, cu = record89_on_gpu()
+    model.set_window(Window(1, 3))
+    model.set_window(Window(3, 7))
+    cfg.attention_backend = "sdpa"
+    with torch.no_grad():
+        eager = model(ids, targets, cu, reduction="mean")
+    cfg.attention_backend = "flex"
+    model.compile_regions()
+    with torch.no_grad():
+        compiled = model(ids, targets, cu, reduction="mean")
+    assert abs(compiled.item() - eager.item()) < 2e-2 * eager.item()
+
+    from torch._dynamo.utils import counters
+    model.train()
+    model(ids, targets, cu).backward()
+    graphs = counters["stats"]["unique_graphs"]
+    for long in (11, 13):
+        model.set_window(Window(long // 2, long))
+        model(ids, targets, cu).backward()
+    model.untie_embed()
+    model(ids, targets, cu).backward()
+    assert counters["stats"]["unique_graphs"] == graphs, "a window change or the untie recompiled"
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_losses_with_the_asymmetric_rescale_match_plain(compiled):
+    """fused_loss on (the FP8 head + CE op where the GPU has FP8, else the Triton CE) vs off (the
+    plain rescale + F.cross_entropy on the same head), record 89's 23 sigmoid((z + 5) / 7.5)."""
+    torch._dynamo.reset()
+    cfg, model, ids, targets, cu = record89_on_gpu(T=8192)
+    model.set_window(Window(1, 3))
+    if compiled:
+        model.compile_regions()
+    model.train()
+    results = {}
+    for fused in (False, True):
+        cfg.fused_loss = fused
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, targets, cu)
+        loss.backward()
+        results[fused] = (loss.detach().float(), model.lm_head.weight.grad.float().clone(),
+                          model.bigram.weight.grad.float().clone())
+    tol = 2e-2 if F8.fp8_supported("cuda", 0) else 1e-2
+    for got, want in zip(results[True], results[False]):
+        assert rel(got, want) < tol
+    torch._dynamo.reset()
