@@ -97,6 +97,12 @@ class ModelConfig:
     #                                    softcap + F.cross_entropy else
     fused_mlp: bool = True             # MLP through the fused Triton kernels on CUDA (bf16 relu² only);
     #                                    the plain twin elsewhere
+    fp8_mlp: bool = False              # training MLP forward in FP8 (record 89; kernels/fp8_mlp.py): up
+    #                                    projection with the current amax of its input, down projection
+    #                                    with delayed scales; backward bf16; eval bf16
+    fp8_mlp_act_headroom: float = 1.80     # delayed activation scale = last amax(post) * this / 448
+    fp8_mlp_weight_headroom: float = 1.12  # delayed W_proj scale = last refresh's amax * this / 448
+    fp8_mlp_exact_steps: int = 16      # refreshes after steps < this use the exact W_proj scale
 
     @property
     def padded_vocab_size(self) -> int:
@@ -247,6 +253,12 @@ class Config:
         if m.backout:
             _check(0 <= m.backout_layer < m.num_layers, "model.backout_layer", f"in [0, {m.num_layers})")
         _check(m.logit_softcap >= 0, "model.logit_softcap", ">= 0 (0 disables)")
+        if m.fp8_mlp:
+            _check(m.relu_squared, "model.fp8_mlp", "false unless model.relu_squared is on (the FP8 MLP is relu²)")
+            _check(m.fp8_mlp_act_headroom >= 1, "model.fp8_mlp_act_headroom", ">= 1 (a margin over the last amax)")
+            _check(m.fp8_mlp_weight_headroom >= 1, "model.fp8_mlp_weight_headroom",
+                   ">= 1 (a margin over the last amax)")
+            _check(m.fp8_mlp_exact_steps >= 0, "model.fp8_mlp_exact_steps", ">= 0")
         _check(t.tokens_per_step > 0 and t.sequence_tokens > 0, "train.tokens_per_step", "> 0")
         _check(t.tokens_per_step % t.sequence_tokens == 0, "train.sequence_tokens",
                f"a divisor of train.tokens_per_step ({t.tokens_per_step})")

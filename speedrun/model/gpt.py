@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from speedrun.config import ModelConfig, Window
 from speedrun.kernels.fp8 import fp8_active, head_matmul, linear_head
 from speedrun.kernels.fp8_head_ce import fp8_head_softcap_ce_fused
+from speedrun.kernels.fp8_mlp import FP8MLPState, fp8_relu2_mlp
 from speedrun.kernels.relu2_mlp import relu2_mlp
 from speedrun.kernels.softcap_ce import softcapped_cross_entropy
 from speedrun.model.attention import (
@@ -84,17 +85,40 @@ class MLP(nn.Module):
     """relu(x W_fc)^2 W_proj^T (GELU when relu_squared is off). Both weights are fp32 (dim, hidden):
     ``c_fc`` is used as x @ c_fc (stored (in, out)), ``c_proj`` as an nn.Linear weight (out, in).
     With ``fused_mlp`` the relu² MLP on bf16/fp16 CUDA activations runs as one fused op
-    (kernels/relu2_mlp.py: relu² and its derivative in Triton matmul epilogues); same parameters."""
+    (kernels/relu2_mlp.py: relu² and its derivative in Triton matmul epilogues); same parameters.
+    With an ``fp8`` state (model.fp8_mlp) the training forward runs both matmuls in FP8
+    (kernels/fp8_mlp.py; its twin off FP8 hardware); evaluation stays bf16/fp32."""
 
-    def __init__(self, dim: int, hidden: int, relu_squared: bool, fused_mlp: bool = False):
+    def __init__(self, dim: int, hidden: int, relu_squared: bool, fused_mlp: bool = False,
+                 fp8: FP8MLPState | None = None):
         super().__init__()
         self.relu_squared = relu_squared
         self.fused_mlp = fused_mlp
         self.c_fc = nn.Parameter(torch.empty(dim, hidden))
         self.c_proj = nn.Parameter(torch.empty(dim, hidden))
         self.c_fc.label, self.c_proj.label = "mlp_fc", "mlp_proj"
+        self.fp8 = fp8
+        if fp8 is not None:
+            # the fp8 weight copies are not saved: rebuilt with the loaded scales after any load
+            self.register_load_state_dict_post_hook(MLP._requantize_after_load)
+
+    @staticmethod
+    def _requantize_after_load(module: "MLP", incompatible_keys) -> None:
+        module.fp8.refresh(module.c_fc, module.c_proj, "keep")
+
+    def reset_fp8(self) -> None:
+        """The FP8 state of freshly initialised weights (exact scales, activation scales 1.0)."""
+        if self.fp8 is not None:
+            self.fp8.reset(self.c_fc, self.c_proj)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Re-quantise the FP8 weight copies from the weights optimizer step ``step`` wrote."""
+        if self.fp8 is not None:
+            self.fp8.after_optimizer_step(self.c_fc, self.c_proj, step)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fp8 is not None and self.training:
+            return fp8_relu2_mlp(x, self.c_fc, self.c_proj, self.fp8)
         if self.fused_mlp and self.relu_squared and x.is_cuda:
             # the fused op for 16-bit activations, its twin (this method's math) otherwise
             return relu2_mlp(x, self.c_fc, self.c_proj, kernel="auto")
@@ -111,7 +135,7 @@ class Block(nn.Module):
     That keeps the compiled code identical across layers, so regional compilation compiles it once
     per variant (with/without attention, value embedding, skip) and reuses it for every layer."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, micro_steps: int = 1):
         super().__init__()
         self.attn = None
         if cfg.has_attention(layer):
@@ -119,7 +143,9 @@ class Block(nn.Module):
                                             qk_norm=cfg.qk_norm, rotary=cfg.rotary,
                                             attn_gate=cfg.attn_gate, gate_dim=cfg.gate_dim,
                                             dtype=dtype)
-        self.mlp = MLP(cfg.model_dim, cfg.mlp_dim, cfg.relu_squared, cfg.fused_mlp)
+        fp8 = FP8MLPState(cfg.model_dim, cfg.mlp_dim, micro_steps, cfg.fp8_mlp_act_headroom,
+                          cfg.fp8_mlp_weight_headroom, cfg.fp8_mlp_exact_steps) if cfg.fp8_mlp else None
+        self.mlp = MLP(cfg.model_dim, cfg.mlp_dim, cfg.relu_squared, cfg.fused_mlp, fp8)
 
     def forward(self, x: Tensor, inp: LayerInputs) -> Tensor:
         if inp.skip is not None:
@@ -136,10 +162,12 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, *,
                  max_doc_len: int | None = None, flex_block_size: int = FLEX_BLOCK_SIZE,
-                 eval_chunk_tokens: int = EVAL_CHUNK_TOKENS):
+                 eval_chunk_tokens: int = EVAL_CHUNK_TOKENS, micro_steps: int = 1):
         """``max_doc_len``: the bound on training documents (the loader cuts them there; flash uses
         it as its launch bound, None = the batch length); ``flex_block_size``: FlexAttention's tile;
-        ``eval_chunk_tokens``: eval logits are made this many tokens at a time."""
+        ``eval_chunk_tokens``: eval logits are made this many tokens at a time; ``micro_steps``: this
+        rank's micro-steps per optimizer step (the trainer's grad_accum), the FP8 MLP's slots of
+        delayed activation scales (kernels/fp8_mlp.py)."""
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         assert cfg.num_heads * cfg.head_dim == cfg.model_dim, "num_heads * head_dim != model_dim"
@@ -150,7 +178,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(V, d)
         self.value_embeds = nn.ModuleList(nn.Embedding(V, d) for _ in range(cfg.num_value_embeds))
         self.smear_gate = nn.Linear(cfg.gate_dim, 1, bias=False) if cfg.smear else None
-        self.blocks = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, dtype, micro_steps) for i in range(cfg.num_layers))
         self.lm_head = nn.Linear(d, V, bias=False)
         self.scalars = nn.Parameter(self.layout.initial(cfg))
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale, cfg.block_size)
@@ -216,6 +244,7 @@ class GPT(nn.Module):
                     block.attn.gate.weight.zero_()
             uniform_(block.mlp.c_fc, d)
             output_(block.mlp.c_proj, cfg.mlp_dim)
+            block.mlp.reset_fp8()
         if self.smear_gate is not None:
             self.smear_gate.weight.zero_()
         output_(self.lm_head.weight, d)
@@ -271,6 +300,13 @@ class GPT(nn.Module):
         with torch.no_grad():
             self.window_long.fill_(UNBOUNDED_WINDOW)
             self.window_short.fill_(UNBOUNDED_WINDOW)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """What follows the weights after optimizer step ``step`` (the trainer calls it): the FP8 MLP's
+        weight copies and scales (model.fp8_mlp; nothing otherwise)."""
+        if self.cfg.fp8_mlp:
+            for block in self.blocks:
+                block.mlp.after_optimizer_step(step)
 
     def fp8_head_active(self, device: torch.device) -> bool:
         """Whether the training head runs in FP8 on ``device`` (model.fp8_head and FP8 hardware)."""

@@ -130,7 +130,9 @@ class Trainer:
         # seconds (CUDA draws its init from the CUDA generator, seeded by manual_seed above)
         with torch.device(self.device):
             # the loader cuts training documents at data.max_doc_len: the model's bound on them
-            self.model = GPT(cfg.model, dtype=self.dtype, max_doc_len=cfg.data.max_doc_len)
+            # micro_steps: the FP8 MLP keeps a delayed activation scale per micro-step (kernels/fp8_mlp.py)
+            self.model = GPT(cfg.model, dtype=self.dtype, max_doc_len=cfg.data.max_doc_len,
+                             micro_steps=self.grad_accum)
         self._broadcast_parameters()
         done("model")
         self.optimizers = build_optimizers(self.model, cfg.optim, world)
@@ -234,6 +236,7 @@ class Trainer:
                 total += self.micro_step(batch.inputs, batch.targets, batch.cu_seqlens, mark)
         self.optimizers.step(step, lr_multiplier(step, self.cfg.schedule),
                              muon_momentum(step, self.cfg.optim.muon, self.cfg.schedule))
+        self.model.after_optimizer_step(step)   # the FP8 MLP's weight copies follow the new weights
         self.optimizers.zero_grad(step)
         if mark:
             mark("optimizer")
