@@ -44,9 +44,10 @@ slot to 0; with micro_steps = 1 it is the record's per-rank scale. Ranks never s
 
 Paths (`fp8_relu2_mlp`, what MLP.forward calls in training):
 * "triton": the custom op `speedrun::fp8_relu2_mlp` (bf16 CUDA activations, FP8 tensor cores):
-  one Triton fp8 x fp8 matmul whose epilogue dequantises, squares, writes post in bf16 and in e4m3
-  (with the layer's delayed scale, read on the device from its slot) and the max of post (one atomic
-  per tile); `torch._scaled_mm` for the down projection, each scale in its own 16-byte-aligned
+  one persistent Triton fp8 x fp8 matmul (TMA loads and stores) whose epilogue dequantises, squares,
+  writes post in bf16 and in e4m3 (with the layer's delayed scale, read on the device from its slot)
+  and the max of post (one atomic per program); `torch._scaled_mm` for the down projection, each scale
+  in its own 16-byte-aligned
   allocation (cuBLASLt under CUDA 13 rejects scale pointers at 4-byte offsets with
   CUBLAS_STATUS_NOT_SUPPORTED, which is why the record's (1,)-views into one buffer fail there).
   The activation quantisation and the scale bookkeeping around the op are plain torch, fused by
@@ -76,6 +77,7 @@ from speedrun.kernels.relu2_mlp import TileConfig, relu2_mlp_grads
 try:  # Triton is optional: CPU installs and tests use the twin.
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
@@ -183,14 +185,14 @@ class _FP8ReLU2MLPTwin(torch.autograd.Function):
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
 # Up projection, Hopper (227 KB of shared memory per block): fp8 tiles, BLOCK_K 128 (the fp8 MMA's
-# 128-byte rows), 3 stages = (128*128 + 128*256) B * 3 = 144 KB; the record's kernel uses the same
-# 128 x 256 x 128 tile. benchmarks/bench_mlp.py --fp8 sweeps CONFIGS to re-pin it.
+# 128-byte rows), 3 stages = (128*128 + 128*256) B * 3 = 144 KB + 48 KB of store staging; the record's
+# kernel uses the same 128 x 256 x 128 tile. benchmarks/bench_fp8_mlp.py sweeps CONFIGS to re-pin it.
+# (group_m is unused: the persistent kernel walks the tiles row by row, W stays in L2.)
 FORWARD_CONFIG = TileConfig(128, 256, 128, 8, num_warps=8, num_stages=3)
 # FP8 GPUs with ~100 KB of shared memory per block (Ada): 48 KB of tiles.
 SMALL_SMEM_CONFIG = TileConfig(128, 128, 64, 8, num_warps=8, num_stages=3)
-CONFIGS = (
+CONFIGS = (   # (4 stages of 128 x 256 x 128 need 240 KB: more than Hopper has)
     FORWARD_CONFIG,
-    TileConfig(128, 256, 128, 8, num_warps=8, num_stages=4),
     TileConfig(128, 128, 128, 8, num_warps=8, num_stages=4),
     TileConfig(128, 128, 128, 8, num_warps=4, num_stages=4),
     TileConfig(256, 128, 128, 8, num_warps=8, num_stages=3),
@@ -231,12 +233,12 @@ if HAS_TRITON:
         return v.to(tl.float8e4nv)
 
     @triton.jit
-    def _fp8_up_kernel(
-        x_ptr,            # x8 (M, K) e4m3, row-major
-        w_ptr,            # W_fc's fp8 copy (N, K) e4m3, row-major: K-major as the fp8 MMA wants it
-        post_ptr,         # out: post (M, N) bf16
-        post_f8_ptr,      # out: post8 (M, N) e4m3
-        amax_ptr,         # out: max(post) (1,) fp32, zeroed by the caller, one atomic per tile
+    def _fp8_up_tiles(
+        x_desc,           # x8 (M, K) e4m3: TMA descriptor, block (BLOCK_M, BLOCK_K)
+        w_desc,           # W_fc's fp8 copy (N, K) e4m3, K-major as the fp8 MMA wants it: block (BLOCK_N, BLOCK_K)
+        post_desc,        # out: post (M, N) bf16, block (BLOCK_M, BLOCK_N // 2)
+        post_f8_desc,     # out: post8 (M, N) e4m3, block (BLOCK_M, BLOCK_N // 2)
+        amax_ptr,         # out: max(post) (1,) fp32, zeroed by the caller; one atomic per program
         x_scale_ptr,      # s_x (1,)
         w_scale_ptr,      # s_fc (1,)
         act_scales_ptr,   # the layer's delayed activation scales, one per slot
@@ -244,63 +246,72 @@ if HAS_TRITON:
         act_out_ptr,      # out: the slot's scale (1,) fp32, a fresh aligned tensor for _scaled_mm
         M,
         N,
-        stride_xm,
-        stride_wn,
-        stride_pm,
+        num_programs,
+        tiles_per_program,
         K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
         EXACT_ROUNDING: tl.constexpr,
     ):
-        # grouped tile order (as relu2_mlp.py): GROUP_M programs share a column band of W in L2
+        # Persistent: one program per SM walks the output tiles pid, pid + P, ... (row-major: W, 2.4 MB in
+        # fp8, stays in L2); flatten lets the pipeliner load the next tile's operands during this one's
+        # epilogue. A program's last round may run past the end: it redoes the last tile (same values).
         pid = tl.program_id(0)
-        tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
-        tiles_per_group = GROUP_M * tiles_n
-        group = pid // tiles_per_group
-        first_m = group * GROUP_M
-        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        pid_in_group = pid % tiles_per_group
-        pid_m = first_m + pid_in_group % group_rows
-        pid_n = pid_in_group // group_rows
-
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < M
-        col_ok = cols < N
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
-
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            if K % BLOCK_K == 0:  # static: no K mask at the model's sizes
-                x_mask = row_ok[:, None]
-                w_mask = col_ok[None, :]
-            else:
-                x_mask = row_ok[:, None] & (ks < K)[None, :]
-                w_mask = (ks < K)[:, None] & col_ok[None, :]
-            a = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0)
-            b = tl.load(w_cols + ks[:, None], mask=w_mask, other=0.0)   # (BLOCK_K, BLOCK_N), K contiguous
-            acc = tl.dot(a, b, acc)
-
-        # epilogue in fp32 registers: dequantise, round to bf16, relu, square, round again
-        pre = _as_bf16(acc * (tl.load(x_scale_ptr) * tl.load(w_scale_ptr)), EXACT_ROUNDING)
-        pre = tl.maximum(pre, 0.0)
-        post = _as_bf16(pre * pre, EXACT_ROUNDING)
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        offsets = rows.to(tl.int64)[:, None] * stride_pm + cols[None, :]
-        tl.store(post_ptr + offsets, post.to(post_ptr.dtype.element_ty), mask=tile_ok)
-
+        last_tile = tl.cdiv(M, BLOCK_M) * tiles_n - 1
+        scale = tl.load(x_scale_ptr) * tl.load(w_scale_ptr)
         act_scale = tl.load(act_scales_ptr + tl.load(slot_ptr))
         inverse = tl.div_rn(1.0, act_scale)
-        post_f8 = _to_e4m3(tl.minimum(post * inverse, 448.0), EXACT_ROUNDING)   # post >= 0: upper clamp
-        tl.store(post_f8_ptr + offsets, post_f8, mask=tile_ok)
-        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(tile_ok, post, 0.0), axis=1), axis=0))
+        amax = 0.0
+        for i in tl.range(0, tiles_per_program, flatten=True):
+            tile = tl.minimum(pid + i * num_programs, last_tile)
+            off_m = (tile // tiles_n) * BLOCK_M
+            off_n = (tile % tiles_n) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):   # out-of-bounds rows / K columns load as zeros
+                acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+            # the epilogue one half of the columns at a time (fewer live registers, smaller stores)
+            halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            amax = tl.maximum(amax, _up_epilogue(halves[0], scale, inverse, post_desc, post_f8_desc, off_m, off_n,
+                                                 EXACT_ROUNDING))
+            amax = tl.maximum(amax, _up_epilogue(halves[1], scale, inverse, post_desc, post_f8_desc, off_m,
+                                                 off_n + BLOCK_N // 2, EXACT_ROUNDING))
+        tl.atomic_max(amax_ptr, amax)
         if pid == 0:
             tl.store(act_out_ptr, act_scale)
+
+    @triton.jit
+    def _fp8_up_kernel(x_desc, w_desc, post_desc, post_f8_desc, amax_ptr, x_scale_ptr, w_scale_ptr, act_scales_ptr,
+                       slot_ptr, act_out_ptr, M, N, num_programs, tiles_per_program, K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       EXACT_ROUNDING: tl.constexpr):
+        _fp8_up_tiles(x_desc, w_desc, post_desc, post_f8_desc, amax_ptr, x_scale_ptr, w_scale_ptr, act_scales_ptr,
+                      slot_ptr, act_out_ptr, M, N, num_programs, tiles_per_program, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                      EXACT_ROUNDING)
+
+    @triton.jit
+    def _fp8_up_kernel_interpreted(x_desc, w_desc, post_desc, post_f8_desc, amax_ptr, x_scale_ptr, w_scale_ptr,
+                                   act_scales_ptr, slot_ptr, act_out_ptr, M, N, num_programs,
+                                   TILES_PER_PROGRAM: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
+        # the same body; the interpreter holds runtime scalars as 1-element arrays, which a loop bound
+        # cannot be under numpy 2, so there the tile count is a constant
+        _fp8_up_tiles(x_desc, w_desc, post_desc, post_f8_desc, amax_ptr, x_scale_ptr, w_scale_ptr, act_scales_ptr,
+                      slot_ptr, act_out_ptr, M, N, num_programs, TILES_PER_PROGRAM, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                      EXACT_ROUNDING)
+
+    @triton.jit
+    def _up_epilogue(acc, scale, inverse, post_desc, post_f8_desc, off_m, off_n, EXACT_ROUNDING: tl.constexpr):
+        """Dequantise, round to bf16, relu, square, round again; store post and post8 = e4m3(min(post /
+        a, 448)) (post >= 0: only the upper clamp; the stores drop rows past M); return max(post) (rows
+        past M are zeros)."""
+        pre = _as_bf16(acc * scale, EXACT_ROUNDING)
+        pre = tl.maximum(pre, 0.0)
+        post = _as_bf16(pre * pre, EXACT_ROUNDING)
+        post_desc.store([off_m, off_n], post.to(tl.bfloat16))
+        post_f8_desc.store([off_m, off_n], _to_e4m3(tl.minimum(post * inverse, 448.0), EXACT_ROUNDING))
+        return tl.max(tl.max(post, axis=1), axis=0)
 
     @triton.jit
     def _weight_amax_kernel(fc_ptr, proj_ptr, partial_ptr, used_ptr, next_ptr, D, H, stride_fc, stride_proj,
@@ -363,6 +374,18 @@ def _fits_hopper_tiles(device_index: int) -> bool:
     return getattr(props, "shared_memory_per_block_optin", 0) >= 200 * 1024
 
 
+def _num_programs(device: torch.device) -> int:
+    """The persistent kernel's grid: one program per SM (3 in the interpreter: several tiles each)."""
+    if _interpreting():
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _fp8_shapes_ok(*dims: int) -> bool:
+    """The op's rule on d and H: multiples of 16 (16-byte TMA rows in fp8; _scaled_mm requires it too)."""
+    return all(n % 16 == 0 for n in dims)
+
+
 def _default_config(device: torch.device) -> TileConfig:
     if _interpreting():
         return INTERPRETER_CONFIG
@@ -383,28 +406,37 @@ def fp8_up_projection(x_f8: Tensor, x_scale: Tensor, w_fc_f8: Tensor, w_fc_scale
     """The fused up projection (Triton): x8 (T, d) and W_fc's fp8 copy (H, d) -> (post (T, H) out_dtype,
     post8 (T, H) e4m3, max(post) (1,) fp32, the slot's activation scale (1,) fp32). act_scales (S,) and
     slot (1,) int64 select the delayed scale on the device. config: a TileConfig (default
-    FORWARD_CONFIG; INTERPRETER_CONFIG in the interpreter)."""
+    FORWARD_CONFIG; INTERPRETER_CONFIG in the interpreter); d and H must be multiples of 16 (TMA rows,
+    and _scaled_mm's own rule)."""
     _require_triton("fp8_up_projection", x_f8, w_fc_f8)
     if out_dtype != torch.bfloat16:
         raise RuntimeError(f"fp8_up_projection: post is bf16 (the record's); got out_dtype {out_dtype}")
-    if x_f8.dtype != E4M3 or w_fc_f8.dtype != E4M3 or x_f8.stride(1) != 1 or w_fc_f8.stride(1) != 1 \
-            or x_f8.shape[1] != w_fc_f8.shape[1]:
-        raise ValueError(f"fp8_up_projection: expected e4m3 x8 (T, d) and W8 (H, d) with unit inner strides, got "
-                         f"{x_f8.dtype} {tuple(x_f8.shape)} and {w_fc_f8.dtype} {tuple(w_fc_f8.shape)}")
+    if x_f8.dtype != E4M3 or w_fc_f8.dtype != E4M3 or x_f8.dim() != 2 or x_f8.shape[1] != w_fc_f8.shape[1] \
+            or not x_f8.is_contiguous() or not w_fc_f8.is_contiguous() or not _fp8_shapes_ok(*w_fc_f8.shape):
+        raise ValueError(f"fp8_up_projection: expected contiguous e4m3 x8 (T, d) and W8 (H, d) with d and H multiples "
+                         f"of 16, got {x_f8.dtype} {tuple(x_f8.shape)} and {w_fc_f8.dtype} {tuple(w_fc_f8.shape)}")
     M, K = x_f8.shape
     N = w_fc_f8.shape[0]
     post = torch.empty((M, N), device=x_f8.device, dtype=out_dtype)
     post_f8 = torch.empty((M, N), device=x_f8.device, dtype=E4M3)
     amax = torch.zeros(1, device=x_f8.device, dtype=torch.float32)
-    if M == 0 or N == 0:
+    if M == 0:
         return post, post_f8, amax, act_scales.index_select(0, slot)
     act = torch.empty(1, device=x_f8.device, dtype=torch.float32)
     cfg = config or _default_config(x_f8.device)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    _fp8_up_kernel[grid](
-        x_f8, w_fc_f8, post, post_f8, amax, x_scale, w_fc_scale, act_scales, slot, act,
-        M, N, x_f8.stride(0), w_fc_f8.stride(0), post.stride(0),
-        K=K, **cfg.meta(), EXACT_ROUNDING=_interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # tiles no larger than the matrix (small models, tests); fp8 MMAs take K in steps of 32
+    block_n = min(cfg.block_n, max(32, triton.next_power_of_2(N)))
+    block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, block_n)
+    programs = min(tiles, _num_programs(x_f8.device))
+    descriptor = TensorDescriptor.from_tensor
+    kernel = _fp8_up_kernel_interpreted if _interpreting() else _fp8_up_kernel
+    kernel[(programs,)](
+        descriptor(x_f8, [cfg.block_m, block_k]), descriptor(w_fc_f8, [block_n, block_k]),
+        descriptor(post, [cfg.block_m, block_n // 2]), descriptor(post_f8, [cfg.block_m, block_n // 2]),
+        amax, x_scale, w_fc_scale, act_scales, slot, act, M, N, programs, triton.cdiv(tiles, programs),
+        K=K, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, EXACT_ROUNDING=_interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return post, post_f8, amax, act
 
 
@@ -583,13 +615,14 @@ def fp8_relu2_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, state: FP8MLPState, *
     e4m3 (see the module docstring), then this forward's max(post) recorded into ``state``. x (..., d);
     w_fc, w_proj (d, H) of any float dtype, cast to x's (the weight gradients come back in theirs).
 
-    kernel: "auto" (the op for bf16 CUDA activations on FP8 hardware with Triton, else the twin) |
+    kernel: "auto" (the op for bf16 CUDA activations on FP8 hardware with Triton and d, H multiples of
+    16, else the twin) |
     "triton" (the op; an error where it cannot run) | "torch" (the twin)."""
     if kernel not in _KERNELS:
         raise ValueError(f"fp8_relu2_mlp: kernel must be one of {_KERNELS}, got {kernel!r}")
     _check_shapes(x, w_fc, w_proj, state)
     if kernel == "auto":
-        usable = HAS_TRITON and x.is_cuda and x.dtype == torch.bfloat16
+        usable = HAS_TRITON and x.is_cuda and x.dtype == torch.bfloat16 and _fp8_shapes_ok(*w_fc.shape)
         kernel = "triton" if usable and _fp8_hardware(x.device.type, x.device.index) else "torch"
     if kernel == "triton":
         _require_triton("fp8_relu2_mlp", x)
