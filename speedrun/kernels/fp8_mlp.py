@@ -54,8 +54,9 @@ Paths (`fp8_relu2_mlp`, what MLP.forward calls in training):
   torch.compile into the block's graph; nothing depends on host values, so no recompiles and no
   host syncs (CUDA graphs replay it).
 * "torch": the twin, readable torch emulating the same quantisation (quantise, fp32 matmul of the
-  fp8 values, same scales and saturation) with the same bf16 backward. It runs on the CPU and on GPUs
-  without FP8 (compute capability < 8.9), so those runs follow the FP8 trajectory too.
+  fp8 values, same scales and saturation) with the same bf16 backward. Training on the CPU runs it, so
+  CPU runs follow the FP8 trajectory (and test the state's bookkeeping); GPUs without FP8 tensor cores
+  (compute capability < 8.9) keep the bf16 MLP (`fp8_mlp_runs_on`), as the FP8 head does.
 Evaluation never uses FP8 (MLP.forward takes the bf16 path when not training).
 
 The weight refresh (`FP8MLPState.refresh`) is two Triton launches per layer on CUDA (per-tile amax of
@@ -92,6 +93,7 @@ __all__ = [
     "FP8MLPState",
     "fp8_relu2_mlp",
     "fp8_relu2_mlp_reference",
+    "fp8_mlp_runs_on",
     "fp8_up_projection",
     "up_projection_reference",
     "down_projection",
@@ -597,6 +599,13 @@ class FP8MLPState(nn.Module):
 def _fp8_hardware(device_type: str, index: int | None) -> bool:
     """fp8_supported as a constant to torch.compile (MLP.forward runs inside the compiled blocks)."""
     return fp8_supported(device_type, index)
+
+
+def fp8_mlp_runs_on(x: Tensor) -> bool:
+    """Whether a training forward on activations x runs the FP8 MLP: on GPUs with FP8 tensor cores
+    (compute capability >= 8.9) and on the CPU (the twin, so CPU runs follow the FP8 trajectory). GPUs
+    without FP8 keep the bf16 MLP, as the FP8 head does (the emulation there would be fp32 matmuls)."""
+    return not x.is_cuda or _fp8_hardware(x.device.type, x.device.index)
 
 
 def _check_shapes(x: Tensor, w_fc: Tensor, w_proj: Tensor, state: FP8MLPState) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from speedrun.config import ModelConfig, Window
 from speedrun.kernels.fp8 import fp8_active, head_matmul, linear_head
 from speedrun.kernels.fp8_head_ce import fp8_head_softcap_ce_fused
-from speedrun.kernels.fp8_mlp import FP8MLPState, fp8_relu2_mlp
+from speedrun.kernels.fp8_mlp import FP8MLPState, fp8_mlp_runs_on, fp8_relu2_mlp
 from speedrun.kernels.relu2_mlp import relu2_mlp
 from speedrun.kernels.softcap_ce import softcapped_cross_entropy
 from speedrun.model.attention import (
@@ -86,8 +86,8 @@ class MLP(nn.Module):
     ``c_fc`` is used as x @ c_fc (stored (in, out)), ``c_proj`` as an nn.Linear weight (out, in).
     With ``fused_mlp`` the relu² MLP on bf16/fp16 CUDA activations runs as one fused op
     (kernels/relu2_mlp.py: relu² and its derivative in Triton matmul epilogues); same parameters.
-    With an ``fp8`` state (model.fp8_mlp) the training forward runs both matmuls in FP8
-    (kernels/fp8_mlp.py; its twin off FP8 hardware); evaluation stays bf16/fp32."""
+    With an ``fp8`` state (model.fp8_mlp) the training forward runs both matmuls in FP8 on FP8 GPUs
+    (kernels/fp8_mlp.py; its emulating twin on the CPU); evaluation stays bf16/fp32."""
 
     def __init__(self, dim: int, hidden: int, relu_squared: bool, fused_mlp: bool = False,
                  fp8: FP8MLPState | None = None):
@@ -117,7 +117,7 @@ class MLP(nn.Module):
             self.fp8.after_optimizer_step(self.c_fc, self.c_proj, step)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fp8 is not None and self.training:
+        if self.fp8 is not None and self.training and fp8_mlp_runs_on(x):
             return fp8_relu2_mlp(x, self.c_fc, self.c_proj, self.fp8)
         if self.fused_mlp and self.relu_squared and x.is_cuda:
             # the fused op for 16-bit activations, its twin (this method's math) otherwise
