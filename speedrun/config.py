@@ -188,6 +188,12 @@ class ModelConfig:
     #                                    (record 53/61; record 89: 847); -1 = tied to the end
     head_init_std: float = 0.0         # lm_head ~ N(0, std) (record 89: 0.005); 0 = zero_init_outputs
     attn_out_init_nonzero: bool = False   # record 64: Wo initialized like Wq/Wk/Wv, not zero
+    fp8_mlp: bool = False              # training MLP forward in FP8 (record 89; kernels/fp8_mlp.py): up
+    #                                    projection with the current amax of its input, down projection
+    #                                    with delayed scales; backward bf16; eval bf16
+    fp8_mlp_act_headroom: float = 1.80     # delayed activation scale = last amax(post) * this / 448
+    fp8_mlp_weight_headroom: float = 1.12  # delayed W_proj scale = last refresh's amax * this / 448
+    fp8_mlp_exact_steps: int = 16      # refreshes after steps < this use the exact W_proj scale
 
     @property
     def padded_vocab_size(self) -> int:
@@ -469,6 +475,12 @@ class Config:
                    f"optim.adam.{name}.betas", "[] (optim.adam's beta1, beta2) or two values in [0, 1)")
             _check(group.lr_mul >= 0 and group.wd_mul >= 0, f"optim.adam.{name}.lr_mul",
                    "lr_mul >= 0 and wd_mul >= 0")
+        if m.fp8_mlp:
+            _check(m.relu_squared, "model.fp8_mlp", "false unless model.relu_squared is on (the FP8 MLP is relu²)")
+            _check(m.fp8_mlp_act_headroom >= 1, "model.fp8_mlp_act_headroom", ">= 1 (a margin over the last amax)")
+            _check(m.fp8_mlp_weight_headroom >= 1, "model.fp8_mlp_weight_headroom",
+                   ">= 1 (a margin over the last amax)")
+            _check(m.fp8_mlp_exact_steps >= 0, "model.fp8_mlp_exact_steps", ">= 0")
         _check(t.tokens_per_step > 0 and t.sequence_tokens > 0, "train.tokens_per_step", "> 0")
         _check(t.micro_batches_per_step >= 0, "train.micro_batches_per_step",
                ">= 0 (0 = micro-batches of train.sequence_tokens)")

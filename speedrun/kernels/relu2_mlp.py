@@ -67,6 +67,8 @@ __all__ = [
     "linear_relu_square_triton",
     "matmul_relu2",
     "matmul_relu2_grad",
+    "relu2_grad_pre_reference",
+    "relu2_mlp_grads",
     "TileConfig",
 ]
 
@@ -340,22 +342,39 @@ def _relu2_mlp_setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # else eager autograd writes a T x H zero "gradient" of h
 
 
-def _relu2_mlp_backward(ctx, grad_out: Tensor, _grad_h):
-    """Plain traceable torch around the fused kernel: the three cuBLAS matmuls stay visible to a
-    compiled caller (and are skipped for inputs that need no gradient)."""
-    x, w_fc, w_proj, h = ctx.saved_tensors
-    need_x, need_fc, need_proj = ctx.needs_input_grad
+def relu2_grad_pre_reference(grad_out: Tensor, w_proj: Tensor, h: Tensor) -> Tensor:
+    """The plain twin of `matmul_relu2_grad`: (grad_out @ w_proj) * 2 sqrt(h) in fp32, rounded once to
+    h's dtype as the kernel's epilogue does."""
+    return ((grad_out.float() @ w_proj.float()) * (2.0 * h.float().sqrt())).to(h.dtype)
+
+
+def relu2_mlp_grads(grad_out: Tensor | None, x: Tensor, w_fc: Tensor, w_proj: Tensor, h: Tensor,
+                    needs: tuple[bool, ...] = (True, True, True), fused: bool = True):
+    """(d x, d W_fc, d W_proj) of out = h @ W_proj^T with h = relu(x @ W_fc)², from h alone:
+    d pre = (d out @ W_proj) * 2 sqrt(h). Shared by this module's op and the FP8 MLP (kernels/fp8_mlp.py),
+    whose backward is this bf16 one. fused: d pre through the Triton kernel op (CUDA or the interpreter),
+    else `relu2_grad_pre_reference`. Plain traceable torch around it: the three cuBLAS matmuls stay visible
+    to a compiled caller (and are skipped for inputs that need no gradient); None where not needed."""
+    need_x, need_fc, need_proj = needs[:3]
     grad_x = grad_w_fc = grad_w_proj = None
     if grad_out is None:  # out did not reach the loss (grads are not materialized)
         return grad_x, grad_w_fc, grad_w_proj
     grad_out = grad_out.to(h.dtype)
     if need_x or need_fc:
-        grad_pre = torch.ops.speedrun.relu2_mlp_grad_pre(grad_out, w_proj, h)
+        if fused:
+            grad_pre = torch.ops.speedrun.relu2_mlp_grad_pre(grad_out, w_proj, h)
+        else:
+            grad_pre = relu2_grad_pre_reference(grad_out, w_proj, h)
         grad_x = grad_pre @ w_fc.t() if need_x else None
         grad_w_fc = x.t() @ grad_pre if need_fc else None
     if need_proj:
         grad_w_proj = grad_out.t() @ h
     return grad_x, grad_w_fc, grad_w_proj
+
+
+def _relu2_mlp_backward(ctx, grad_out: Tensor, _grad_h):
+    x, w_fc, w_proj, h = ctx.saved_tensors
+    return relu2_mlp_grads(grad_out, x, w_fc, w_proj, h, ctx.needs_input_grad)
 
 
 _relu2_mlp_op.register_autograd(_relu2_mlp_backward, setup_context=_relu2_mlp_setup_context)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speedrun.config import ModelConfig
+from speedrun.kernels.fp8_mlp import FP8MLPState, fp8_mlp_runs_on, fp8_relu2_mlp
 from speedrun.kernels.relu2_mlp import relu2_mlp
 from speedrun.model.attention import CausalSelfAttention, LayerInputs, rms_norm
 
@@ -29,17 +30,40 @@ class MLP(nn.Module):
     """relu(x W_fc)^2 W_proj^T (GELU when relu_squared is off). Both weights are fp32 (dim, hidden):
     ``c_fc`` is used as x @ c_fc (stored (in, out)), ``c_proj`` as an nn.Linear weight (out, in).
     With ``fused_mlp`` the relu² MLP on bf16/fp16 CUDA activations runs as one fused op
-    (kernels/relu2_mlp.py: relu² and its derivative in Triton matmul epilogues); same parameters."""
+    (kernels/relu2_mlp.py: relu² and its derivative in Triton matmul epilogues); same parameters.
+    With an ``fp8`` state (model.fp8_mlp) the training forward runs both matmuls in FP8 on FP8 GPUs
+    (kernels/fp8_mlp.py; its emulating twin on the CPU); evaluation stays bf16/fp32."""
 
-    def __init__(self, dim: int, hidden: int, relu_squared: bool, fused_mlp: bool = False):
+    def __init__(self, dim: int, hidden: int, relu_squared: bool, fused_mlp: bool = False,
+                 fp8: FP8MLPState | None = None):
         super().__init__()
         self.relu_squared = relu_squared
         self.fused_mlp = fused_mlp
         self.c_fc = nn.Parameter(torch.empty(dim, hidden))
         self.c_proj = nn.Parameter(torch.empty(dim, hidden))
         self.c_fc.label, self.c_proj.label = "mlp_fc", "mlp_proj"
+        self.fp8 = fp8
+        if fp8 is not None:
+            # the fp8 weight copies are not saved: rebuilt with the loaded scales after any load
+            self.register_load_state_dict_post_hook(MLP._requantize_after_load)
+
+    @staticmethod
+    def _requantize_after_load(module: "MLP", incompatible_keys) -> None:
+        module.fp8.refresh(module.c_fc, module.c_proj, "keep")
+
+    def reset_fp8(self) -> None:
+        """The FP8 state of freshly initialised weights (exact scales, activation scales 1.0)."""
+        if self.fp8 is not None:
+            self.fp8.reset(self.c_fc, self.c_proj)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Re-quantise the FP8 weight copies from the weights optimizer step ``step`` wrote."""
+        if self.fp8 is not None:
+            self.fp8.after_optimizer_step(self.c_fc, self.c_proj, step)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fp8 is not None and self.training and fp8_mlp_runs_on(x):
+            return fp8_relu2_mlp(x, self.c_fc, self.c_proj, self.fp8)
         if self.fused_mlp and self.relu_squared and x.is_cuda:
             # the fused op for 16-bit activations, its twin (this method's math) otherwise
             return relu2_mlp(x, self.c_fc, self.c_proj, kernel="auto")
@@ -85,7 +109,7 @@ class Block(nn.Module):
     compilation compiles it once per variant (which inputs are present) and reuses it for every layer
     of that variant."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, micro_steps: int = 1):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.ve_gate_dim = cfg.value_embed_gate_dim   # the same for every layer: no specialization
@@ -98,7 +122,9 @@ class Block(nn.Module):
                                             key_offset=cfg.key_offset and layer in cfg.long_window_layers,
                                             dc_window=cfg.dc_window,
                                             dc_kernel="auto" if cfg.fused_dc else "torch")
-        self.mlp = MLP(cfg.model_dim, cfg.mlp_dim, cfg.relu_squared, cfg.fused_mlp)
+        fp8 = FP8MLPState(cfg.model_dim, cfg.mlp_dim, micro_steps, cfg.fp8_mlp_act_headroom,
+                          cfg.fp8_mlp_weight_headroom, cfg.fp8_mlp_exact_steps) if cfg.fp8_mlp else None
+        self.mlp = MLP(cfg.model_dim, cfg.mlp_dim, cfg.relu_squared, cfg.fused_mlp, fp8)
 
     def forward(self, x: Tensor, inp: LayerInputs, res: StreamInputs = NO_STREAM) -> Tensor:
         if inp.skip is not None:

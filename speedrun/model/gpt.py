@@ -95,12 +95,15 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, *,
                  max_doc_len: int | None = None, flex_block_size: int = FLEX_BLOCK_SIZE,
-                 eval_chunk_tokens: int = EVAL_CHUNK_TOKENS, matrix_dtype: torch.dtype = torch.float32):
+                 eval_chunk_tokens: int = EVAL_CHUNK_TOKENS, matrix_dtype: torch.dtype = torch.float32,
+                 micro_steps: int = 1):
         """``max_doc_len``: the bound on training documents (the loader cuts them there; flash uses
         it as its launch bound, None = the batch length); ``flex_block_size``: FlexAttention's tile;
         ``eval_chunk_tokens``: eval logits are made this many tokens at a time; ``matrix_dtype``:
         storage of the block matrices (labels in MATRIX_LABELS): fp32 (record 45) or bf16 with
-        NorMuon's mantissa master (optim.muon.bf16_weights, record 57)."""
+        NorMuon's mantissa master (optim.muon.bf16_weights, record 57); ``micro_steps``: this rank's
+        most micro-steps per optimizer step (the trainer's grad_accum), the FP8 MLP's slots of
+        delayed activation scales (kernels/fp8_mlp.py)."""
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         assert cfg.num_heads * cfg.head_dim == cfg.model_dim, "num_heads * head_dim != model_dim"
@@ -112,7 +115,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(V, d)
         self.value_embeds = ValueEmbeddings(cfg.num_value_embeds, V, d) if cfg.num_value_embeds else None
         self.smear_gate = nn.Linear(cfg.gate_dim, 1, bias=False) if cfg.smear else None
-        self.blocks = nn.ModuleList(Block(cfg, i, dtype) for i in range(L))
+        self.blocks = nn.ModuleList(Block(cfg, i, dtype, micro_steps) for i in range(L))
         self.lm_head = nn.Linear(d, V, bias=False)
         self.scalars = nn.Parameter(self.layout.initial(cfg))
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale, cfg.block_size)
@@ -163,6 +166,8 @@ class GPT(nn.Module):
             for p in self.parameters():
                 if p.label in MATRIX_LABELS:
                     p.data = p.data.to(matrix_dtype)
+            for block in self.blocks:       # the FP8 MLP's weight copies of the rounded weights
+                block.mlp.reset_fp8()
         # weights saved with the earlier scalars / value-embedding layout load into this one
         self.register_load_state_dict_pre_hook(self._upgrade_legacy_state)
         # the regions; compile_regions() swaps in compiled versions
@@ -218,6 +223,7 @@ class GPT(nn.Module):
                     block.attn.gate.weight.zero_()
             uniform_(block.mlp.c_fc, d)
             output_(block.mlp.c_proj, cfg.mlp_dim)
+            block.mlp.reset_fp8()
         if self.smear_gate is not None:
             self.smear_gate.weight.zero_()
         if cfg.head_init_std > 0:
@@ -305,6 +311,13 @@ class GPT(nn.Module):
         with torch.no_grad():
             self.window_long.fill_(UNBOUNDED_WINDOW)
             self.window_short.fill_(UNBOUNDED_WINDOW)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """What follows the weights after optimizer step ``step`` (the trainer calls it): the FP8 MLP's
+        weight copies and scales (model.fp8_mlp; nothing otherwise)."""
+        if self.cfg.fp8_mlp:
+            for block in self.blocks:
+                block.mlp.after_optimizer_step(step)
 
     def fp8_head_active(self, device: torch.device) -> bool:
         """Whether the training head runs in FP8 on ``device`` (model.fp8_head and FP8 hardware)."""

@@ -5,6 +5,8 @@ crash never leaves a half checkpoint that looks valid)::
 
     <run>/checkpoints/step_000500/
         model.safetensors        weights (rank 0; safetensors, never pickled)
+        buffers_rank{r}.pt       the model's persistent buffers on rank r: state that is not a weight and
+                                 may differ between ranks (the FP8 MLP's delayed scales)
         optim_rank{r}.pt         optimizer state of rank r (sharded state stays sharded)
         rng_rank{r}.pt           torch / CUDA RNG states of rank r
         meta.json                step, world size, elapsed train time, loader position, config
@@ -53,6 +55,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizers, loader_state: di
     world.barrier()
     torch.save(optimizers.state_dict(), os.path.join(staging, f"optim_rank{world.rank}.pt"))
     torch.save(_rng_state(), os.path.join(staging, f"rng_rank{world.rank}.pt"))
+    torch.save(_buffer_state_dict(model), os.path.join(staging, f"buffers_rank{world.rank}.pt"))
     if world.is_main:
         from safetensors.torch import save_file
         path = os.path.join(staging, "model.safetensors")
@@ -117,6 +120,7 @@ def load_checkpoint(path: str, model, optimizers, world) -> Resumed:
                               f"{world.world_size}; resume with the same number of processes")
     load_model_weights(model, ckpt)
     device = next(model.parameters()).device
+    load_model_buffers(model, os.path.join(ckpt, f"buffers_rank{world.rank}.pt"), device)
     optim_path = os.path.join(ckpt, f"optim_rank{world.rank}.pt")
     optimizers.load_state_dict(torch.load(optim_path, map_location=device, weights_only=True))
     rng = torch.load(os.path.join(ckpt, f"rng_rank{world.rank}.pt"), weights_only=True)
@@ -126,6 +130,23 @@ def load_checkpoint(path: str, model, optimizers, world) -> Resumed:
     random.setstate(_as_python_state(meta["python_rng"]))
     return Resumed(step=int(meta["step"]), train_time_ms=float(meta["train_time_ms"]),
                    loader_state=meta["loader"], meta=meta)
+
+
+def load_model_buffers(model, path: str, device) -> None:
+    """The rank's persistent buffers, where the checkpoint has them (older ones do not)."""
+    if not os.path.isfile(path):
+        return
+    state = torch.load(path, map_location=device, weights_only=True)
+    base = getattr(model, "_orig_mod", model)
+    try:
+        base.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # e.g. another number of micro-steps per rank: other slot counts
+        raise CheckpointError(f"{path}: buffers do not fit this model ({str(e).strip().splitlines()[-1]})") from None
+
+
+def _buffer_state_dict(model) -> dict:
+    base = getattr(model, "_orig_mod", model)
+    return {k: v.detach().clone() for k, v in base.state_dict().items() if _is_buffer(base, k)}
 
 
 def _plain_state_dict(model) -> dict:

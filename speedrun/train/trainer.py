@@ -146,10 +146,12 @@ class Trainer:
         # built on the device: initializing 190M parameters there takes milliseconds, on the host
         # seconds (CUDA draws its init from the CUDA generator, seeded by manual_seed above)
         with torch.device(self.device):
-            # the loader cuts training documents at the stage's cap: the model's bound is the largest
+            # the loader cuts training documents at the stage's cap: the model's bound is the largest;
+            # micro_steps: the FP8 MLP keeps a delayed activation scale per micro-step (kernels/fp8_mlp.py)
             self.model = GPT(cfg.model, dtype=self.dtype,
                              max_doc_len=max(shape.max_doc_len for shape in cfg.batch_shapes()),
-                             matrix_dtype=torch.bfloat16 if cfg.optim.muon.bf16_weights else torch.float32)
+                             matrix_dtype=torch.bfloat16 if cfg.optim.muon.bf16_weights else torch.float32,
+                             micro_steps=max(shape.grad_accum(world.world_size) for shape in cfg.batch_shapes()))
         self._broadcast_parameters()
         done("model")
         self.optimizers = build_optimizers(self.model, cfg.optim, world)
@@ -265,6 +267,7 @@ class Trainer:
                 total += self.micro_step(batch.inputs, batch.targets, batch.cu_seqlens, mark)
         self.optimizers.step(step, lr_multiplier(step, self.cfg.schedule),
                              muon_momentum(step, self.cfg.optim.muon, self.cfg.schedule))
+        self.model.after_optimizer_step(step)   # the FP8 MLP's weight copies follow the new weights
         self.optimizers.zero_grad(step)
         if self.model.embed_tied and step == self.cfg.model.untie_after_step:
             self.untie_embed()
