@@ -53,3 +53,17 @@ def human_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or a new file inside ``path`` durable (where the platform can open a directory)."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -147,7 +147,7 @@ class Trainer:
         self.start_step, self.train_time_ms = 0, 0.0
         if resume:
             state = ckpt.load_checkpoint(resume, self.model, self.optimizers, world)
-            self._load_pending_grads(ckpt.find_checkpoint(resume))
+            self._load_pending_grads(state.rank_state.get("grads", {}))
             self.loader.load_state_dict(state.loader_state)
             self.start_step, self.train_time_ms = state.step, state.train_time_ms
         self.window = None  # (short, long) blocks currently applied to the model
@@ -312,20 +312,16 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, next_step: int, loader_state: dict) -> str:
-        path = ckpt.save_checkpoint(self.run_dir, next_step, self.model, self.optimizers, loader_state,
-                                    self.world, self.train_time_ms, self.cfg.to_dict())
-        # Adam keeps the gradients of even steps to sum them with the next step's: save them too
-        # (gradients kept as zeros for a CUDA graph are not pending: leave them out, as if dropped)
+        # Adam keeps the gradients of even steps to sum them with the next step's: they are part of
+        # the checkpoint, written with the rest before it is published (gradients kept as zeros for
+        # a CUDA graph are not pending: leave them out, as if dropped)
         grads = {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None
                  and not (self.optimizers.keep_grads and not p.grad.any())}
-        torch.save(grads, os.path.join(path, f"grads_rank{self.world.rank}.pt"))
-        return path
+        return ckpt.save_checkpoint(self.run_dir, next_step, self.model, self.optimizers, loader_state,
+                                    self.world, self.train_time_ms, self.cfg.to_dict(),
+                                    rank_state={"grads": grads})
 
-    def _load_pending_grads(self, path: str) -> None:
-        file = os.path.join(path, f"grads_rank{self.world.rank}.pt")
-        if not os.path.isfile(file):
-            return
-        grads = torch.load(file, map_location=self.device, weights_only=True)
+    def _load_pending_grads(self, grads: dict) -> None:
         for n, p in self.model.named_parameters():
             p.grad = grads.get(n)
 
