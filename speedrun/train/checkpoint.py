@@ -143,6 +143,14 @@ def _any_rank_failed(world, failed: bool) -> bool:
     return world.all_reduce_mean(1.0 if failed else 0.0) > 0
 
 
+def run_dir_of(ckpt: str) -> str | None:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/step_*``), else None."""
+    parent = os.path.dirname(os.path.normpath(ckpt))
+    if os.path.basename(parent) == "checkpoints":
+        return os.path.dirname(parent) or "."
+    return None
+
+
 def find_checkpoint(path: str) -> str:
     """Accept a checkpoint directory, or a run directory (its latest checkpoint)."""
     if os.path.isfile(os.path.join(path, META)):
@@ -224,6 +232,61 @@ def model_config(ckpt: str, meta: dict) -> Config:
     except ConfigError as e:
         message = str(e)
         raise CheckpointError(message if message.startswith(ckpt) else f"{ckpt}/{META}: {message}") from None
+
+
+# Config fields a resumed run may change: where and how often it reports and saves, how far it goes,
+# which data files it reads (the loader checks the shard names at the saved position), and the speed
+# switches whose twins compute the same function. Anything else is the recipe: changing it mid-run
+# would make the run neither the old recipe nor the new one.
+RESUMABLE_FIELDS = frozenset({
+    "train.save_every", "train.val_every", "train.log_every", "train.max_steps", "train.save_path",
+    "train.nan_guard", "train.device", "train.compile", "train.warmup_compile", "train.parallel_warmup",
+    "train.cuda_graphs", "train.memory_pool",
+    "data.train_path", "data.val_path", "data.async_loading",
+    "model.attention_backend", "model.fused_loss", "model.fused_mlp",
+    "optim.muon.kernel", "optim.adam.kernel",
+})
+
+
+def resume_changes(path: str, cfg: Config) -> dict:
+    """Check ``cfg`` against the config the checkpoint at ``path`` was trained with, before anything
+    is loaded: a change to the recipe (another --config, a model size, an lr, the seed...) is a
+    ConfigError naming the field; the allowed ones (RESUMABLE_FIELDS) come back as
+    ``{field: [saved, now]}`` so the run can record them."""
+    ckpt = find_checkpoint(path)
+    meta = read_meta(ckpt)
+    saved = _flatten(model_config(ckpt, meta).to_dict())
+    now = _flatten(cfg.to_dict())
+    changed = {k: [saved.get(k), now.get(k)] for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+    # the model's size first: another --config shows up as the size the weights would not fit
+    order = ("model.num_layers", "model.model_dim", "model.vocab_size", "model.num_heads", "model.head_dim",
+             "model.mlp_ratio", "model.", "schedule.", "optim.", "train.", "data.")
+    recipe = sorted((k for k in changed if k not in RESUMABLE_FIELDS),
+                    key=lambda k: next((i for i, p in enumerate(order) if k.startswith(p)), len(order)))
+    if recipe:
+        first = recipe[0]
+        more = f" (and {len(recipe) - 1} more: {', '.join(recipe[1:4])}{', ...' if len(recipe) > 4 else ''})" \
+            if len(recipe) > 1 else ""
+        raise ConfigError(f"--resume {path}: config field '{first}' is {json.dumps(changed[first][0])} in the "
+                          f"checkpoint but {json.dumps(changed[first][1])} here{more}; a resumed run keeps "
+                          f"the recipe it was started with (leave out --config and recipe overrides; only "
+                          f"run settings such as --save-every, --train.max_steps, --train.val_every, data "
+                          f"paths and speed switches may change), or start a new run")
+    step = meta.get("step", 0)
+    if cfg.train.max_steps and cfg.train.max_steps < step:
+        raise ConfigError(f"--resume {path}: config field 'train.max_steps' is {cfg.train.max_steps}, below the "
+                          f"checkpoint's step {step}; give at least {step}, or 0 for the whole schedule")
+    return changed
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def load_weights(model, path: str, *, buffers: bool = False, error: type[Exception] = CheckpointError) -> None:

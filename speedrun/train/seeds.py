@@ -36,7 +36,7 @@ class SeedsError(RuntimeError):
     user_error = True   # one line from the CLI, no traceback
 
 SEED_DIR = "seed_{:04d}"
-_RESERVED = ("--seed", "--save-path", "--resume")
+_RESERVED = ("--seed", "--save-path", "--resume", "--overwrite")
 
 
 def register(subparsers) -> None:
@@ -92,6 +92,9 @@ def _train_one(runs_dir: str, seed: int, train_args: list[str]) -> None:
         cmd += ["--resume", run_dir]   # an interrupted run: continue it exactly
         print(f"seed {seed}: resuming {run_dir}", flush=True)
     else:
+        # a run killed before its first checkpoint has nothing to continue: the harness owns the
+        # folder, so it starts that seed again over what is left (train refuses that unless asked)
+        cmd += ["--overwrite"]
         print(f"seed {seed}: training into {run_dir}", flush=True)
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "seeds_harness.log")

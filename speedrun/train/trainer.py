@@ -111,6 +111,8 @@ class Trainer:
         self.total_steps = cfg.schedule.total_steps
         # where this run stops: the schedule's end unless train.max_steps cuts it short
         self.end_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        # before anything is built: resuming with another recipe is a clear error, not a size mismatch
+        changes = ckpt.resume_changes(resume, cfg) if resume else {}
         self.train_glob, self.val_glob = resolve_data(cfg)
         self.log = MetricsLogger(run_dir, world.is_main, self.total_steps, stream=stream)
         self._stop_requested = False
@@ -150,6 +152,9 @@ class Trainer:
             self._load_pending_grads(state.rank_state.get("grads", {}))
             self.loader.load_state_dict(state.loader_state)
             self.start_step, self.train_time_ms = state.step, state.train_time_ms
+            # metrics.jsonl continues the run's: the records up to the checkpoint, then a mark
+            self.log.resume_at(state.step, ckpt.run_dir_of(state.path),
+                               {"checkpoint": state.path, "changed": changes})
         self.window = None  # (short, long) blocks currently applied to the model
         self.warmup_phases: dict[str, float] = {}
         self.warmup_helper: str | None = None   # parallel warm-up helper: finished / stopped / failed

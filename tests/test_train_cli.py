@@ -1,0 +1,117 @@
+"""`speedrun train` as a careless user drives it: onto an existing run, resumed with or without its
+flags, with another recipe, failing at the start. Every bad case exits 1 with one line (no
+traceback) and leaves the run's files as they were."""
+import json
+import os
+
+import pytest
+from test_train import micro_config, train_losses, write_synthetic_shards
+
+from speedrun.cli import main
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """A micro recipe file (20 scheduled steps) on synthetic shards; runs stop early with max_steps."""
+    d = tmp_path_factory.mktemp("recipe")
+    cfg = micro_config(*write_synthetic_shards(str(d), num_tokens=30000), "", steps=20)
+    path = d / "micro.json"
+    cfg.save(str(path))
+    return str(path)
+
+
+def snapshot(run_dir) -> dict:
+    """Every file under the run directory with its bytes."""
+    out = {}
+    for root, _, names in os.walk(run_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, run_dir)] = f.read()
+    return out
+
+
+def train(*argv) -> int:
+    return main(["train", *map(str, argv)])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_an_existing_run_is_refused_then_overwritten_on_request(recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train("--config", recipe, "--train.max_steps", 2, "--save-path", run) == 0
+    before = snapshot(run)
+    (run / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert train("--config", recipe, "--train.max_steps", 3, "--save-path", run) == 1
+    line = one_line_error(capsys)
+    assert line.startswith(f"speedrun train: error: --save-path {run}: already holds a run (config.json")
+    assert f"--resume {run}" in line and "--overwrite" in line
+    assert snapshot(run) == {**before, "notes.txt": b"mine"}
+    assert train("--config", recipe, "--train.max_steps", 3, "--save-path", run, "--overwrite") == 0
+    train_steps, _ = train_losses(run)
+    assert sorted(train_steps) == [1, 2, 3]            # a fresh run: nothing appended to the old one
+    assert (run / "notes.txt").read_text() == "mine"   # only the run's own files were replaced
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_000003"]
+
+
+def test_resume_restores_the_runs_own_settings(recipe, tmp_path, capsys):
+    """Started with overrides, resumed with only a new max_steps: the overrides hold, the new value is
+    recorded, metrics have each step once with a mark, and the result is the uninterrupted run's."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    flags = ["--config", recipe, "--save-every", 2, "--train.val_every", 2]
+    assert train(*flags, "--train.max_steps", 6, "--save-path", straight) == 0
+    assert train(*flags, "--train.max_steps", 4, "--save-path", run) == 0
+    assert train("--resume", run, "--train.max_steps", 6) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["train"]["save_every"], config["train"]["val_every"], config["train"]["max_steps"]) == (2, 2, 6)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train_loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4, 6]
+    marks = [r["resume"] for r in records if "resume" in r]
+    assert len(marks) == 1 and marks[0]["step"] == 4 and marks[0]["changed"] == {"train.max_steps": [4, 6]}
+    assert sum("summary" in r for r in records) == 1
+    assert train_losses(run) == train_losses(straight)
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_000002", "step_000004", "step_000006"]
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--optim.muon.lr", "0.01"], "'optim.muon.lr' is 0.03 in the checkpoint but 0.01 here"),
+    (["--config", "tiny"], "'model.num_layers' is 3 in the checkpoint but 4 here (and 22 more: model.model_dim"),
+    (["--seed", "5"], "'train.seed' is 0 in the checkpoint but 5 here"),
+    (["--train.max_steps", "1"], "'train.max_steps' is 1, below the checkpoint's step 2"),
+])
+def test_resume_refuses_a_change_of_recipe(recipe, tmp_path, capsys, flags, field):
+    run = tmp_path / "run"
+    assert train("--config", recipe, "--train.max_steps", 2, "--save-path", run) == 0
+    before = snapshot(run)
+    capsys.readouterr()
+    assert train("--resume", run, *flags) == 1
+    line = one_line_error(capsys)
+    assert line.startswith(f"speedrun train: error: --resume {run}: config field {field}"), line
+    assert snapshot(run) == before
+
+
+def test_a_failed_start_leaves_no_run_folder(recipe, tmp_path, capsys, monkeypatch):
+    from speedrun.train.trainer import Trainer
+
+    def broken_warmup(self):
+        raise RuntimeError("compiler not found")
+    monkeypatch.setattr(Trainer, "warmup", broken_warmup)
+    run = tmp_path / "runs" / "new"
+    with pytest.raises(RuntimeError, match="compiler not found"):
+        train("--config", recipe, "--train.max_steps", 2, "--save-path", run)
+    assert not os.path.exists(run) and os.listdir(tmp_path) == []
+    # in a folder that was there before, only the run's own files go
+    run.mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="compiler not found"):
+        train("--config", recipe, "--train.max_steps", 2, "--save-path", run)
+    assert os.listdir(run) == ["notes.txt"]
