@@ -90,6 +90,65 @@ class ModelConfig:
     def has_attention(self, layer: int) -> bool:
         return layer not in self.no_attention_layers
 
+    def validate(self, source: str | None = None) -> "ModelConfig":
+        """The model section's own checks (Config.validate adds those that involve other sections);
+        ``source`` prefixes the messages (an export's config.json)."""
+        m = self
+
+        def _check(ok: bool, field_name: str, expected: str) -> None:
+            _check_field(ok, field_name, expected, source)
+
+        for name in ("vocab_size", "vocab_multiple", "num_layers", "model_dim", "num_heads", "head_dim",
+                     "mlp_ratio", "gate_dim", "block_size", "rope_max_positions"):
+            _check(getattr(m, name) >= 1, f"model.{name}", ">= 1")
+        _check(all(i >= -1 for i in m.value_embed_layers), "model.value_embed_layers",
+               "table indices >= 0, or -1 for none")
+        _check(m.num_heads * m.head_dim == m.model_dim, "model.head_dim",
+               f"num_heads*head_dim ({m.num_heads}*{m.head_dim}) must equal model_dim ({m.model_dim})")
+        _check(m.head_dim % 4 == 0, "model.head_dim", "a multiple of 4 (rotary pairs)")
+        _check(m.gate_dim <= m.model_dim, "model.gate_dim", f"at most model_dim ({m.model_dim})")
+        _check(len(m.value_embed_layers) == m.num_layers, "model.value_embed_layers",
+               f"a list of num_layers ({m.num_layers}) table indices (-1 = none)")
+        for name in ("no_attention_layers", "long_window_layers"):
+            for i in getattr(m, name):
+                _check(0 <= i < m.num_layers, f"model.{name}", f"layer indices in [0, {m.num_layers})")
+        if m.skip_connection:
+            _check(0 <= m.skip_from_layer < m.skip_to_layer < m.num_layers, "model.skip_to_layer",
+                   "0 <= skip_from_layer < skip_to_layer < num_layers")
+        if m.backout:
+            _check(0 <= m.backout_layer < m.num_layers, "model.backout_layer", f"in [0, {m.num_layers})")
+        _check(m.attention_backend in ("auto", "flex", "flash", "sdpa"), "model.attention_backend",
+               "one of auto, flex, flash, sdpa")
+        _check(m.logit_softcap >= 0, "model.logit_softcap", ">= 0 (0 disables)")
+        return self
+
+    def parameter_count(self) -> int:
+        """Parameters of the GPT this config builds, from the shapes alone (the scalars, a few per
+        layer, left out): lets a caller refuse an absurd size before allocating anything."""
+        V, d = self.padded_vocab_size, self.model_dim
+        attention_layers = sum(self.has_attention(i) for i in range(self.num_layers))
+        count = V * d * (2 + self.num_value_embeds)          # embedding, lm_head, value embeddings
+        count += attention_layers * 4 * d * d                # q, k, v, o
+        count += attention_layers * self.gate_dim * self.num_heads if self.attn_gate else 0
+        count += self.num_layers * 2 * d * self.mlp_dim      # MLP up and down
+        return count + (self.gate_dim if self.smear else 0)
+
+    def check_fits(self, available_bytes: int | None, bytes_per_param: float, where: str,
+                   source: str | None = None) -> None:
+        """Refuse a model whose weights (times ``bytes_per_param``: 4 for fp32 weights, more with
+        gradients and optimizer state) exceed ``available_bytes`` of ``where``, naming the size fields.
+        ``None``: the available memory is unknown, nothing is checked."""
+        if available_bytes is None:
+            return
+        count = self.parameter_count()
+        need = count * bytes_per_param
+        if need > available_bytes:
+            raise ConfigError(
+                f"{source + ': ' if source else ''}model.num_layers {self.num_layers}, model.model_dim {self.model_dim}, "
+                f"model.mlp_ratio {self.mlp_ratio} and model.vocab_size {self.vocab_size} make a model of "
+                f"{count:,} parameters needing at least {need / 2**30:,.1f} GiB, more than the "
+                f"{available_bytes / 2**30:,.1f} GiB of memory available on {where}; check these fields")
+
 
 @dataclass
 class MuonConfig:
@@ -207,23 +266,7 @@ class Config:
 
     def validate(self) -> "Config":
         m, t, s, d = self.model, self.train, self.schedule, self.data
-        _check(m.num_heads * m.head_dim == m.model_dim, "model.head_dim",
-               f"num_heads*head_dim ({m.num_heads}*{m.head_dim}) must equal model_dim ({m.model_dim})")
-        _check(m.head_dim % 4 == 0, "model.head_dim", "a multiple of 4 (rotary pairs)")
-        _check(m.gate_dim <= m.model_dim, "model.gate_dim", f"at most model_dim ({m.model_dim})")
-        _check(len(m.value_embed_layers) == m.num_layers, "model.value_embed_layers",
-               f"a list of num_layers ({m.num_layers}) table indices (-1 = none)")
-        for name in ("no_attention_layers", "long_window_layers"):
-            for i in getattr(m, name):
-                _check(0 <= i < m.num_layers, f"model.{name}", f"layer indices in [0, {m.num_layers})")
-        if m.skip_connection:
-            _check(0 <= m.skip_from_layer < m.skip_to_layer < m.num_layers, "model.skip_to_layer",
-                   "0 <= skip_from_layer < skip_to_layer < num_layers")
-        if m.backout:
-            _check(0 <= m.backout_layer < m.num_layers, "model.backout_layer", f"in [0, {m.num_layers})")
-        _check(m.attention_backend in ("auto", "flex", "flash", "sdpa"), "model.attention_backend",
-               "one of auto, flex, flash, sdpa")
-        _check(m.logit_softcap >= 0, "model.logit_softcap", ">= 0 (0 disables)")
+        m.validate()
         _check(self.optim.muon.kernel in ("auto", "triton", "torch"), "optim.muon.kernel",
                "one of auto, triton, torch")
         _check(self.optim.adam.kernel in ("auto", "triton", "torch"), "optim.adam.kernel",
@@ -242,6 +285,7 @@ class Config:
         _check(t.sequence_tokens <= m.rope_max_positions, "train.sequence_tokens",
                f"at most model.rope_max_positions ({m.rope_max_positions})")
         _check(d.max_doc_len >= 2, "data.max_doc_len", ">= 2")
+        _check(0 <= d.bos_id < m.vocab_size, "data.bos_id", f"a token id below model.vocab_size ({m.vocab_size})")
         _check(s.num_scheduled_steps > 0, "schedule.num_scheduled_steps", "> 0")
         _check(s.num_extension_steps >= 0, "schedule.num_extension_steps", ">= 0")
         _check(0 <= s.cooldown_frac <= 1, "schedule.cooldown_frac", "in [0, 1]")
@@ -250,8 +294,9 @@ class Config:
         _check(t.device in ("auto", "cpu", "cuda"), "train.device", "one of auto, cpu, cuda")
         _check(t.cuda_graphs in ("auto", "on", "off"), "train.cuda_graphs", "one of auto, on, off")
         _check(t.max_steps >= 0, "train.max_steps", ">= 0 (0 = the whole schedule)")
-        _check(t.val_every >= 0 and t.save_every >= 0 and t.log_every >= 1, "train.val_every",
-               "val_every >= 0, save_every >= 0, log_every >= 1")
+        _check(t.val_every >= 0, "train.val_every", ">= 0 (0 = only at the start and the end)")
+        _check(t.save_every >= 0, "train.save_every", ">= 0 (0 = only at the end)")
+        _check(t.log_every >= 1, "train.log_every", ">= 1")
         return self
 
     # ---- (de)serialisation --------------------------------------------------------------------
@@ -298,8 +343,12 @@ class Config:
 
 
 def _check(ok: bool, field_name: str, expected: str) -> None:
+    _check_field(ok, field_name, expected)
+
+
+def _check_field(ok: bool, field_name: str, expected: str, source: str | None = None) -> None:
     if not ok:
-        raise ConfigError(f"config field '{field_name}': expected {expected}")
+        raise ConfigError(f"{source + ': ' if source else ''}config field '{field_name}': expected {expected}")
 
 
 def _field_names(obj) -> set[str]:

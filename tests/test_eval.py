@@ -4,6 +4,7 @@ scoring, validation loss, export + speedrun.load, and the commands through speed
 import gzip
 import json
 import os
+import re
 import shutil
 import urllib.error
 
@@ -506,3 +507,50 @@ def test_cli_eval_val_and_export(run_dir, capsys, tmp_path):
     assert "no such checkpoint" in capsys.readouterr().err
     assert main(["eval", "val", "--checkpoint", run_dir, "--tokens", "lots"]) == 1
     assert "--tokens" in capsys.readouterr().err
+
+
+# ---- damaged or hostile model files: one line, exit 1, nothing written ----------------------------
+
+def damage_checkpoint(run_dir, how: str) -> None:
+    ckpt = os.path.join(run_dir, "checkpoints", "step_000008")
+    weights = os.path.join(ckpt, "model.safetensors")
+    meta_path = os.path.join(ckpt, "meta.json")
+    data = open(weights, "rb").read()
+    if how == "truncated weights":
+        open(weights, "wb").write(data[:len(data) // 2])
+    elif how == "corrupt weights":
+        open(weights, "wb").write(data[:8] + b"not json" + data[16:])
+    else:
+        meta = json.load(open(meta_path))
+        model = meta["config"]["model"]
+        if how == "absurd meta.json":      # consistent, but 35 trillion parameters
+            model.update(model_dim=1048576, num_heads=8192, head_dim=128)
+        elif how == "inconsistent meta.json":   # a size the weights were not trained at
+            model.update(model_dim=128, num_heads=2, head_dim=64)
+        else:
+            model["num_layers"] = "five"
+        json.dump(meta, open(meta_path, "w"))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated weights", r"model\.safetensors: not a readable safetensors file \(.*\); the file is corrupt or truncated"),
+    ("corrupt weights", r"model\.safetensors: not a readable safetensors file \(.*\); the file is corrupt or truncated"),
+    ("absurd meta.json", r"meta\.json: model\.num_layers 5, model\.model_dim 1048576, .* make a model of "
+                         r"[\d,]+ parameters needing at least [\d,.]+ GiB, more than the [\d,.]+ GiB of memory "
+                         r"available on cpu; check these fields"),
+    ("inconsistent meta.json", r"model\.safetensors: weights do not match the config: tensor 'embed\.weight' "
+                               r"has shape \(50304, 64\), the config's model has \(50304, 128\)"),
+    ("wrong type in meta.json", r"meta\.json: config field 'model\.num_layers': expected int, got 'five'"),
+])
+def test_commands_refuse_a_damaged_checkpoint_in_one_line(run_dir, tmp_path, capsys, how, message):
+    run = str(tmp_path / "run")
+    shutil.copytree(run_dir, run)
+    damage_checkpoint(run, how)
+    for argv in (["sample", "--max-tokens", "3"], ["eval", "val", "--tokens", "256"],
+                 ["export", "--out", str(tmp_path / "out")]):
+        assert main(argv + ["--checkpoint", run, "--device", "cpu"] * (argv[0] != "export")
+                    + ["--checkpoint", run] * (argv[0] == "export")) == 1, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert re.search(message, err), (argv, err)
+    assert not os.path.exists(tmp_path / "out")

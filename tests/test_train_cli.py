@@ -115,3 +115,36 @@ def test_a_failed_start_leaves_no_run_folder(recipe, tmp_path, capsys, monkeypat
     with pytest.raises(RuntimeError, match="compiler not found"):
         train("--config", recipe, "--train.max_steps", 2, "--save-path", run)
     assert os.listdir(run) == ["notes.txt"]
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("model.safetensors", r"model\.safetensors: \d+ bytes, but \d+ were written \(meta\.json\); the file is truncated"),
+    ("optim_rank0.pt", r"optim_rank0\.pt: holds Python objects other than tensors and plain containers; refused"),
+    ("grads_rank0.pt", r"grads_rank0\.pt: is listed in meta\.json but missing; this checkpoint is incomplete"),
+])
+def test_resume_of_a_damaged_checkpoint_is_one_line(recipe, tmp_path, capsys, damage, message):
+    import pickle
+    import re
+    run = tmp_path / "run"
+    assert train("--config", recipe, "--train.max_steps", 2, "--save-path", run) == 0
+    ckpt = run / "checkpoints" / "step_000002"
+    target = ckpt / damage
+    if damage == "model.safetensors":
+        target.write_bytes(target.read_bytes()[:1000])
+    elif damage == "optim_rank0.pt":   # a pickle that would run code, with the manifest to match
+        target.write_bytes(pickle.dumps(RunsCode()))
+        meta = json.loads((ckpt / "meta.json").read_text())
+        meta["files"][damage] = target.stat().st_size
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+    else:
+        target.unlink()
+    before = snapshot(run)
+    capsys.readouterr()
+    assert train("--resume", run, "--train.max_steps", 4) == 1
+    assert re.search(message, one_line_error(capsys))
+    assert snapshot(run) == before

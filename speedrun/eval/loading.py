@@ -29,6 +29,7 @@ from speedrun.train.checkpoint import (
     read_meta,
 )
 from speedrun.train.trainer import replay_windows
+from speedrun.utils import available_memory
 
 FORMAT = "speedrun-gpt"
 FORMAT_VERSION = 1
@@ -105,6 +106,7 @@ def load_checkpoint_model(path: str, device: torch.device, dtype: torch.dtype) -
     meta = read_meta(ckpt)
     cfg = model_config(ckpt, meta)
     check_files(ckpt, meta, [CHECKPOINT_WEIGHTS])
+    cfg.model.check_fits(available_memory(device), dtype.itemsize, str(device), source=f"{ckpt}/meta.json")
     model = GPT(eval_model_config(cfg.model), dtype=dtype).to(device)
     load_model_weights(model, ckpt)
     step = int(meta.get("step", cfg.schedule.total_steps))
@@ -132,12 +134,15 @@ def load_export(path: str, device: torch.device, dtype: torch.dtype) -> LoadedMo
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise EvalError(f"{config_path}: format version {config['format_version']} is newer than this "
                         f"speedrun understands ({FORMAT_VERSION}); upgrade speedrun")
-    model_cfg = Config.from_dict({"model": config.get("model", {})}, source=config_path).model
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise EvalError(f"{config_path}: expected an object with the model config under 'model'")
+    model_cfg = Config.from_dict({"model": config["model"]}, source=config_path).model.validate(config_path)
     training = config.get("training_config")
     train_cfg = Config.from_dict(training, source=config_path) if training else None
     weights = os.path.join(path, WEIGHTS)
     if not os.path.isfile(weights):
         raise EvalError(f"{weights}: missing")
+    model_cfg.check_fits(available_memory(device), dtype.itemsize, str(device), source=config_path)
     model = GPT(eval_model_config(model_cfg), dtype=dtype).to(device)
     load_weights(model, weights, buffers=True, error=EvalError)
     window = config.get("window") or {}

@@ -28,6 +28,7 @@ import pickle
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -328,7 +329,9 @@ def load_model_weights(model, ckpt: str) -> None:
 def load_tensor_file(path: str, map_location=None):
     """``torch.load(weights_only=True)`` with every failure as a one-line CheckpointError."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():   # torch warns about a foreign pickle before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; this checkpoint is incomplete") from None
     except pickle.UnpicklingError:

@@ -37,7 +37,7 @@ from speedrun.train.cuda_graph import MicroStepGraph, graphs_wanted
 from speedrun.train.metrics import MetricsLogger, device_peak_flops, flops_per_token, unigram_entropy
 from speedrun.train.precompile import Precompile
 from speedrun.train.validation import loss_sum_and_count
-from speedrun.utils import atomic_write_text
+from speedrun.utils import atomic_write_text, available_memory
 
 
 class TrainingError(RuntimeError):
@@ -125,6 +125,9 @@ class Trainer:
             now = time.perf_counter()
             phases[name], t = now - t, now
 
+        # an absurd size is refused before it is allocated: weights, gradients and optimizer state
+        # are at least three copies of the parameters in the model dtype
+        cfg.model.check_fits(available_memory(self.device), 3 * self.dtype.itemsize, str(self.device))
         torch.manual_seed(cfg.train.seed)
         # built on the device: initializing 190M parameters there takes milliseconds, on the host
         # seconds (CUDA draws its init from the CUDA generator, seeded by manual_seed above)
