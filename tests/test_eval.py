@@ -507,6 +507,14 @@ def test_cli_eval_val_and_export(run_dir, capsys, tmp_path):
     assert "no such checkpoint" in capsys.readouterr().err
     assert main(["eval", "val", "--checkpoint", run_dir, "--tokens", "lots"]) == 1
     assert "--tokens" in capsys.readouterr().err
+    tokens[100] = 60000                         # an id the model has no embedding for
+    write_shard(tmp_path / "d_val_000000.bin", tokens.numpy().astype("uint16"))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] + "\n" == (f"speedrun eval: error: {tmp_path / 'd_val_000000.bin'}: token id 60000 (in the validation "
+                   f"tokens, first at position 100) is outside the model's vocabulary, model.vocab_size 50257 "
+                   f"(ids 0..50256); were these shards made with another tokenizer?\n")
 
 
 # ---- damaged or hostile model files: one line, exit 1, nothing written ----------------------------

@@ -148,3 +148,22 @@ def test_resume_of_a_damaged_checkpoint_is_one_line(recipe, tmp_path, capsys, da
     assert train("--resume", run, "--train.max_steps", 4) == 1
     assert re.search(message, one_line_error(capsys))
     assert snapshot(run) == before
+
+
+def test_token_ids_outside_the_vocabulary_fail_when_the_shard_is_opened(recipe, tmp_path, capsys):
+    """A shard made with another tokenizer (ids >= model.vocab_size): one line naming the shard and
+    the id, before any training step, and no run folder left behind."""
+    import numpy as np
+
+    from speedrun.data.shards import write_shard
+    tokens = np.random.default_rng(0).integers(0, 255, 30000).astype(np.uint16)
+    tokens[::100] = 255                         # the micro recipe's BOS
+    tokens[12345] = 300                         # one id past the 256-token vocabulary
+    write_shard(tmp_path / "other_train_000001.bin", tokens)
+    run = tmp_path / "run"
+    assert train("--config", recipe, "--data-path", tmp_path / "other_train_*.bin", "--save-path", run) == 1
+    line = one_line_error(capsys)
+    assert line == (f"speedrun train: error: {tmp_path / 'other_train_000001.bin'}: token id 300 (first at "
+                    f"position 12345) is outside the model's vocabulary, model.vocab_size 256 (ids 0..255); "
+                    f"were these shards made with another tokenizer?")
+    assert not run.exists()

@@ -24,7 +24,7 @@ from typing import Callable, Generic, Iterator, TypeVar
 import numpy as np
 import torch
 
-from speedrun.data.shards import DataError, read_header, read_shard, shard_paths
+from speedrun.data.shards import DataError, ShardError, read_header, read_shard, shard_paths
 
 T_ = TypeVar("T_")
 
@@ -57,8 +57,22 @@ class ShardIndex:
     cum: np.ndarray            # int64 (len(starts)+1,): cum[i] = sum of capped segment lengths before i
 
 
-def index_shard(path: str, bos_id: int, max_doc_len: int) -> ShardIndex:
+def check_vocabulary(tokens: np.ndarray, vocab_size: int | None, path: str, what: str = "") -> None:
+    """Refuse token ids the model has no embedding for when the shard is opened (one max over the
+    memory map), not as an IndexError (or a CUDA device assert) in the middle of a run."""
+    if vocab_size is None or not len(tokens):
+        return
+    high = int(tokens.max())
+    if high >= vocab_size:
+        at = int(np.argmax(np.asarray(tokens) >= vocab_size))
+        raise ShardError(f"{path}: token id {high} ({what}first at position {at}) is outside the model's "
+                         f"vocabulary, model.vocab_size {vocab_size} (ids 0..{vocab_size - 1}); were these "
+                         f"shards made with another tokenizer?")
+
+
+def index_shard(path: str, bos_id: int, max_doc_len: int, vocab_size: int | None = None) -> ShardIndex:
     tokens = read_shard(path)
+    check_vocabulary(tokens, vocab_size, path)
     starts = np.flatnonzero(tokens == bos_id).astype(np.int64)
     ends = np.append(starts[1:], len(tokens))        # a document ends where the next one starts
     cum = np.zeros(len(starts) + 1, dtype=np.int64)
@@ -145,7 +159,8 @@ class TrainLoader:
 
     def __init__(self, pattern, *, tokens_per_step: int, sequence_tokens: int, world_size: int = 1,
                  rank: int = 0, max_doc_len: int = 2048, bos_id: int = 50256, wrap: bool = False,
-                 async_loading: bool = True, device="cpu", max_num_docs: int | None = None):
+                 async_loading: bool = True, device="cpu", max_num_docs: int | None = None,
+                 vocab_size: int | None = None):
         _check_split(tokens_per_step, sequence_tokens, world_size, rank)
         if max_doc_len < 1:
             raise DataError(f"max_doc_len must be >= 1, got {max_doc_len}")
@@ -158,6 +173,7 @@ class TrainLoader:
         self.micro_batches = tokens_per_step // sequence_tokens
         self.grad_accum = self.micro_batches // world_size
         self.max_doc_len, self.bos_id, self.wrap = max_doc_len, bos_id, wrap
+        self.vocab_size = vocab_size   # ids must be below it (checked as each shard is indexed)
         self.async_loading = async_loading
         self.device = torch.device(device)
         self.max_num_docs = max_num_docs or default_max_num_docs(sequence_tokens)
@@ -239,8 +255,8 @@ class TrainLoader:
         if i is None:
             return None  # type: ignore[return-value]
         if i not in self._loads:
-            path, bos, cap = self.paths[i], self.bos_id, self.max_doc_len
-            self._loads[i] = _Prefetch(lambda: index_shard(path, bos, cap), self.async_loading)
+            path, bos, cap, vocab = self.paths[i], self.bos_id, self.max_doc_len, self.vocab_size
+            self._loads[i] = _Prefetch(lambda: index_shard(path, bos, cap, vocab), self.async_loading)
         return self._loads[i]
 
     def _next_shard(self) -> None:
@@ -291,7 +307,8 @@ class ValLoader:
     """This rank's share of the fixed first ``num_tokens`` val tokens; iterate it once per evaluation."""
 
     def __init__(self, pattern, *, num_tokens: int, sequence_tokens: int, world_size: int = 1,
-                 rank: int = 0, bos_id: int = 50256, device="cpu", max_num_docs: int | None = None):
+                 rank: int = 0, bos_id: int = 50256, device="cpu", max_num_docs: int | None = None,
+                 vocab_size: int | None = None):
         if sequence_tokens < 1 or num_tokens < sequence_tokens or num_tokens % sequence_tokens:
             raise DataError(f"val num_tokens ({num_tokens}) must be a positive multiple of "
                             f"sequence_tokens ({sequence_tokens})")
@@ -301,11 +318,11 @@ class ValLoader:
         self.sequence_tokens, self.bos_id = sequence_tokens, bos_id
         self.device = torch.device(device)
         self.max_num_docs = max_num_docs or default_max_num_docs(sequence_tokens)
-        self.tokens = self._first_tokens(shard_paths(self.pattern), num_tokens + 1)
+        self.tokens = self._first_tokens(shard_paths(self.pattern), num_tokens + 1, vocab_size)
         self.num_chunks = num_tokens // sequence_tokens
         self.chunks = range(rank, self.num_chunks, world_size)   # may be uneven across ranks
 
-    def _first_tokens(self, paths: list[str], need: int) -> np.ndarray:
+    def _first_tokens(self, paths: list[str], need: int, vocab_size: int | None) -> np.ndarray:
         """The first ``need`` tokens across the val shards, copied into memory once."""
         pieces, have = [], 0
         for path in paths:
@@ -313,6 +330,7 @@ class ValLoader:
                 break
             tokens = read_shard(path)
             pieces.append(np.array(tokens[:need - have]))
+            check_vocabulary(pieces[-1], vocab_size, path, what="in the validation tokens, ")
             have += len(pieces[-1])
         if have < need:
             raise DataError(f"{self.pattern}: the val shards hold {have} tokens, fewer than the "

@@ -181,13 +181,15 @@ class Trainer:
         return TrainLoader(self.train_glob, tokens_per_step=c.train.tokens_per_step,
                            sequence_tokens=c.train.sequence_tokens, world_size=self.world.world_size,
                            rank=self.world.rank, max_doc_len=c.data.max_doc_len, bos_id=c.data.bos_id,
-                           wrap=c.data.wrap, async_loading=c.data.async_loading, device=str(self.device))
+                           wrap=c.data.wrap, async_loading=c.data.async_loading, device=str(self.device),
+                           vocab_size=c.model.vocab_size)
 
     def _val_loader(self):
         c = self.cfg
         return ValLoader(self.val_glob, num_tokens=c.train.val_tokens,
                          sequence_tokens=c.train.val_sequence_tokens, world_size=self.world.world_size,
-                         rank=self.world.rank, bos_id=c.data.bos_id, device=str(self.device))
+                         rank=self.world.rank, bos_id=c.data.bos_id, device=str(self.device),
+                         vocab_size=c.model.vocab_size)
 
     # ---- windows ----------------------------------------------------------------------------------
     def apply_window(self, step: int) -> None:
