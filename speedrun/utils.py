@@ -22,11 +22,14 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # a failed write (a full disk) does not say which file: name the one being written
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 
@@ -92,3 +95,34 @@ def available_memory(device) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def missing_parents(path: str | os.PathLike) -> list[str]:
+    """The folders of ``path`` (itself included) that do not exist yet, innermost first."""
+    missing, current = [], os.path.abspath(os.fspath(path))
+    while not os.path.exists(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    return missing
+
+
+def probe_writable(directory: str | os.PathLike, name: str | os.PathLike | None = None) -> None:
+    """Fail at once, before hours of work, if files cannot be created in ``directory`` (a read-only
+    file system, no permission, a file in the way): creates it and a test file, then removes both
+    again, so it leaves nothing behind. The OSError names ``name`` (default: the directory)."""
+    made = missing_parents(directory)
+    try:
+        for folder in reversed(made):
+            os.mkdir(folder)
+        probe = os.path.join(os.fspath(directory), f".speedrun-write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"0")
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, os.fspath(name if name is not None else directory)) from None
+    finally:
+        for folder in made:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass

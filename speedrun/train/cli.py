@@ -9,6 +9,7 @@ import sys
 import time
 
 from speedrun.config import Config, ConfigError
+from speedrun.utils import missing_parents, probe_writable
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CONFIG = "tiny"
@@ -257,34 +258,6 @@ def clear_run(run_dir: str) -> None:
             shutil.rmtree(path)
         else:
             os.unlink(path)
-
-
-def probe_writable(run_dir: str) -> None:
-    """Fail at once, before any compile or training, if the run directory cannot be written (a
-    read-only file system, no permission, a file in the way); leaves nothing behind."""
-    made = missing_parents(run_dir)
-    try:
-        for directory in reversed(made):
-            os.mkdir(directory)
-        probe = os.path.join(run_dir, f".speedrun-write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"0")
-        os.unlink(probe)
-    finally:
-        for directory in made:
-            try:
-                os.rmdir(directory)
-            except OSError:
-                pass
-
-
-def missing_parents(run_dir: str) -> list[str]:
-    """The folders of ``run_dir`` (itself included) that do not exist yet, innermost first."""
-    missing, path = [], os.path.abspath(run_dir)
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
 
 
 def discard_failed_start(run_dir: str, made: list[str]) -> None:
