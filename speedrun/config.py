@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from speedrun.utils import atomic_write_text
+from speedrun.utils import atomic_write_text, human_bytes
 
 
 class ConfigError(ValueError):
@@ -146,8 +146,8 @@ class ModelConfig:
             raise ConfigError(
                 f"{source + ': ' if source else ''}model.num_layers {self.num_layers}, model.model_dim {self.model_dim}, "
                 f"model.mlp_ratio {self.mlp_ratio} and model.vocab_size {self.vocab_size} make a model of "
-                f"{count:,} parameters needing at least {need / 2**30:,.1f} GiB, more than the "
-                f"{available_bytes / 2**30:,.1f} GiB of memory available on {where}; check these fields")
+                f"{count:,} parameters needing at least {human_bytes(need)}, more than the "
+                f"{human_bytes(available_bytes)} of memory available on {where}; check these fields")
 
 
 @dataclass

@@ -50,6 +50,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def human_bytes(n: float) -> str:
+    """20484096 -> '19.5 MiB'; 5.6e14 -> '524,288.0 GiB'."""
+    if n >= 2**30:
+        return f"{n / 2**30:,.1f} GiB"
+    return f"{n / 2**20:,.1f} MiB"
+
+
 def human_count(n: float) -> str:
     """1234567 -> '1.23M'."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):

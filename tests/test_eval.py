@@ -562,3 +562,41 @@ def test_commands_refuse_a_damaged_checkpoint_in_one_line(run_dir, tmp_path, cap
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert re.search(message, err), (argv, err)
     assert not os.path.exists(tmp_path / "out")
+
+
+# ---- sampler numerics -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "nan"], "--temperature nan: expected a finite number >= 0 (0 = greedy)"),
+    (["--temperature", "inf"], "--temperature inf: expected a finite number >= 0 (0 = greedy)"),
+    (["--temperature", "-1"], "--temperature -1.0: expected a finite number >= 0 (0 = greedy)"),
+    (["--top-p", "nan"], "--top-p nan: expected a probability in (0, 1]"),
+    (["--top-k", "-3"], "--top-k -3: expected >= 0 (0 = no limit)"),
+    (["--max-tokens", "-1"], "--max-tokens -1: expected >= 0"),
+    (["--max-tokens", "300000", "--prompt", "Hi"],
+     "--max-tokens 300000: the prompt (2 tokens with <|endoftext|>) plus 300000 new tokens exceed the model's "
+     "context of 262144 positions (model.rope_max_positions); use --max-tokens 262142 or less"),
+])
+def test_sample_refuses_bad_numbers_in_one_line(run_dir, capsys, flags, message):
+    assert main(["sample", "--checkpoint", run_dir, "--device", "cpu", *flags]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"speedrun sample: error: {message}\n" and captured.out == ""
+
+
+def test_sample_refuses_a_kv_cache_that_does_not_fit(run_dir, capsys, monkeypatch):
+    from speedrun.eval import generate as gen
+    monkeypatch.setattr(gen, "available_memory", lambda device: 2**20)   # 1 MiB left
+    assert main(["sample", "--checkpoint", run_dir, "--device", "cpu", "--max-tokens", "5000"]) == 1
+    assert capsys.readouterr().err == (
+        "speedrun sample: error: --max-tokens 5000: the KV cache for 5,001 tokens needs 9.8 MiB, more than "
+        "the 1.0 MiB of memory available; ask for fewer tokens\n")
+
+
+def test_a_tiny_temperature_is_greedy_and_nan_weights_are_named():
+    model = model_with_windows(tiny_cfg(vocab_size=EOT_ID + 1))
+    greedy = list(generate(model, [11, 12], 6, temperature=0.0, stop_at_eot=False))
+    assert list(generate(model, [11, 12], 6, temperature=1e-30, seed=0, stop_at_eot=False)) == greedy
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(EvalError, match="non-finite logits .* for new token 1; its weights are damaged"):
+        list(generate(model, [11, 12], 3, temperature=0.8, seed=0))

@@ -97,17 +97,19 @@ def cmd_sample(args) -> int:
     import time
 
     from speedrun.data.tokenizer import EOT_ID, encode
-    from speedrun.eval.generate import TextStream, check_sampling, generate
+    from speedrun.eval.generate import TextStream, check_sampling, generate, generation_context
     from speedrun.eval.loading import load_model
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_tokens)
     loaded = load_model(args.checkpoint, args.device, args.dtype)
+    prompt_ids = encode(args.prompt)
+    generation_context(loaded.model, prompt_ids, args.max_tokens)   # refused before anything is printed
     print(f"model {_describe(loaded)}", file=sys.stderr)
     stream = TextStream()
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
     t0, count = time.perf_counter(), 0
-    for token in generate(loaded.model, encode(args.prompt), args.max_tokens,
+    for token in generate(loaded.model, prompt_ids, args.max_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, stop_at_eot=not args.ignore_eot):
         count += 1
