@@ -2,10 +2,25 @@
 half-written file behind) and human-readable number formatting."""
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from contextlib import contextmanager
 from typing import IO, Iterator
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help with "(default: X)" added where the help does not say its default already and
+    there is one worth showing (not None, not a False switch): argparse's own defaults formatter
+    prints it twice for the first kind and "(default: None)" for the second."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        nothing = default is None or default is False or default == "" or default == argparse.SUPPRESS
+        if "default" in text.lower() or nothing or not action.option_strings or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 @contextmanager

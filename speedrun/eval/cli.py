@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from speedrun.utils import HelpFormatter
+
 MODEL_HELP = "a checkpoint directory, a run directory (its latest checkpoint) or an exported model"
 
 
@@ -26,7 +28,7 @@ def register(subparsers) -> None:
         description="Generate text after a prompt, printing tokens as they are decoded. The prompt "
                     "follows <|endoftext|>, as every training document does; generation stops at "
                     "--max-tokens or when the model ends the document.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     _model_arguments(sample)
     sample.add_argument("--prompt", default="", help="text to continue")
     sample.add_argument("--max-tokens", type=int, default=200, metavar="N", help="tokens to generate at most")
@@ -49,7 +51,7 @@ def register(subparsers) -> None:
         description="HellaSwag validation accuracy: for each item the ending with the lowest mean "
                     "loss per token (acc_norm) and with the lowest summed loss (acc). Data: --data, "
                     "else the cached download of the public file, else it is downloaded.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     _model_arguments(hs)
     hs.add_argument("--data", metavar="FILE", help="local hellaswag_val.jsonl or .jsonl.gz")
     hs.add_argument("--limit", type=int, metavar="N", help="only the first N items")

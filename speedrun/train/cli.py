@@ -9,7 +9,7 @@ import sys
 import time
 
 from speedrun.config import Config, ConfigError
-from speedrun.utils import missing_parents, probe_writable
+from speedrun.utils import HelpFormatter, missing_parents, probe_writable
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CONFIG = "tiny"
@@ -20,36 +20,46 @@ def register(subparsers) -> None:
         "train", help="train a GPT (default: the tiny recipe on the embedded Shakespeare corpus)",
         description="Train a GPT. Any config field can be overridden with a dotted flag, e.g. "
                     "--optim.muon.lr 0.02 --schedule.num_scheduled_steps 500.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add_train_arguments(p)
     p.set_defaults(func=run_train, accepts_overrides=True)
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config",
-                   help=f"recipe: a JSON file, or a bundled name ({', '.join(bundled_configs())}); "
-                        f"default: {DEFAULT_CONFIG}, or with --resume the run's own")
+def add_train_arguments(p: argparse.ArgumentParser, bench: bool = False) -> None:
+    """The flags of ``speedrun train``; ``bench``: those that mean something to ``speedrun bench``
+    (not resuming, saving, printing the config or launching workers)."""
+    default = ("record_124m on a GPU, tiny on a CPU" if bench
+               else f"{DEFAULT_CONFIG}, or with --resume the run's own")
+    p.add_argument("--config", help=f"recipe: a JSON file, or a bundled name ({', '.join(bundled_configs())}); "
+                                    f"default: {default}")
     p.add_argument("--cuda", action="store_true", help="run on the GPU; fail if there is none")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    p.add_argument("--data-path", help="train shards: a .bin file, directory or glob (default: embedded corpus)")
+    p.add_argument("--data-path", help="train shards: a .bin file, directory or glob (default: "
+                                       + ("synthetic documents" if bench else "embedded corpus") + ")")
     p.add_argument("--val-data-path", help="validation shards: a .bin file, directory or glob")
-    p.add_argument("--save-path", help="run directory for config, metrics, loss curve and checkpoints "
-                                       "(default: runs/<date>-<time>)")
-    p.add_argument("--resume", metavar="DIR",
-                   help="continue exactly from a checkpoint or run directory, with the run's saved config "
-                        "(run settings such as --save-every or --train.max_steps may change)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a new run in a --save-path that already holds one, deleting that run")
-    p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (and always at the end)")
+    if bench:
+        p.add_argument("--save-path", help="folder for the synthetic shards and the profiler's files "
+                                           "(default: a new temporary folder)")
+    else:
+        p.add_argument("--save-path", help="run directory for config, metrics, loss curve and checkpoints "
+                                           "(default: runs/<date>-<time>)")
+        p.add_argument("--resume", metavar="DIR",
+                       help="continue exactly from a checkpoint or run directory, with the run's saved config "
+                            "(run settings such as --save-every or --train.max_steps may change)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a --save-path that already holds one, deleting that run")
+        p.add_argument("--save-every", type=int, metavar="N",
+                       help="checkpoint every N steps (and always at the end)")
     p.add_argument("--use-fp8", action="store_true",
                    help="FP8 lm_head matmul in training (needs an FP8 GPU: compute capability >= 8.9)")
     p.add_argument("--no-fp8", action="store_true", help="bf16 lm_head even where FP8 is available")
     p.add_argument("--use-flash-attn", action="store_true",
                    help="FlashAttention-3/4 varlen kernels instead of FlexAttention (package must be installed)")
-    p.add_argument("--distributed", action="store_true",
-                   help="run data-parallel over local GPUs (all visible ones unless --num-gpus)")
-    p.add_argument("--num-gpus", type=int, metavar="N",
-                   help="number of local worker processes (GPUs; on --cpu, gloo processes)")
+    if not bench:
+        p.add_argument("--distributed", action="store_true",
+                       help="run data-parallel over local GPUs (all visible ones unless --num-gpus)")
+        p.add_argument("--num-gpus", type=int, metavar="N",
+                       help="number of local worker processes (GPUs; on --cpu, gloo processes)")
     p.add_argument("--memory-pool", action="store_true",
                    help="use the expandable-segments CUDA caching allocator (PYTORCH_CUDA_ALLOC_CONF="
                         "expandable_segments:True): memory grows in place instead of in fixed blocks, "
@@ -58,8 +68,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per forward pass per GPU (recipe: train.sequence_tokens); smaller fits "
                         "smaller GPUs but changes the document packing, so the trajectory differs slightly")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile (slower; for debugging)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    p.add_argument("--seed", type=int, metavar="S",
+                   help="random seed of the initialization (config train.seed; default: the recipe's)")
+    if not bench:
+        p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
@@ -119,7 +131,7 @@ def build_config(args) -> Config:
         cfg.train.save_path = args.save_path
     elif resume:
         cfg.train.save_path = _run_dir_of(resume)   # the saved path may be relative to another folder
-    if args.save_every is not None:
+    if getattr(args, "save_every", None) is not None:
         cfg.train.save_every = args.save_every
     if args.use_fp8 and args.no_fp8:
         raise ConfigError("--use-fp8 and --no-fp8 contradict each other")

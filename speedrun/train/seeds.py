@@ -17,7 +17,6 @@ Welch t-test between the two sets.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -26,7 +25,7 @@ import sys
 
 from speedrun.config import ConfigError
 from speedrun.train.significance import below_target, compare
-from speedrun.utils import atomic_write_text
+from speedrun.utils import HelpFormatter, atomic_write_text
 
 DEFAULT_TARGET = 3.28
 
@@ -49,7 +48,7 @@ def register(subparsers) -> None:
                     "or differs from another set of runs. Rerunning resumes: finished seeds are skipped, "
                     "an interrupted one continues from its last checkpoint.",
         epilog="example: speedrun seeds runs/base --runs 8 -- --config record_124m --distributed --num-gpus 8",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="one run directory per seed goes in here")
     p.add_argument("--runs", type=int, default=0, help="number of seeds to train (0: only report)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first_seed, first_seed + 1, ...")
