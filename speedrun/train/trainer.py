@@ -87,6 +87,21 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
     return train, val
 
 
+def use_deterministic_cpu_kernels() -> None:
+    """Make CPU runs repeat bit for bit (same seed, same thread count).
+
+    The one nondeterministic op found on the CPU: torch.compile (inductor) lowers the embedding
+    backward, an index_put with accumulate, to a C++ loop over the tokens that adds rows with atomic
+    adds from all OpenMP threads, so the order of the float additions into a row (and its rounding)
+    changes from process to process; eager runs and runs under aot_eager repeat exactly. In
+    deterministic mode inductor falls back to ATen's index_put, which accumulates serially. Applies
+    to the whole process (PyTorch has no narrower switch); ops without a deterministic version only
+    warn. Uninitialized memory is not filled with NaN (determinism's other default): that costs a pass
+    over every new buffer and fixes nothing a correct program reads."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
 def replay_windows(model, schedule, step: int) -> tuple[int, int]:
     """Reset the model's windows and YaRN state, then apply every window change of steps 0..step
     in order (YaRN updates compound, so a jump must replay them). Returns step's (short, long)."""
@@ -108,6 +123,8 @@ class Trainer:
         self.device = world.device
         self.dtype = resolve_dtype(cfg, self.device.type)
         self.grad_accum = cfg.grad_accum(world.world_size)
+        if self.device.type == "cpu":
+            use_deterministic_cpu_kernels()
         self.total_steps = cfg.schedule.total_steps
         # where this run stops: the schedule's end unless train.max_steps cuts it short
         self.end_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
