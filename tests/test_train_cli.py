@@ -167,3 +167,30 @@ def test_token_ids_outside_the_vocabulary_fail_when_the_shard_is_opened(recipe, 
                     f"position 12345) is outside the model's vocabulary, model.vocab_size 256 (ids 0..255); "
                     f"were these shards made with another tokenizer?")
     assert not run.exists()
+
+
+def test_a_lazy_compile_reports_the_first_step(recipe, tmp_path, capsys, monkeypatch):
+    """With train.warmup_compile off, torch.compile compiles during the first step: the run reports
+    that step's time, not a near-zero warm-up. (The compile is simulated by a slow first step: a
+    real one takes a minute on a CPU.)"""
+    import time
+
+    from speedrun.model.gpt import GPT
+    from speedrun.train.trainer import Trainer
+    monkeypatch.setattr(GPT, "compile_regions", lambda self, **kw: self)
+    step = Trainer.train_step
+
+    def slow_first(self, i, batches, mark=None):
+        if i == 0:
+            time.sleep(0.5)
+        return step(self, i, batches, mark)
+    monkeypatch.setattr(Trainer, "train_step", slow_first)
+    run = tmp_path / "run"
+    assert train("--config", recipe, "--train.max_steps", 2, "--train.compile", "true",
+                 "--train.warmup_compile", "false", "--save-path", run) == 0
+    out = capsys.readouterr().out
+    assert "compile + warm-up" not in out
+    first = float(out.split("first step ")[1].split(" s (torch.compile compiled the training graphs")[0])
+    assert first >= 0.5
+    assert ", of which the first step (compiling)" in out
+    assert json.loads((run / "summary.json").read_text())["first_step_s"] == pytest.approx(first, abs=0.06)

@@ -55,6 +55,7 @@ class Summary:
     peak_memory_gib: float | None
     tokens_per_s: float | None
     run_dir: str
+    first_step_s: float | None = None   # the first step of this process (with train.warmup_compile off, it compiles)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -177,6 +178,7 @@ class Trainer:
                                {"checkpoint": state.path, "changed": changes})
         self.window = None  # (short, long) blocks currently applied to the model
         self.warmup_phases: dict[str, float] = {}
+        self.first_step_s: float | None = None   # set by run(): the first step's seconds
         self.warmup_helper: str | None = None   # parallel warm-up helper: finished / stopped / failed
         self.peak_flops = (device_peak_flops(torch.cuda.get_device_name(self.device))
                            if self.device.type == "cuda" else None)
@@ -386,8 +388,12 @@ class Trainer:
                   f"{self.model.num_params() / 1e6:.1f}M params | grad_accum {self.grad_accum} | "
                   f"steps {self.start_step}->{self.total_steps} | train {self.train_glob}")
         warmup_s = self.warmup()
-        if warmup_s:
+        # without the warm-up, torch.compile compiles on the first step (and the first validation):
+        # that step's time is the figure to show, not the near-zero warm-up
+        lazy_compile = cfg.train.compile and not cfg.train.warmup_compile
+        if warmup_s and not lazy_compile:
             log.print(f"compile + warm-up: {warmup_s:.1f} s (untimed; state restored)")
+        self.first_step_s = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         previous_handler = self._install_sigint()
@@ -441,9 +447,15 @@ class Trainer:
                 loss = self.train_step(step, batches)
                 step += 1
                 logging_now = step % cfg.train.log_every == 0 or step == self.end_step
-                if logging_now or self.device.type == "cpu":
+                first = self.first_step_s is None
+                if logging_now or first or self.device.type == "cpu":
                     self._sync()
                 now = time.perf_counter()
+                if first:
+                    self.first_step_s = now - timed_from
+                    if lazy_compile:
+                        log.print(f"first step {self.first_step_s:.1f} s (torch.compile compiled the training "
+                                  f"graphs in it: train.warmup_compile is false, so this is training time)")
                 self.train_time_ms += 1e3 * (now - timed_from)
                 timed_from = now
                 if logging_now:
@@ -509,12 +521,17 @@ class Trainer:
             entropy = self._val_unigram_entropy()
         summary = Summary(steps=self.end_step, final_val_loss=val_loss, val_unigram_entropy=entropy,
                           train_time_s=self.train_time_ms / 1e3, warmup_time_s=warmup_s,
-                          peak_memory_gib=peak, tokens_per_s=tokens_per_s, run_dir=self.run_dir)
+                          peak_memory_gib=peak, tokens_per_s=tokens_per_s, run_dir=self.run_dir,
+                          first_step_s=self.first_step_s)
         lines = [f"final val loss {val_loss:.4f}"]
         if entropy is not None:
             lines.append(f"unigram entropy of the val tokens {entropy:.4f} "
                          f"(a model knowing only token frequencies); gap {entropy - val_loss:.3f} nats")
-        lines.append(f"train time {summary.train_time_s:.1f} s | compile+warm-up {warmup_s:.1f} s"
+        if self.cfg.train.compile and not self.cfg.train.warmup_compile and self.first_step_s is not None:
+            start = f", of which the first step (compiling) {self.first_step_s:.1f} s"
+        else:
+            start = f" | compile+warm-up {warmup_s:.1f} s" if self.cfg.train.compile else ""
+        lines.append(f"train time {summary.train_time_s:.1f} s{start}"
                      + (f" | peak memory {peak:.2f} GiB" if peak is not None else ""))
         for line in lines:
             self.log.print(line)
