@@ -194,3 +194,14 @@ def test_a_lazy_compile_reports_the_first_step(recipe, tmp_path, capsys, monkeyp
     assert first >= 0.5
     assert ", of which the first step (compiling)" in out
     assert json.loads((run / "summary.json").read_text())["first_step_s"] == pytest.approx(first, abs=0.06)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save-every", "-1"], "config field 'train.save_every': expected >= 0 (0 = only at the end)"),
+    (["--train.log_every", "0"], "config field 'train.log_every': expected >= 1"),
+])
+def test_a_bad_setting_names_its_own_field(recipe, tmp_path, capsys, flags, message):
+    run = tmp_path / "run"
+    assert train("--config", recipe, "--save-path", run, *flags) == 1
+    assert one_line_error(capsys) == f"speedrun train: error: {message}"
+    assert not run.exists()
