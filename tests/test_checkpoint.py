@@ -167,3 +167,31 @@ def test_a_failed_write_keeps_the_previous_checkpoint(shards, tmp_path, monkeypa
     checkpoints = run_dir / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["latest", "step_000002"]
     assert (checkpoints / "latest").read_text().strip() == "step_000002"
+
+
+def test_a_kill_while_a_step_is_saved_again(shards, reference, tmp_path, monkeypatch):
+    """A run rolled back to step 2 saves step 4 again while `latest` names the old step 4: the old
+    one is set aside, not deleted, until the new one is in place, so a kill in between resumes from
+    it."""
+    from speedrun.train.trainer import Trainer
+    run_dir = tmp_path / "run"
+    first = config(shards, run_dir)
+    first.train.max_steps = 4
+    run_trainer(first)
+    checkpoints = run_dir / "checkpoints"
+
+    def crash(label):
+        if label == "set aside":
+            raise Killed(label)
+    monkeypatch.setattr(ckpt, "_crash_point", crash)
+    with pytest.raises(Killed):
+        Trainer(config(shards, run_dir), init_world("cpu"), str(run_dir), resume=str(checkpoints / "step_000002")).run()
+    assert (checkpoints / "latest").read_text().strip() == "step_000004"
+    assert not (checkpoints / "step_000004").exists() and (checkpoints / "step_000004.replaced").is_dir()
+    monkeypatch.setattr(ckpt, "_crash_point", lambda label: None)
+    trainer = Trainer(config(shards, run_dir), init_world("cpu"), str(run_dir), resume=str(run_dir))
+    assert trainer.start_step == 4
+    trainer.run()
+    (ref_train, ref_val), ref_weights = reference
+    assert train_losses(run_dir) == (ref_train, ref_val)
+    assert (checkpoints / "step_000006" / "model.safetensors").read_bytes() == ref_weights

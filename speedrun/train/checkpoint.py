@@ -39,6 +39,7 @@ from speedrun.utils import atomic_write_text, fsync_dir
 
 META = "meta.json"
 WEIGHTS = "model.safetensors"
+REPLACED = ".replaced"    # an earlier save of the same step, kept until its successor is published
 
 
 class CheckpointError(ValueError):
@@ -112,13 +113,16 @@ def save_checkpoint(run_dir: str, step: int, model, optimizers, loader_state: di
             atomic_write_text(os.path.join(staging, META), json.dumps(meta, indent=1))
             _crash_point(META)
             fsync_dir(staging)
-            if os.path.isdir(final):    # an earlier save of this step (a run resumed before it)
-                shutil.rmtree(final)
-                _crash_point("removed old")
+            replaced = final + REPLACED
+            if os.path.isdir(final):    # an earlier save of this step (a run resumed before it):
+                shutil.rmtree(replaced, ignore_errors=True)   # set aside, not deleted, until the
+                os.replace(final, replaced)                   # new one is in place: `latest` may name it
+                _crash_point("set aside")
             os.replace(staging, final)
             fsync_dir(os.path.dirname(final))
             _crash_point("published")
             atomic_write_text(os.path.join(run_dir, "checkpoints", "latest"), os.path.basename(final) + "\n")
+            shutil.rmtree(replaced, ignore_errors=True)
         except Exception:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -163,6 +167,8 @@ def find_checkpoint(path: str) -> str:
         found = os.path.join(path, "checkpoints", name)
         if name and os.path.isfile(os.path.join(found, META)):
             return found
+        if name and os.path.isfile(os.path.join(found + REPLACED, META)):
+            return found + REPLACED   # killed while this step was saved again: the earlier save
         raise CheckpointError(f"{latest}: names checkpoint '{name}' but {found} is missing or incomplete")
     if os.path.isdir(path) and os.path.basename(os.path.normpath(path)).endswith(".incomplete"):
         raise CheckpointError(f"{path}: an unfinished checkpoint (the save was interrupted); "
@@ -191,11 +197,11 @@ def read_meta(ckpt: str) -> dict:
 
 
 def check_files(ckpt: str, meta: dict, names: list[str]) -> None:
-    """Every file in ``names`` (and, if the checkpoint has a manifest, every file it lists) is there
-    with the size that was written; else a CheckpointError naming the first bad file."""
+    """Every file in ``names`` is there, with the size the manifest recorded where it has one; else a
+    CheckpointError naming the first bad file. (A reader checks what it reads: sampling needs the
+    weights only, so a checkpoint whose optimizer files were deleted to save space still samples.)"""
     listed = meta.get("files")
-    wanted = list(names) + [n for n in (listed or {}) if n not in names]
-    for name in wanted:
+    for name in names:
         path = os.path.join(ckpt, name)
         if not os.path.isfile(path):
             why = "is listed in meta.json but missing" if listed and name in listed else "is missing"

@@ -490,7 +490,8 @@ class Trainer:
                     # checkpoint time is not training time
                     last_log_time = time.perf_counter() if last_log_time is not None else None
             stop_timing()
-            last_good = self.save(step, self.loader.state_dict())
+            if last_good != ckpt.checkpoint_dir(self.run_dir, step):   # not saved at this step already
+                last_good = self.save(step, self.loader.state_dict())
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
