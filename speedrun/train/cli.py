@@ -332,9 +332,11 @@ def train_here(args, cfg: Config) -> int:
             holder = [run_dir]
             dist.broadcast_object_list(holder, src=0)
             run_dir = holder[0]
-        # every rank checks before any rank writes (the barrier), so all see the same directory
+        # every rank checks before any rank writes (the barrier), so all see the same directory;
+        # one rank probes for writing (ranks creating and removing the same folder would race)
         check_run_dir(run_dir, args.resume, args.overwrite)
-        probe_writable(run_dir)
+        if world.is_main:
+            probe_writable(run_dir)
         made = missing_parents(run_dir)
         world.barrier()
         if args.overwrite and world.is_main:
