@@ -72,8 +72,9 @@ def generation_context(model, prompt_ids: list[int], max_tokens: int, bos: bool 
         raise EvalError("generate: empty context (give a prompt or keep bos=True)")
     if max(context) >= model.cfg.vocab_size or min(context) < 0:
         bad = next(t for t in context if not 0 <= t < model.cfg.vocab_size)
-        raise EvalError(f"--prompt: token id {bad} is outside the model's vocabulary "
-                        f"(0..{model.cfg.vocab_size - 1}); the model was trained with another vocabulary")
+        what = "<|endoftext|>, which starts every prompt" if bos and bad == EOT_ID else "the prompt's"
+        raise EvalError(f"--prompt: token id {bad} ({what}) is outside the model's vocabulary "
+                        f"(0..{model.cfg.vocab_size - 1}); the model was not trained on GPT-2 tokens")
     if max_tokens > 0:
         check_context(model, len(context), max_tokens)
     return context
