@@ -55,7 +55,7 @@ class Summary:
     peak_memory_gib: float | None
     tokens_per_s: float | None
     run_dir: str
-    first_step_s: float | None = None   # the first step of this process (with train.warmup_compile off, it compiles)
+    first_step_s: float | None = None   # this process's first step (it compiles if warmup_compile is off)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -393,7 +393,6 @@ class Trainer:
         lazy_compile = cfg.train.compile and not cfg.train.warmup_compile
         if warmup_s and not lazy_compile:
             log.print(f"compile + warm-up: {warmup_s:.1f} s (untimed; state restored)")
-        self.first_step_s = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         previous_handler = self._install_sigint()
