@@ -195,3 +195,26 @@ def test_a_kill_while_a_step_is_saved_again(shards, reference, tmp_path, monkeyp
     (ref_train, ref_val), ref_weights = reference
     assert train_losses(run_dir) == (ref_train, ref_val)
     assert (checkpoints / "step_000006" / "model.safetensors").read_bytes() == ref_weights
+
+
+def test_leftovers_of_a_killed_save_are_cleared_by_the_next_one(shards, tmp_path, monkeypatch):
+    """A kill leaves a staging folder; the resumed run's next save removes it (it was never
+    published), and a run with no checkpoint at all says how to start it again."""
+    from speedrun.train.trainer import Trainer
+    run_dir = tmp_path / "run"
+
+    def crash(label):
+        if label == "meta.json" and "step_000004" in str(os.listdir(run_dir / "checkpoints")):
+            raise Killed(label)
+    monkeypatch.setattr(ckpt, "_crash_point", crash)
+    with pytest.raises(Killed):
+        run_trainer(config(shards, run_dir))
+    assert (run_dir / "checkpoints" / "step_000004.incomplete").is_dir()
+    monkeypatch.setattr(ckpt, "_crash_point", lambda label: None)
+    Trainer(config(shards, run_dir), init_world("cpu"), str(run_dir), resume=str(run_dir)).run()
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step_000002", "step_000004", "step_000006"]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"this run has no checkpoint .* --save-path .*fresh --overwrite"):
+        ckpt.find_checkpoint(str(fresh))

@@ -140,6 +140,9 @@ def cmd_hellaswag(args) -> int:
     batch_tokens = args.batch_tokens or hs.default_batch_tokens(device)
     print(f"model {_describe(loaded)}", file=sys.stderr)
     print(f"hellaswag: {len(items)} items from {path}", file=sys.stderr)
+    if device.type == "cpu" and len(items) > 1000:
+        print(f"note: {len(items)} items take several minutes on a CPU; --limit N scores the first N",
+              file=sys.stderr)
     step = max(1, len(items) // 10)
     shown = [0]
 

@@ -78,7 +78,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizers, loader_state: di
     final = checkpoint_dir(run_dir, step)
     staging = final + ".incomplete"
     if world.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_leftovers(os.path.dirname(final))
         os.makedirs(staging)
     world.barrier()
     failure = None
@@ -130,6 +130,19 @@ def save_checkpoint(run_dir: str, step: int, model, optimizers, loader_state: di
     return final
 
 
+def _remove_leftovers(folder: str) -> None:
+    """Folders a killed save left behind: staging folders (never published, and the run has redone
+    their steps since) and earlier saves of a step whose new save was published. Only one save of a
+    run is under way at a time, so none of them is in use."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".incomplete") or (name.endswith(REPLACED) and
+                                            os.path.isdir(path[:-len(REPLACED)])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _write(path: str, fill: Callable) -> None:
     """Write one checkpoint file through our own handle, fsynced: torch.save / safetensors to a path
     report a full disk as an opaque library error without the file's name."""
@@ -173,6 +186,9 @@ def find_checkpoint(path: str) -> str:
     if os.path.isdir(path) and os.path.basename(os.path.normpath(path)).endswith(".incomplete"):
         raise CheckpointError(f"{path}: an unfinished checkpoint (the save was interrupted); "
                               "resume from the run directory or a complete step_* checkpoint")
+    if any(os.path.exists(os.path.join(path, name)) for name in ("config.json", "metrics.jsonl")):
+        raise CheckpointError(f"{path}: this run has no checkpoint (it stopped before its first save); "
+                              f"start it again with --save-path {path} --overwrite")
     raise CheckpointError(f"{path}: not a checkpoint (no {META}) and not a run directory "
                           "(no checkpoints/latest)")
 
