@@ -21,14 +21,21 @@ import sys
 import tempfile
 import time
 
+from speedrun.utils import HelpFormatter
+
 PROCESS_START = time.perf_counter()
 
 
 def register(subparsers) -> None:
     from speedrun.train.cli import add_train_arguments
-    p = subparsers.add_parser("bench", help="time the training step of a recipe at every stage",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_train_arguments(p)
+    p = subparsers.add_parser(
+        "bench", help="time the training step of a recipe at every stage",
+        description="Time a recipe's training step at every stage of its schedule (its batch and "
+                    "attention windows) "
+                    "(ms/step, tokens/s, MFU, memory, the forward / backward / optimizer split) and its "
+                    "start-up. Any config field can be overridden with a dotted flag, as for train.",
+        formatter_class=HelpFormatter)
+    add_train_arguments(p, bench=True)
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per stage")
     p.add_argument("--skip-steps", type=int, default=2, help="untimed steps per stage before timing")
     p.add_argument("--profile", action="store_true",
@@ -39,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", help="inductor compile cache (default: a fresh one, so the start is cold)")
     p.add_argument("--out", help="also write the results as JSON to this file")
     p.add_argument("--start-only", action="store_true", help=argparse.SUPPRESS)  # used by --warm-start
-    p.set_defaults(func=run_bench, accepts_overrides=True, config="record_124m")
+    p.set_defaults(func=run_bench, accepts_overrides=True)
 
 
 def synthetic_shards(directory: str, num_tokens: int, vocab: int, bos_id: int, seed: int = 0,
@@ -65,11 +72,30 @@ def synthetic_shards(directory: str, num_tokens: int, vocab: int, bos_id: int, s
     return train, val
 
 
+def bench_config(args):
+    """The recipe to time: --config, else the record on a GPU and the tiny recipe on a CPU (the record
+    needs about 24 GiB for one micro-batch and hours there); ``args.config`` is set to the choice."""
+    from speedrun.config import ConfigError
+    from speedrun.train.cli import build_config
+    from speedrun.train.trainer import resolve_device
+    if args.steps < 1 or args.skip_steps < 0:
+        raise ConfigError(f"--steps {args.steps} --skip-steps {args.skip_steps}: expected --steps >= 1 "
+                          f"and --skip-steps >= 0")
+    explicit = args.config is not None
+    args.config = args.config or "record_124m"
+    cfg = build_config(args)
+    if not explicit and resolve_device(cfg) == "cpu":
+        args.config = "tiny"
+        cfg = build_config(args)
+        print("no GPU in use: timing the tiny recipe (pass --config record_124m to time the record on "
+              "the CPU anyway; it needs about 24 GiB of memory)", file=sys.stderr)
+    return cfg
+
+
 def run_bench(args) -> int:
     import torch
     import_s = time.perf_counter() - PROCESS_START
-    from speedrun.train.cli import build_config
-    cfg = build_config(args)
+    cfg = bench_config(args)
     if cfg.train.memory_pool:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cache = args.cache_dir or tempfile.mkdtemp(prefix="speedrun-inductor-")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -54,15 +55,41 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into a reader that stopped early (| head)
         sys.stderr.close()
         return 1
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # errors raised for bad input carry a one-line message naming the file or field
+    except (ValueError, OSError, RuntimeError) as e:
+        # errors raised for bad input carry a one-line message naming the file or field; so do the
+        # operating system's about a path (a read-only or full disk, no permission, a file in the way)
         if getattr(args, "debug", False) or not _is_user_error(e):
             raise
-        print(f"speedrun {args.command}: error: {e}", file=sys.stderr)
+        print(f"speedrun {args.command}: error: {_message(e)}", file=sys.stderr)
         return 1
 
 
+# what the user can act on when the operating system refuses a path
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or write somewhere else",
+    errno.EDQUOT: "the disk quota is used up: free space or write somewhere else",
+    errno.EROFS: "a read-only file system: write somewhere else",
+    errno.EACCES: "no permission: write somewhere else or fix the permissions",
+    errno.EPERM: "not permitted: write somewhere else or fix the permissions",
+    errno.ENOTDIR: "a file is in the way: a folder of this path is a file",
+    errno.EISDIR: "a folder is in the way: expected a file",
+    errno.EEXIST: "something is in the way",
+    errno.ENOENT: "no such file or directory",
+}
+
+
+def _message(e: Exception) -> str:
+    if isinstance(e, OSError) and e.errno is not None and e.filename is not None:
+        hint = _OS_HINTS.get(e.errno)
+        if not hint or hint.lower() == (e.strerror or "").lower():
+            return f"{e.filename}: {e.strerror}"
+        return f"{e.filename}: {e.strerror} ({hint})"
+    return str(e)
+
+
 def _is_user_error(e: Exception) -> bool:
+    if isinstance(e, OSError) and e.errno is not None and e.filename is not None:
+        return True   # the OS refused a named path: one line says which and why
     from speedrun.config import ConfigError
     user_errors: tuple = (ConfigError, FileNotFoundError)
     try:

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from speedrun.utils import atomic_write_text
+from speedrun.utils import atomic_write_text, human_bytes
 
 
 class ConfigError(ValueError):
@@ -219,6 +219,72 @@ class ModelConfig:
     def embed_tied_at(self, step: int) -> bool:
         """Whether the input embedding reads the lm_head weight when optimizer step ``step`` runs."""
         return self.tie_embed and (self.untie_after_step < 0 or step <= self.untie_after_step)
+
+    def validate(self, source: str | None = None) -> "ModelConfig":
+        """The model section's own checks (Config.validate adds those that involve other sections);
+        ``source`` prefixes the messages (an export's config.json)."""
+        m = self
+
+        def _check(ok: bool, field_name: str, expected: str) -> None:
+            _check_field(ok, field_name, expected, source)
+
+        for name in ("vocab_size", "vocab_multiple", "num_layers", "model_dim", "num_heads", "head_dim",
+                     "mlp_ratio", "gate_dim", "block_size", "rope_max_positions"):
+            _check(getattr(m, name) >= 1, f"model.{name}", ">= 1")
+        _check(all(i >= -1 for i in m.value_embed_layers), "model.value_embed_layers",
+               "table indices >= 0, or -1 for none")
+        _check(m.num_heads * m.head_dim == m.model_dim, "model.head_dim",
+               f"num_heads*head_dim ({m.num_heads}*{m.head_dim}) must equal model_dim ({m.model_dim})")
+        _check(m.head_dim % 4 == 0, "model.head_dim", "a multiple of 4 (rotary pairs)")
+        _check(m.gate_dim <= m.model_dim, "model.gate_dim", f"at most model_dim ({m.model_dim})")
+        _check(len(m.value_embed_layers) == m.num_layers, "model.value_embed_layers",
+               f"a list of num_layers ({m.num_layers}) table indices (-1 = none)")
+        for name in ("no_attention_layers", "long_window_layers"):
+            for i in getattr(m, name):
+                _check(0 <= i < m.num_layers, f"model.{name}", f"layer indices in [0, {m.num_layers})")
+        _check_attention_layers(m)
+        if m.skip_connection:
+            _check(0 <= m.skip_from_layer < m.skip_to_layer < m.num_layers, "model.skip_to_layer",
+                   "0 <= skip_from_layer < skip_to_layer < num_layers")
+        if m.backout:
+            _check(0 <= m.backout_layer < m.num_layers, "model.backout_layer", f"in [0, {m.num_layers})")
+        _check(m.logit_softcap >= 0, "model.logit_softcap", ">= 0 (0 disables)")
+        _validate_record89(m)
+        if m.fp8_mlp:
+            _check(m.relu_squared, "model.fp8_mlp", "false unless model.relu_squared is on (the FP8 MLP is relu²)")
+            _check(m.fp8_mlp_act_headroom >= 1, "model.fp8_mlp_act_headroom", ">= 1 (a margin over the last amax)")
+            _check(m.fp8_mlp_weight_headroom >= 1, "model.fp8_mlp_weight_headroom",
+                   ">= 1 (a margin over the last amax)")
+            _check(m.fp8_mlp_exact_steps >= 0, "model.fp8_mlp_exact_steps", ">= 0")
+        return self
+
+    def parameter_count(self) -> int:
+        """Parameters of the GPT this config builds, from the shapes alone (the scalars, a few per
+        layer, left out): lets a caller refuse an absurd size before allocating anything."""
+        V, d = self.padded_vocab_size, self.model_dim
+        attention_layers = sum(self.has_attention(i) for i in range(self.num_layers))
+        count = V * d * (2 + self.num_value_embeds)          # embedding, lm_head, value embeddings
+        count += attention_layers * 4 * d * d                # q, k, v, o
+        count += attention_layers * self.gate_dim * self.num_heads if self.attn_gate else 0
+        count += self.num_layers * 2 * d * self.mlp_dim      # MLP up and down
+        count += self.bigram_vocab_size * d if self.bigram_embed else 0   # record 89's bigram table
+        return count + (self.gate_dim if self.smear else 0)
+
+    def check_fits(self, available_bytes: int | None, bytes_per_param: float, where: str,
+                   source: str | None = None) -> None:
+        """Refuse a model whose weights (times ``bytes_per_param``: 4 for fp32 weights, more with
+        gradients and optimizer state) exceed ``available_bytes`` of ``where``, naming the size fields.
+        ``None``: the available memory is unknown, nothing is checked."""
+        if available_bytes is None:
+            return
+        count = self.parameter_count()
+        need = count * bytes_per_param
+        if need > available_bytes:
+            raise ConfigError(
+                f"{source + ': ' if source else ''}model.num_layers {self.num_layers}, model.model_dim {self.model_dim}, "
+                f"model.mlp_ratio {self.mlp_ratio} and model.vocab_size {self.vocab_size} make a model of "
+                f"{count:,} parameters needing at least {human_bytes(need)}, more than the "
+                f"{human_bytes(available_bytes)} of memory available on {where}; check these fields")
 
 
 @dataclass
@@ -446,26 +512,10 @@ class Config:
     def validate(self) -> "Config":
         m, t, s, d = self.model, self.train, self.schedule, self.data
         _check_choices(self, "")
-        _check(m.num_heads * m.head_dim == m.model_dim, "model.head_dim",
-               f"num_heads*head_dim ({m.num_heads}*{m.head_dim}) must equal model_dim ({m.model_dim})")
-        _check(m.head_dim % 4 == 0, "model.head_dim", "a multiple of 4 (rotary pairs)")
-        _check(m.gate_dim <= m.model_dim, "model.gate_dim", f"at most model_dim ({m.model_dim})")
-        _check(len(m.value_embed_layers) == m.num_layers, "model.value_embed_layers",
-               f"a list of num_layers ({m.num_layers}) table indices (-1 = none)")
-        for name in ("no_attention_layers", "long_window_layers"):
-            for i in getattr(m, name):
-                _check(0 <= i < m.num_layers, f"model.{name}", f"layer indices in [0, {m.num_layers})")
-        _check_attention_layers(m)
-        if m.skip_connection:
-            _check(0 <= m.skip_from_layer < m.skip_to_layer < m.num_layers, "model.skip_to_layer",
-                   "0 <= skip_from_layer < skip_to_layer < num_layers")
-        if m.backout:
-            _check(0 <= m.backout_layer < m.num_layers, "model.backout_layer", f"in [0, {m.num_layers})")
-        _check(m.logit_softcap >= 0, "model.logit_softcap", ">= 0 (0 disables)")
+        m.validate()
         if self.optim.muon.qk_head_pairs:
             _check(m.num_heads % 2 == 0, "optim.muon.qk_head_pairs",
                    f"an even model.num_heads to orthogonalize Wq, Wk per head pair (got {m.num_heads})")
-        _validate_record89(m)
         if m.tie_embed and m.untie_after_step >= 0 and self.optim.adam.every_other_step:
             _check(m.untie_after_step % 2 == 1, "model.untie_after_step",
                    "an odd step (an Adam step with optim.adam.every_other_step: the tied gradient "
@@ -475,12 +525,6 @@ class Config:
                    f"optim.adam.{name}.betas", "[] (optim.adam's beta1, beta2) or two values in [0, 1)")
             _check(group.lr_mul >= 0 and group.wd_mul >= 0, f"optim.adam.{name}.lr_mul",
                    "lr_mul >= 0 and wd_mul >= 0")
-        if m.fp8_mlp:
-            _check(m.relu_squared, "model.fp8_mlp", "false unless model.relu_squared is on (the FP8 MLP is relu²)")
-            _check(m.fp8_mlp_act_headroom >= 1, "model.fp8_mlp_act_headroom", ">= 1 (a margin over the last amax)")
-            _check(m.fp8_mlp_weight_headroom >= 1, "model.fp8_mlp_weight_headroom",
-                   ">= 1 (a margin over the last amax)")
-            _check(m.fp8_mlp_exact_steps >= 0, "model.fp8_mlp_exact_steps", ">= 0")
         _check(t.tokens_per_step > 0 and t.sequence_tokens > 0, "train.tokens_per_step", "> 0")
         _check(t.micro_batches_per_step >= 0, "train.micro_batches_per_step",
                ">= 0 (0 = micro-batches of train.sequence_tokens)")
@@ -493,6 +537,7 @@ class Config:
         _check(t.val_tokens > 0 and t.val_tokens % t.val_sequence_tokens == 0, "train.val_tokens",
                f"a positive multiple of train.val_sequence_tokens ({t.val_sequence_tokens})")
         _check(d.max_doc_len >= 2, "data.max_doc_len", ">= 2")
+        _check(0 <= d.bos_id < m.vocab_size, "data.bos_id", f"a token id below model.vocab_size ({m.vocab_size})")
         _check(s.num_scheduled_steps > 0, "schedule.num_scheduled_steps", "> 0")
         _check(s.num_extension_steps >= 0, "schedule.num_extension_steps", ">= 0")
         _check(0 <= s.cooldown_frac <= 1, "schedule.cooldown_frac", "in [0, 1]")
@@ -505,8 +550,9 @@ class Config:
             self._validate_batch(name, shape)
         _check(t.max_steps >= 0, "train.max_steps", ">= 0 (0 = the whole schedule)")
         _check(t.collective_timeout_s > 0, "train.collective_timeout_s", "> 0 seconds")
-        _check(t.val_every >= 0 and t.save_every >= 0 and t.log_every >= 1, "train.val_every",
-               "val_every >= 0, save_every >= 0, log_every >= 1")
+        _check(t.val_every >= 0, "train.val_every", ">= 0 (0 = only at the start and the end)")
+        _check(t.save_every >= 0, "train.save_every", ">= 0 (0 = only at the end)")
+        _check(t.log_every >= 1, "train.log_every", ">= 1")
         return self
 
     def _validate_stages(self) -> None:
@@ -683,8 +729,12 @@ def _validate_record89(m: ModelConfig) -> None:
 
 
 def _check(ok: bool, field_name: str, expected: str) -> None:
+    _check_field(ok, field_name, expected)
+
+
+def _check_field(ok: bool, field_name: str, expected: str, source: str | None = None) -> None:
     if not ok:
-        raise ConfigError(f"config field '{field_name}': expected {expected}")
+        raise ConfigError(f"{source + ': ' if source else ''}config field '{field_name}': expected {expected}")
 
 
 def _check_attention_layers(m: ModelConfig) -> None:

@@ -105,3 +105,46 @@ def test_bench_of_a_stage_table_has_a_row_per_stage(tmp_path):
             for r in rows] == [(2, 256, 128, 64, 2), (2, 512, 256, 128, 4), (2, 512, 256, 128, 6)]
     assert result["schedule_avg_tokens_per_s"] == pytest.approx(schedule_tokens_per_s(rows))
     assert all(r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["ms_per_step"] / 1e3)) for r in rows)
+
+
+def _bench_args(argv):
+    from speedrun.cli import build_parser
+    args, extra = build_parser().parse_known_args(["bench", *argv])
+    args.overrides = extra
+    return args
+
+
+def test_bench_picks_the_tiny_recipe_on_a_cpu(capsys, monkeypatch):
+    """`speedrun bench` with no arguments on a CPU times the tiny recipe and says how to time the
+    record; an explicit --config is kept."""
+    import torch
+
+    from speedrun.bench import bench_config
+    from speedrun.config import Config, ConfigError
+    from speedrun.train.cli import config_path
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = _bench_args([])
+    cfg = bench_config(args)
+    assert args.config == "tiny" and cfg.to_dict() == Config.load(config_path("tiny")).to_dict()
+    assert "timing the tiny recipe (pass --config record_124m" in capsys.readouterr().err
+    args = _bench_args(["--config", "record_124m", "--cpu"])
+    assert bench_config(args).model.num_layers == 11 and args.config == "record_124m"
+    with pytest.raises(ConfigError, match="--steps 0 --skip-steps 2: expected --steps >= 1"):
+        bench_config(_bench_args(["--steps", "0"]))
+
+
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_help_says_each_default_once_and_describes_every_flag(command, capsys):
+    from speedrun.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        assert action.help, f"{command} {action.option_strings} has no help"
+    text = sub.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for block in text.split("\n  -")[1:]:   # one option's help
+        assert " ".join(block.split()).lower().count("default") <= 1, block
+    if command == "bench":
+        for train_only in ("--resume", "--save-every", "--print-config", "--num-gpus", "--overwrite"):
+            assert train_only not in text
+        assert sub.description

@@ -257,3 +257,38 @@ def test_the_gpu_benchmark_config_is_record_124m_on_record_89s_stage_table():
     for mine, theirs in zip(bench.schedule.stages, r89.schedule.stages):
         assert (mine.share, mine.windows, mine.lr_mul) == (theirs.share, theirs.windows, theirs.lr_mul)
         assert mine.mtp_weights_start == mine.mtp_weights_end == [1.0] and mine.prefix_weight_start == 0
+
+
+@pytest.mark.parametrize("name", ["tiny", "record_124m"])
+def test_parameter_count_matches_the_model(name):
+    """The size check counts parameters from the config alone: it must agree with the model (up to
+    the few scalars per layer it leaves out)."""
+    import torch
+
+    from speedrun.model import GPT
+    cfg = Config.load(config_path(name))
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    assert 0 <= model.num_params() - cfg.model.parameter_count() <= 8 * cfg.model.num_layers
+
+
+def test_an_absurd_model_is_refused_before_it_is_allocated():
+    cfg = Config()
+    cfg.model.model_dim, cfg.model.num_heads = 1 << 20, 8192
+    with pytest.raises(ConfigError, match=r"model\.model_dim 1048576, .* make a model of [\d,]+ parameters "
+                                          r"needing at least [\d,.]+ GiB, more than the 64\.0 GiB"):
+        cfg.model.check_fits(64 * 2**30, 4, "cpu")
+    Config().model.check_fits(64 * 2**30, 12, "cpu")   # the record fits
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("train.save_every", "-1", "'train.save_every': expected >= 0"),
+    ("train.log_every", "0", "'train.log_every': expected >= 1"),
+    ("train.val_every", "-5", "'train.val_every': expected >= 0"),
+    ("model.num_layers", "0", "'model.num_layers': expected >= 1"),
+    ("data.bos_id", "60000", "'data.bos_id': expected a token id below model.vocab_size (50257)"),
+])
+def test_each_bad_value_names_its_own_field(field, value, expected):
+    with pytest.raises(ConfigError) as e:
+        Config().override({field: value}).validate()
+    assert expected in str(e.value)

@@ -138,3 +138,15 @@ def test_parse_count(text, value):
 def test_parse_count_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError):
         parse_count(text)
+
+
+def test_text_with_no_text_is_an_error(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    records = tmp_path / "blank.jsonl"
+    records.write_text('{"text": ""}\n\n{"text": ""}\n')
+    for path, docs in ((empty, "1 file(s), 1 empty document(s)"), (records, "1 file(s), 2 empty document(s)")):
+        assert main(["data", "text", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert err == f"speedrun data: error: {path}: no text to tokenize ({docs}); nothing was written\n"
+        assert not os.path.exists(tmp_path / "out")

@@ -4,6 +4,7 @@ scoring, validation loss, export + speedrun.load, and the commands through speed
 import gzip
 import json
 import os
+import re
 import shutil
 import urllib.error
 
@@ -511,3 +512,96 @@ def test_cli_eval_val_and_export(run_dir, capsys, tmp_path):
     assert "no such checkpoint" in capsys.readouterr().err
     assert main(["eval", "val", "--checkpoint", run_dir, "--tokens", "lots"]) == 1
     assert "--tokens" in capsys.readouterr().err
+    tokens[100] = 60000                         # an id the model has no embedding for
+    write_shard(tmp_path / "d_val_000000.bin", tokens.numpy().astype("uint16"))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] + "\n" == (f"speedrun eval: error: {tmp_path / 'd_val_000000.bin'}: token id 60000 (in the validation "
+                   f"tokens, first at position 100) is outside the model's vocabulary, model.vocab_size 50257 "
+                   f"(ids 0..50256); were these shards made with another tokenizer?\n")
+
+
+# ---- damaged or hostile model files: one line, exit 1, nothing written ----------------------------
+
+def damage_checkpoint(run_dir, how: str) -> None:
+    ckpt = os.path.join(run_dir, "checkpoints", "step_000008")
+    weights = os.path.join(ckpt, "model.safetensors")
+    meta_path = os.path.join(ckpt, "meta.json")
+    data = open(weights, "rb").read()
+    if how == "truncated weights":
+        open(weights, "wb").write(data[:len(data) // 2])
+    elif how == "corrupt weights":
+        open(weights, "wb").write(data[:8] + b"not json" + data[16:])
+    else:
+        meta = json.load(open(meta_path))
+        model = meta["config"]["model"]
+        if how == "absurd meta.json":      # consistent, but 35 trillion parameters
+            model.update(model_dim=1048576, num_heads=8192, head_dim=128)
+        elif how == "inconsistent meta.json":   # a size the weights were not trained at
+            model.update(model_dim=128, num_heads=2, head_dim=64)
+        else:
+            model["num_layers"] = "five"
+        json.dump(meta, open(meta_path, "w"))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated weights", r"model\.safetensors: not a readable safetensors file \(.*\); the file is corrupt or truncated"),
+    ("corrupt weights", r"model\.safetensors: not a readable safetensors file \(.*\); the file is corrupt or truncated"),
+    ("absurd meta.json", r"meta\.json: model\.num_layers 5, model\.model_dim 1048576, .* make a model of "
+                         r"[\d,]+ parameters needing at least [\d,.]+ GiB, more than the [\d,.]+ GiB of memory "
+                         r"available on cpu; check these fields"),
+    ("inconsistent meta.json", r"model\.safetensors: weights do not match the config: tensor 'embed\.weight' "
+                               r"has shape \(50304, 64\), the config's model has \(50304, 128\)"),
+    ("wrong type in meta.json", r"meta\.json: config field 'model\.num_layers': expected int, got 'five'"),
+])
+def test_commands_refuse_a_damaged_checkpoint_in_one_line(run_dir, tmp_path, capsys, how, message):
+    run = str(tmp_path / "run")
+    shutil.copytree(run_dir, run)
+    damage_checkpoint(run, how)
+    for argv in (["sample", "--max-tokens", "3"], ["eval", "val", "--tokens", "256"],
+                 ["export", "--out", str(tmp_path / "out")]):
+        assert main(argv + ["--checkpoint", run, "--device", "cpu"] * (argv[0] != "export")
+                    + ["--checkpoint", run] * (argv[0] == "export")) == 1, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert re.search(message, err), (argv, err)
+    assert not os.path.exists(tmp_path / "out")
+
+
+# ---- sampler numerics -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "nan"], "--temperature nan: expected a finite number >= 0 (0 = greedy)"),
+    (["--temperature", "inf"], "--temperature inf: expected a finite number >= 0 (0 = greedy)"),
+    (["--temperature", "-1"], "--temperature -1.0: expected a finite number >= 0 (0 = greedy)"),
+    (["--top-p", "nan"], "--top-p nan: expected a probability in (0, 1]"),
+    (["--top-k", "-3"], "--top-k -3: expected >= 0 (0 = no limit)"),
+    (["--max-tokens", "-1"], "--max-tokens -1: expected >= 0"),
+    (["--max-tokens", "300000", "--prompt", "Hi"],
+     "--max-tokens 300000: the prompt (2 tokens with <|endoftext|>) plus 300000 new tokens exceed the model's "
+     "context of 262144 positions (model.rope_max_positions); use --max-tokens 262142 or less"),
+])
+def test_sample_refuses_bad_numbers_in_one_line(run_dir, capsys, flags, message):
+    assert main(["sample", "--checkpoint", run_dir, "--device", "cpu", *flags]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"speedrun sample: error: {message}\n" and captured.out == ""
+
+
+def test_sample_refuses_a_kv_cache_that_does_not_fit(run_dir, capsys, monkeypatch):
+    from speedrun.eval import generate as gen
+    monkeypatch.setattr(gen, "available_memory", lambda device: 2**20)   # 1 MiB left
+    assert main(["sample", "--checkpoint", run_dir, "--device", "cpu", "--max-tokens", "5000"]) == 1
+    assert capsys.readouterr().err == (
+        "speedrun sample: error: --max-tokens 5000: the KV cache for 5,001 tokens needs 9.8 MiB, more than "
+        "the 1.0 MiB of memory available; ask for fewer tokens\n")
+
+
+def test_a_tiny_temperature_is_greedy_and_nan_weights_are_named():
+    model = model_with_windows(tiny_cfg(vocab_size=EOT_ID + 1))
+    greedy = list(generate(model, [11, 12], 6, temperature=0.0, stop_at_eot=False))
+    assert list(generate(model, [11, 12], 6, temperature=1e-30, seed=0, stop_at_eot=False)) == greedy
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(EvalError, match="non-finite logits .* for new token 1; its weights are damaged"):
+        list(generate(model, [11, 12], 3, temperature=0.8, seed=0))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from speedrun.config import BatchShape
-from speedrun.data.shards import DataError, read_header, read_shard, shard_paths
+from speedrun.data.shards import DataError, ShardError, read_header, read_shard, shard_paths
 
 T_ = TypeVar("T_")
 
@@ -86,10 +86,25 @@ class ShardIndex:
         return self._cums[max_doc_len]
 
 
-def index_shard(path: str, bos_id: int, max_doc_len: int | None = None) -> ShardIndex:
+def check_vocabulary(tokens: np.ndarray, vocab_size: int | None, path: str, what: str = "") -> None:
+    """Refuse token ids the model has no embedding for when the shard is opened (one max over the
+    memory map), not as an IndexError (or a CUDA device assert) in the middle of a run."""
+    if vocab_size is None or not len(tokens):
+        return
+    high = int(tokens.max())
+    if high >= vocab_size:
+        at = int(np.argmax(np.asarray(tokens) >= vocab_size))
+        raise ShardError(f"{path}: token id {high} ({what}first at position {at}) is outside the model's "
+                         f"vocabulary, model.vocab_size {vocab_size} (ids 0..{vocab_size - 1}); were these "
+                         f"shards made with another tokenizer?")
+
+
+def index_shard(path: str, bos_id: int, max_doc_len: int | None = None,
+                vocab_size: int | None = None) -> ShardIndex:
     """Read and index a shard (in the background thread); ``max_doc_len``: also compute that cap's
-    cumulative lengths now."""
+    cumulative lengths now; ``vocab_size``: refuse token ids at or above it."""
     tokens = read_shard(path)
+    check_vocabulary(tokens, vocab_size, path)
     starts = np.flatnonzero(tokens == bos_id).astype(np.int64)
     ends = np.append(starts[1:], len(tokens))        # a document ends where the next one starts
     index = ShardIndex(path, tokens, starts, ends - starts)
@@ -179,10 +194,11 @@ class TrainLoader:
     def __init__(self, pattern, *, tokens_per_step: int, sequence_tokens: int, world_size: int = 1,
                  rank: int = 0, max_doc_len: int = 2048, bos_id: int = 50256, wrap: bool = False,
                  async_loading: bool = True, device="cpu", max_num_docs: int | None = None,
-                 max_num_docs_rule: str = "spare"):
+                 max_num_docs_rule: str = "spare", vocab_size: int | None = None):
         """``tokens_per_step``, ``sequence_tokens``, ``max_doc_len``: the batch of the steps until
         ``next_step`` is given another. ``max_num_docs``: a fixed cu_seqlens length; by default it
-        follows the micro-batch size by ``max_num_docs_rule`` (``max_num_docs_for``)."""
+        follows the micro-batch size by ``max_num_docs_rule`` (``max_num_docs_for``).
+        ``vocab_size``: token ids must be below it (checked as each shard is indexed)."""
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
         self.pattern = os.fspath(pattern)
@@ -191,6 +207,7 @@ class TrainLoader:
             read_header(path)
         self.world_size, self.rank = world_size, rank
         self.bos_id, self.wrap = bos_id, wrap
+        self.vocab_size = vocab_size   # ids must be below it (checked as each shard is indexed)
         self.async_loading = async_loading
         self.device = torch.device(device)
         self._fixed_max_num_docs, self.max_num_docs_rule = max_num_docs, max_num_docs_rule
@@ -290,9 +307,9 @@ class TrainLoader:
         if i is None:
             return None  # type: ignore[return-value]
         if i not in self._loads:
-            path, bos, cap = self.paths[i], self.bos_id, self.max_doc_len
+            path, bos, cap, vocab = self.paths[i], self.bos_id, self.max_doc_len, self.vocab_size
             # the current cap's lengths are summed in the background too; another cap's later
-            self._loads[i] = _Prefetch(lambda: index_shard(path, bos, cap), self.async_loading)
+            self._loads[i] = _Prefetch(lambda: index_shard(path, bos, cap, vocab), self.async_loading)
         return self._loads[i]
 
     def _next_shard(self) -> None:
@@ -342,7 +359,7 @@ class ValLoader:
 
     def __init__(self, pattern, *, num_tokens: int, sequence_tokens: int, world_size: int = 1,
                  rank: int = 0, bos_id: int = 50256, device="cpu", max_num_docs: int | None = None,
-                 max_num_docs_rule: str = "spare"):
+                 max_num_docs_rule: str = "spare", vocab_size: int | None = None):
         if sequence_tokens < 1 or num_tokens < sequence_tokens or num_tokens % sequence_tokens:
             raise DataError(f"val num_tokens ({num_tokens}) must be a positive multiple of "
                             f"sequence_tokens ({sequence_tokens})")
@@ -352,11 +369,11 @@ class ValLoader:
         self.sequence_tokens, self.bos_id = sequence_tokens, bos_id
         self.device = torch.device(device)
         self.max_num_docs = max_num_docs or max_num_docs_for(sequence_tokens, max_num_docs_rule)
-        self.tokens = self._first_tokens(shard_paths(self.pattern), num_tokens + 1)
+        self.tokens = self._first_tokens(shard_paths(self.pattern), num_tokens + 1, vocab_size)
         self.num_chunks = num_tokens // sequence_tokens
         self.chunks = range(rank, self.num_chunks, world_size)   # may be uneven across ranks
 
-    def _first_tokens(self, paths: list[str], need: int) -> np.ndarray:
+    def _first_tokens(self, paths: list[str], need: int, vocab_size: int | None) -> np.ndarray:
         """The first ``need`` tokens across the val shards, copied into memory once."""
         pieces, have = [], 0
         for path in paths:
@@ -364,6 +381,7 @@ class ValLoader:
                 break
             tokens = read_shard(path)
             pieces.append(np.array(tokens[:need - have]))
+            check_vocabulary(pieces[-1], vocab_size, path, what="in the validation tokens, ")
             have += len(pieces[-1])
         if have < need:
             raise DataError(f"{self.pattern}: the val shards hold {have} tokens, fewer than the "

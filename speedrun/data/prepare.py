@@ -22,7 +22,7 @@ import numpy as np
 
 from speedrun.data.shards import DataError, ShardError, read_header, write_shard
 from speedrun.data.tokenizer import EOT_ID, encode_document, get_tokenizer
-from speedrun.utils import human_count
+from speedrun.utils import human_count, probe_writable
 
 DEFAULT_VAL_TOKENS = 1_000_000
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -347,6 +347,9 @@ def prepare_text(inputs: list[str], out_dir: str, *, field: str = "text", val_to
     log = log or _stderr
     start = time.time()
     files = list_input_files(inputs)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"--out {out_dir}: is a file, expected a directory for the shards")
+    probe_writable(out_dir)   # a read-only or misplaced --out fails now, not after the tokenizing
     prefix = prefix or default_prefix(inputs)
     total_bytes = sum(os.path.getsize(p) for p in files)
     workers = workers or os.cpu_count() or 1
@@ -365,13 +368,26 @@ def prepare_text(inputs: list[str], out_dir: str, *, field: str = "text", val_to
                 counts["empty"] += 1
                 bar.update(nbytes, 0)
 
-    for arrays, nbytes in tokenize_documents(documents(), workers, max_doc_tokens):
-        for tokens in arrays:
-            writer.add(tokens)
-            _count_documents(tokens, counts)
-        bar.update(nbytes, sum(len(a) for a in arrays))
-    paths = writer.finish()
-    bar.close()
+    try:
+        for arrays, nbytes in tokenize_documents(documents(), workers, max_doc_tokens):
+            for tokens in arrays:
+                writer.add(tokens)
+                _count_documents(tokens, counts)
+            bar.update(nbytes, sum(len(a) for a in arrays))
+        bar.close()
+        if writer.total == 0:
+            raise InputError(f"{', '.join(inputs)}: no text to tokenize ({len(files)} file(s), "
+                             f"{counts['empty']} empty document(s)); nothing was written")
+        paths = writer.finish()
+    except BaseException:
+        # a failed run (a full disk, a bad record, Ctrl-C) leaves no part of its shard set: a loader
+        # glob would otherwise mix this run's first shards with an earlier run's others
+        for path in writer.paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
     removed = _remove_stale(out_dir, prefix, paths)
     return PrepareSummary(len(files), counts["docs"], counts["empty"], counts["out_docs"],
                           counts["longest"], writer.total, writer.val_tokens or 0, paths, writer.sizes,

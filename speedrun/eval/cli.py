@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from speedrun.config import ActivationDtype, choices
+from speedrun.utils import HelpFormatter
 
 MODEL_HELP = "a checkpoint directory, a run directory (its latest checkpoint) or an exported model"
 
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
         description="Generate text after a prompt, printing tokens as they are decoded. The prompt "
                     "follows <|endoftext|>, as every training document does; generation stops at "
                     "--max-tokens or when the model ends the document.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     _model_arguments(sample)
     sample.add_argument("--prompt", default="", help="text to continue")
     sample.add_argument("--max-tokens", type=int, default=200, metavar="N", help="tokens to generate at most")
@@ -51,7 +52,7 @@ def register(subparsers) -> None:
         description="HellaSwag validation accuracy: for each item the ending with the lowest mean "
                     "loss per token (acc_norm) and with the lowest summed loss (acc). Data: --data, "
                     "else the cached download of the public file, else it is downloaded.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     _model_arguments(hs)
     hs.add_argument("--data", metavar="FILE", help="local hellaswag_val.jsonl or .jsonl.gz")
     hs.add_argument("--limit", type=int, metavar="N", help="only the first N items")
@@ -99,17 +100,19 @@ def cmd_sample(args) -> int:
     import time
 
     from speedrun.data.tokenizer import EOT_ID, encode
-    from speedrun.eval.generate import TextStream, check_sampling, generate
+    from speedrun.eval.generate import TextStream, check_sampling, generate, generation_context
     from speedrun.eval.loading import load_model
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_tokens)
     loaded = load_model(args.checkpoint, args.device, args.dtype)
+    prompt_ids = encode(args.prompt)
+    generation_context(loaded.model, prompt_ids, args.max_tokens)   # refused before anything is printed
     print(f"model {_describe(loaded)}", file=sys.stderr)
     stream = TextStream()
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
     t0, count = time.perf_counter(), 0
-    for token in generate(loaded.model, encode(args.prompt), args.max_tokens,
+    for token in generate(loaded.model, prompt_ids, args.max_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, stop_at_eot=not args.ignore_eot):
         count += 1
@@ -138,6 +141,9 @@ def cmd_hellaswag(args) -> int:
     batch_tokens = args.batch_tokens or hs.default_batch_tokens(device)
     print(f"model {_describe(loaded)}", file=sys.stderr)
     print(f"hellaswag: {len(items)} items from {path}", file=sys.stderr)
+    if device.type == "cpu" and len(items) > 1000:
+        print(f"note: {len(items)} items take several minutes on a CPU; --limit N scores the first N",
+              file=sys.stderr)
     step = max(1, len(items) // 10)
     shown = [0]
 

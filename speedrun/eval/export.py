@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from speedrun.data.tokenizer import EOT_ID, EOT_TEXT, RANKS_SHA256
 from speedrun.eval.loading import (
@@ -28,7 +28,7 @@ from speedrun.eval.loading import (
     is_export_dir,
     load_model,
 )
-from speedrun.utils import atomic_write_text, current_umask
+from speedrun.utils import atomic_write_bytes, atomic_write_text, probe_writable
 
 
 def tokenizer_reference(vocab_size: int) -> dict:
@@ -39,6 +39,8 @@ def tokenizer_reference(vocab_size: int) -> dict:
 
 def export_model(path: str, out: str) -> str:
     """Export the model of a checkpoint / run / export directory ``path`` into directory ``out``."""
+    _check_target(out)    # the cheap checks of the output first: nothing is loaded for a bad --out
+    probe_writable(os.path.dirname(os.path.abspath(out)), name=out)
     loaded = load_model(path, device="cpu", dtype="float32")   # windows + YaRN state, checked weights
     model = loaded.model
     # weights as stored (a GPU run keeps bf16 embeddings); buffers from the loaded model
@@ -58,13 +60,13 @@ def export_model(path: str, out: str) -> str:
         "source": {"path": os.path.abspath(loaded.source), "step": loaded.step},
         "training_config": loaded.config.to_dict() if loaded.config is not None else None,
     }
-    _check_target(out)
     staging = os.path.abspath(out).rstrip(os.sep) + f".incomplete-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
-        save_file(state, os.path.join(staging, WEIGHTS), metadata={"format": FORMAT})
-        os.chmod(os.path.join(staging, WEIGHTS), 0o666 & ~current_umask())  # safetensors leaves it private
+        # serialized here and written by us: a full disk is then an OSError naming the file (the
+        # library's own writer reports it without one), and the file gets normal permissions
+        atomic_write_bytes(os.path.join(staging, WEIGHTS), save(state, metadata={"format": FORMAT}))
         atomic_write_text(os.path.join(staging, CONFIG), json.dumps(config, indent=1) + "\n")
         atomic_write_text(os.path.join(staging, TOKENIZER),
                           json.dumps(config["tokenizer"], indent=1) + "\n")

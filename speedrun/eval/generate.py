@@ -9,6 +9,7 @@ when the model ends the document with ``<|endoftext|>``.
 from __future__ import annotations
 
 import codecs
+import math
 from typing import Iterator
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 from speedrun.data.tokenizer import EOT_ID, get_tokenizer
 from speedrun.eval.loading import EvalError
 from speedrun.model.kv_cache import KVCache
+from speedrun.utils import available_memory, human_bytes
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -42,19 +44,58 @@ def next_token(logits: Tensor, temperature: float, top_k: int, top_p: float,
     softmax(logits / temperature)."""
     if temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    # shifted so the largest logit is 0 before dividing: with a tiny temperature the others go to
+    # -inf and the most likely token gets probability 1, where unshifted logits would overflow to
+    # inf and the softmax would be nan
+    logits = logits.float()
+    scaled = (logits - logits.max()) / temperature
+    probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, max_tokens: int) -> None:
-    if temperature < 0:
-        raise EvalError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise EvalError(f"--temperature {temperature}: expected a finite number >= 0 (0 = greedy)")
     if top_k < 0:
         raise EvalError(f"--top-k {top_k}: expected >= 0 (0 = no limit)")
-    if not 0 < top_p <= 1:
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise EvalError(f"--top-p {top_p}: expected a probability in (0, 1]")
     if max_tokens < 0:
         raise EvalError(f"--max-tokens {max_tokens}: expected >= 0")
+
+
+def generation_context(model, prompt_ids: list[int], max_tokens: int, bos: bool = True) -> list[int]:
+    """The ids the model is fed (``<|endoftext|>`` then the prompt), checked against its vocabulary,
+    its context and the memory of its KV cache (cheap: callers check before printing anything)."""
+    context = ([EOT_ID] if bos else []) + list(prompt_ids)
+    if not context:
+        raise EvalError("generate: empty context (give a prompt or keep bos=True)")
+    if max(context) >= model.cfg.vocab_size or min(context) < 0:
+        bad = next(t for t in context if not 0 <= t < model.cfg.vocab_size)
+        what = "<|endoftext|>, which starts every prompt" if bos and bad == EOT_ID else "the prompt's"
+        raise EvalError(f"--prompt: token id {bad} ({what}) is outside the model's vocabulary "
+                        f"(0..{model.cfg.vocab_size - 1}); the model was not trained on GPT-2 tokens")
+    if max_tokens > 0:
+        check_context(model, len(context), max_tokens)
+    return context
+
+
+def check_context(model, context_tokens: int, max_tokens: int) -> None:
+    """Refuse (rather than silently shorten) a generation longer than the model's context, and one
+    whose KV cache (sized to the prompt plus ``max_tokens``, allocated up front) would not fit."""
+    cfg = model.cfg
+    limit = cfg.rope_max_positions
+    if context_tokens + max_tokens > limit:
+        raise EvalError(f"--max-tokens {max_tokens}: the prompt ({context_tokens} tokens with <|endoftext|>) "
+                        f"plus {max_tokens} new tokens exceed the model's context of {limit} positions "
+                        f"(model.rope_max_positions); use --max-tokens {max(0, limit - context_tokens)} or less")
+    layers = sum(cfg.has_attention(i) for i in range(cfg.num_layers))
+    cache_bytes = (context_tokens + max_tokens) * layers * 2 * cfg.num_heads * cfg.head_dim * model.dtype.itemsize
+    available = available_memory(model.embed.weight.device)
+    if available is not None and cache_bytes > available:
+        raise EvalError(f"--max-tokens {max_tokens}: the KV cache for {context_tokens + max_tokens:,} tokens needs "
+                        f"{human_bytes(cache_bytes)}, more than the {human_bytes(available)} of memory "
+                        f"available; ask for fewer tokens")
 
 
 @torch.no_grad()
@@ -67,13 +108,7 @@ def generate(model, prompt_ids: list[int], max_tokens: int, *, temperature: floa
     past the tokenizer's vocabulary, never seen in training) are never produced."""
     check_sampling(temperature, top_k, top_p, max_tokens)
     device = model.embed.weight.device
-    context = ([EOT_ID] if bos else []) + list(prompt_ids)
-    if not context:
-        raise ValueError("generate: empty context (give a prompt or keep bos=True)")
-    if max(context) >= model.cfg.vocab_size or min(context) < 0:
-        bad = next(t for t in context if not 0 <= t < model.cfg.vocab_size)
-        raise ValueError(f"generate: token id {bad} is outside the model's vocabulary "
-                         f"(0..{model.cfg.vocab_size - 1})")
+    context = generation_context(model, prompt_ids, max_tokens, bos)
     if max_tokens == 0:
         return
     generator = None
@@ -83,6 +118,9 @@ def generate(model, prompt_ids: list[int], max_tokens: int, *, temperature: floa
     cache = KVCache(model, len(context) + max_tokens)
     logits = model(torch.tensor(context, dtype=torch.long, device=device), kv_cache=cache)[-1]
     for i in range(max_tokens):
+        if not bool(torch.isfinite(logits[:vocab]).all()):
+            raise EvalError(f"the model produced non-finite logits (nan or inf) for new token {i + 1}; "
+                            f"its weights are damaged or the run diverged")
         token = next_token(logits[:vocab], temperature, top_k, top_p, generator)
         yield token
         if stop_at_eot and token == EOT_ID:

@@ -15,13 +15,21 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 
 from speedrun.config import ActivationDtype, Config, ModelConfig, Window, choices
 from speedrun.model import GPT
 from speedrun.optim.schedules import final_window_blocks
-from speedrun.train.checkpoint import find_checkpoint, load_model_weights, read_meta
+from speedrun.train.checkpoint import WEIGHTS as CHECKPOINT_WEIGHTS
+from speedrun.train.checkpoint import (
+    check_files,
+    find_checkpoint,
+    load_model_weights,
+    load_weights,
+    model_config,
+    read_meta,
+)
 from speedrun.train.trainer import replay_windows, resolve_dtype
+from speedrun.utils import available_memory
 
 FORMAT = "speedrun-gpt"
 FORMAT_VERSION = 1
@@ -89,9 +97,9 @@ def load_model(path: str, device: str | torch.device = "auto", dtype: str = "aut
 def load_checkpoint_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
-    if not isinstance(meta.get("config"), dict):
-        raise EvalError(f"{ckpt}/meta.json: no training config recorded")
-    cfg = Config.from_dict(meta["config"], source=f"{ckpt}/meta.json")
+    cfg = model_config(ckpt, meta)
+    check_files(ckpt, meta, [CHECKPOINT_WEIGHTS])
+    cfg.model.check_fits(available_memory(device), dtype.itemsize, str(device), source=f"{ckpt}/meta.json")
     model = GPT(eval_model_config(cfg.model), dtype=dtype).to(device)
     load_model_weights(model, ckpt)
     step = int(meta.get("step", cfg.schedule.total_steps))
@@ -123,21 +131,18 @@ def load_export(path: str, device: torch.device, dtype: torch.dtype) -> LoadedMo
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise EvalError(f"{config_path}: format version {config['format_version']} is newer than this "
                         f"speedrun understands ({FORMAT_VERSION}); upgrade speedrun")
-    model_cfg = Config.from_dict({"model": config.get("model", {})}, source=config_path).model
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise EvalError(f"{config_path}: expected an object with the model config under 'model'")
+    model_cfg = Config.from_dict({"model": config["model"]}, source=config_path).model.validate(config_path)
     training = config.get("training_config")
     train_cfg = Config.from_dict(training, source=config_path) if training else None
-    model = GPT(eval_model_config(model_cfg), dtype=dtype).to(device)
     weights = os.path.join(path, WEIGHTS)
     if not os.path.isfile(weights):
         raise EvalError(f"{weights}: missing")
-    state = load_file(weights, device=str(device))
+    model_cfg.check_fits(available_memory(device), dtype.itemsize, str(device), source=config_path)
+    model = GPT(eval_model_config(model_cfg), dtype=dtype).to(device)
     model.embed_tied = False   # an export holds the embedding's own weights (export_model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = str(e).strip().splitlines()
-        detail = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise EvalError(f"{weights}: weights do not match the config ({detail})") from None
+    load_weights(model, weights, buffers=True, error=EvalError)
     window = config.get("window") or {}
     long, short = window.get("long_blocks"), window.get("short_blocks")
     if long is not None and short is not None:

@@ -39,6 +39,6 @@ def evaluate_val(model, pattern: str, num_tokens: int, sequence_tokens: int,
     device = model.embed.weight.device
     t0 = time.perf_counter()
     loader = ValLoader(pattern, num_tokens=num_tokens, sequence_tokens=sequence_tokens,
-                       bos_id=bos_id, device=str(device))
+                       bos_id=bos_id, device=str(device), vocab_size=model.cfg.vocab_size)
     total = loss_sum_and_count(model, loader, device)
     return ValResult(float(total[0] / total[1]), num_tokens, pattern, time.perf_counter() - t0)

@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from speedrun.config import Window
+from speedrun.utils import atomic_write_text
 
 # dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s); MFU is reported against these
 DATASHEET_BF16_PEAK = {
@@ -53,6 +54,38 @@ def unigram_entropy(tokens) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short by a kill (the last one) is skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _before_checkpoint(record: dict, step: int) -> bool:
+    """Whether a record of the earlier run stays when it resumes from the checkpoint of ``step``:
+    training losses of steps up to it (step N's loss is logged before checkpoint N is saved), but not
+    the validation at ``step`` (the resumed run validates there again), nor a summary."""
+    if "summary" in record:
+        return False
+    if "resume" in record:
+        return isinstance(record["resume"], dict) and record["resume"].get("step", 0) <= step
+    at = record.get("step")
+    if not isinstance(at, int):
+        return False
+    return at < step or (at == step and "val_loss" not in record)
+
+
 class MetricsLogger:
     """Console + JSONL + PNG. ``log`` writes a record; ``progress`` shows a step line."""
 
@@ -65,9 +98,29 @@ class MetricsLogger:
         self._file = None
         self.history: list[dict] = []
         self._last_plot = 0.0
-        if enabled and run_dir:
-            os.makedirs(run_dir, exist_ok=True)
-            self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        # the file is opened at the first record, so a run that fails before it leaves no file (and a
+        # resumed run's earlier records are only rewritten once it really continues)
+        self._rewrite: list[dict] | None = None
+
+    def resume_at(self, step: int, source_run_dir: str | None, note: dict) -> None:
+        """Continue the metrics of the run a checkpoint of step ``step`` came from: its records up to
+        the checkpoint are kept (also in the plot), the later ones (steps the resumed run redoes) are
+        dropped, and a ``{"resume": ...}`` record marks where the run continued."""
+        if not self.enabled:
+            return
+        records = read_metrics(os.path.join(source_run_dir, "metrics.jsonl")) if source_run_dir else []
+        kept = [r for r in records if _before_checkpoint(r, step)]
+        self.history = [r for r in kept if "step" in r]
+        self._rewrite = kept + [{"resume": {"step": step, **note, "dropped_records": len(records) - len(kept),
+                                            "time": time.time()}}]
+
+    def _open(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        if self._rewrite is not None:
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self._rewrite))
+            self._rewrite = None
+        self._file = open(path, "a", encoding="utf-8")
 
     def print(self, text: str) -> None:
         if self.enabled:
@@ -80,7 +133,9 @@ class MetricsLogger:
             return
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.history.append(record)
-        if self._file:
+        if self.run_dir:
+            if self._file is None:
+                self._open()
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
 

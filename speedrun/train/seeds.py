@@ -17,7 +17,6 @@ Welch t-test between the two sets.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -26,7 +25,7 @@ import sys
 
 from speedrun.config import ConfigError
 from speedrun.train.significance import below_target, compare
-from speedrun.utils import atomic_write_text
+from speedrun.utils import HelpFormatter, atomic_write_text
 
 DEFAULT_TARGET = 3.28
 
@@ -36,7 +35,7 @@ class SeedsError(RuntimeError):
     user_error = True   # one line from the CLI, no traceback
 
 SEED_DIR = "seed_{:04d}"
-_RESERVED = ("--seed", "--save-path", "--resume")
+_RESERVED = ("--seed", "--save-path", "--resume", "--overwrite")
 
 
 def register(subparsers) -> None:
@@ -49,7 +48,7 @@ def register(subparsers) -> None:
                     "or differs from another set of runs. Rerunning resumes: finished seeds are skipped, "
                     "an interrupted one continues from its last checkpoint.",
         epilog="example: speedrun seeds runs/base --runs 8 -- --config record_124m --distributed --num-gpus 8",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="one run directory per seed goes in here")
     p.add_argument("--runs", type=int, default=0, help="number of seeds to train (0: only report)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first_seed, first_seed + 1, ...")
@@ -92,6 +91,9 @@ def _train_one(runs_dir: str, seed: int, train_args: list[str]) -> None:
         cmd += ["--resume", run_dir]   # an interrupted run: continue it exactly
         print(f"seed {seed}: resuming {run_dir}", flush=True)
     else:
+        # a run killed before its first checkpoint has nothing to continue: the harness owns the
+        # folder, so it starts that seed again over what is left (train refuses that unless asked)
+        cmd += ["--overwrite"]
         print(f"seed {seed}: training into {run_dir}", flush=True)
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "seeds_harness.log")

@@ -39,7 +39,7 @@ from speedrun.train.cuda_graph import MicroStepGraph, graphs_wanted
 from speedrun.train.metrics import MetricsLogger, device_peak_flops, flops_per_token, unigram_entropy
 from speedrun.train.precompile import Precompile
 from speedrun.train.validation import loss_sum_and_count
-from speedrun.utils import atomic_write_text
+from speedrun.utils import atomic_write_text, available_memory
 
 
 class TrainingError(RuntimeError):
@@ -57,6 +57,7 @@ class Summary:
     peak_memory_gib: float | None
     tokens_per_s: float | None
     run_dir: str
+    first_step_s: float | None = None   # this process's first step (it compiles if warmup_compile is off)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -89,6 +90,21 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
     shard_paths(train)  # raises a one-line ShardError naming the pattern if nothing is there
     shard_paths(val)
     return train, val
+
+
+def use_deterministic_cpu_kernels() -> None:
+    """Make CPU runs repeat bit for bit (same seed, same thread count).
+
+    The one nondeterministic op found on the CPU: torch.compile (inductor) lowers the embedding
+    backward, an index_put with accumulate, to a C++ loop over the tokens that adds rows with atomic
+    adds from all OpenMP threads, so the order of the float additions into a row (and its rounding)
+    changes from process to process; eager runs and runs under aot_eager repeat exactly. In
+    deterministic mode inductor falls back to ATen's index_put, which accumulates serially. Applies
+    to the whole process (PyTorch has no narrower switch); ops without a deterministic version only
+    warn. Uninitialized memory is not filled with NaN (determinism's other default): that costs a pass
+    over every new buffer and fixes nothing a correct program reads."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def replay_windows(model, schedule, step: int) -> Window:
@@ -127,9 +143,13 @@ class Trainer:
         check_loss_weights(cfg)
         # the first stage's; train_step sets each step's (the number of micro-batches it is given)
         self.grad_accum = cfg.grad_accum(world.world_size)
+        if self.device.type == "cpu":
+            use_deterministic_cpu_kernels()
         self.total_steps = cfg.schedule.total_steps
         # where this run stops: the schedule's end unless train.max_steps cuts it short
         self.end_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        # before anything is built: resuming with another recipe is a clear error, not a size mismatch
+        changes = ckpt.resume_changes(resume, cfg) if resume else {}
         self.train_glob, self.val_glob = resolve_data(cfg)
         self.log = MetricsLogger(run_dir, world.is_main, self.total_steps, stream=stream)
         self._stop_requested = False
@@ -142,6 +162,9 @@ class Trainer:
             now = time.perf_counter()
             phases[name], t = now - t, now
 
+        # an absurd size is refused before it is allocated: weights, gradients and optimizer state
+        # are at least three copies of the parameters in the model dtype
+        cfg.model.check_fits(available_memory(self.device), 3 * self.dtype.itemsize, str(self.device))
         torch.manual_seed(cfg.train.seed)
         # built on the device: initializing 190M parameters there takes milliseconds, on the host
         # seconds (CUDA draws its init from the CUDA generator, seeded by manual_seed above)
@@ -173,13 +196,17 @@ class Trainer:
         self.start_step, self.train_time_ms = 0, 0.0
         if resume:
             state = ckpt.load_checkpoint(resume, self.model, self.optimizers, world)
-            self._load_pending_grads(ckpt.find_checkpoint(resume))
+            self._load_pending_grads(state.rank_state.get("grads", {}))
             self.loader.load_state_dict(state.loader_state)
             self.start_step, self.train_time_ms = state.step, state.train_time_ms
+            # metrics.jsonl continues the run's: the records up to the checkpoint, then a mark
+            self.log.resume_at(state.step, ckpt.run_dir_of(state.path),
+                               {"checkpoint": state.path, "changed": changes})
         # the checkpoint of a step after the untie holds the embedding's own weights and state
         self.model.embed_tied = cfg.model.embed_tied_at(self.start_step)
         self.window: Window | None = None  # the windows currently applied to the model
         self.warmup_phases: dict[str, float] = {}
+        self.first_step_s: float | None = None   # set by run(): the first step's seconds
         self.warmup_helper: str | None = None   # parallel warm-up helper: finished / stopped / failed
         self.peak_flops = (device_peak_flops(torch.cuda.get_device_name(self.device))
                            if self.device.type == "cuda" else None)
@@ -196,7 +223,7 @@ class Trainer:
                            sequence_tokens=shape.micro_batch_tokens, world_size=self.world.world_size,
                            rank=self.world.rank, max_doc_len=shape.max_doc_len, bos_id=c.data.bos_id,
                            wrap=c.data.wrap, async_loading=c.data.async_loading, device=str(self.device),
-                           max_num_docs_rule=c.data.max_num_docs_rule)
+                           max_num_docs_rule=c.data.max_num_docs_rule, vocab_size=c.model.vocab_size)
 
     def val_loader(self) -> ValLoader:
         """This rank's share of the validation tokens (a fresh pass over the fixed first N)."""
@@ -204,7 +231,7 @@ class Trainer:
         return ValLoader(self.val_glob, num_tokens=c.train.val_tokens,
                          sequence_tokens=c.train.val_sequence_tokens, world_size=self.world.world_size,
                          rank=self.world.rank, bos_id=c.data.bos_id, device=str(self.device),
-                         max_num_docs_rule=c.data.max_num_docs_rule)
+                         max_num_docs_rule=c.data.max_num_docs_rule, vocab_size=c.model.vocab_size)
 
     def next_batches(self, step: int, loader: TrainLoader | None = None) -> list:
         """This rank's micro-batches of optimizer step ``step``, in order, at that step's batch
@@ -371,20 +398,16 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, next_step: int, loader_state: dict) -> str:
-        path = ckpt.save_checkpoint(self.run_dir, next_step, self.model, self.optimizers, loader_state,
-                                    self.world, self.train_time_ms, self.cfg.to_dict())
-        # Adam keeps the gradients of even steps to sum them with the next step's: save them too
-        # (gradients kept as zeros for a CUDA graph are not pending: leave them out, as if dropped)
+        # Adam keeps the gradients of even steps to sum them with the next step's: they are part of
+        # the checkpoint, written with the rest before it is published (gradients kept as zeros for
+        # a CUDA graph are not pending: leave them out, as if dropped)
         grads = {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None
                  and not (self.optimizers.keep_grads and not p.grad.any())}
-        torch.save(grads, os.path.join(path, f"grads_rank{self.world.rank}.pt"))
-        return path
+        return ckpt.save_checkpoint(self.run_dir, next_step, self.model, self.optimizers, loader_state,
+                                    self.world, self.train_time_ms, self.cfg.to_dict(),
+                                    rank_state={"grads": grads})
 
-    def _load_pending_grads(self, path: str) -> None:
-        file = os.path.join(path, f"grads_rank{self.world.rank}.pt")
-        if not os.path.isfile(file):
-            return
-        grads = torch.load(file, map_location=self.device, weights_only=True)
+    def _load_pending_grads(self, grads: dict) -> None:
         for n, p in self.model.named_parameters():
             p.grad = grads.get(n)
 
@@ -426,7 +449,10 @@ class Trainer:
                           f"{shape.grad_accum(self.world.world_size)}) | documents <= {shape.max_doc_len} | "
                           f"windows {tuple(span.window)} | lr_mul {span.stage.lr_mul}")
         warmup_s = self.warmup()
-        if warmup_s:
+        # without the warm-up, torch.compile compiles on the first step (and the first validation):
+        # that step's time is the figure to show, not the near-zero warm-up
+        lazy_compile = cfg.train.compile and not cfg.train.warmup_compile
+        if warmup_s and not lazy_compile:
             log.print(f"compile + warm-up: {warmup_s:.1f} s (untimed; state restored)")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -473,9 +499,15 @@ class Trainer:
                 loss = self.train_step(step, self.next_batches(step))
                 step += 1
                 logging_now = step % cfg.train.log_every == 0 or step == self.end_step
-                if logging_now or self.device.type == "cpu":
+                first = self.first_step_s is None
+                if logging_now or first or self.device.type == "cpu":
                     self._sync()
                 now = time.perf_counter()
+                if first:
+                    self.first_step_s = now - timed_from
+                    if lazy_compile:
+                        log.print(f"first step {self.first_step_s:.1f} s (torch.compile compiled the training "
+                                  f"graphs in it: train.warmup_compile is false, so this is training time)")
                 self.train_time_ms += 1e3 * (now - timed_from)
                 timed_from = now
                 if logging_now:
@@ -512,7 +544,8 @@ class Trainer:
                     # checkpoint time is not training time
                     last_log_time = time.perf_counter() if last_log_time is not None else None
             stop_timing()
-            last_good = self.save(step, self.loader.state_dict())
+            if last_good != ckpt.checkpoint_dir(self.run_dir, step):   # not saved at this step already
+                last_good = self.save(step, self.loader.state_dict())
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
@@ -539,12 +572,17 @@ class Trainer:
             entropy = self._val_unigram_entropy()
         summary = Summary(steps=self.end_step, final_val_loss=val_loss, val_unigram_entropy=entropy,
                           train_time_s=self.train_time_ms / 1e3, warmup_time_s=warmup_s,
-                          peak_memory_gib=peak, tokens_per_s=tokens_per_s, run_dir=self.run_dir)
+                          peak_memory_gib=peak, tokens_per_s=tokens_per_s, run_dir=self.run_dir,
+                          first_step_s=self.first_step_s)
         lines = [f"final val loss {val_loss:.4f}"]
         if entropy is not None:
             lines.append(f"unigram entropy of the val tokens {entropy:.4f} "
                          f"(a model knowing only token frequencies); gap {entropy - val_loss:.3f} nats")
-        lines.append(f"train time {summary.train_time_s:.1f} s | compile+warm-up {warmup_s:.1f} s"
+        if self.cfg.train.compile and not self.cfg.train.warmup_compile and self.first_step_s is not None:
+            start = f", of which the first step (compiling) {self.first_step_s:.1f} s"
+        else:
+            start = f" | compile+warm-up {warmup_s:.1f} s" if self.cfg.train.compile else ""
+        lines.append(f"train time {summary.train_time_s:.1f} s{start}"
                      + (f" | peak memory {peak:.2f} GiB" if peak is not None else ""))
         for line in lines:
             self.log.print(line)
