@@ -396,41 +396,41 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
+def mtp_interpreter_results(tmp_path_factory):
     return run_interpreted(INTERPRETER_SCRIPT, tmp_path_factory.mktemp("mtp_interpreter"))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_interpreter_softcap_kernels_match_twin_and_oracle(interpreted, dtype, reduction):
-    r = interpreted[f"ce-{dtype}-{reduction}"]
+def test_interpreter_softcap_kernels_match_twin_and_oracle(mtp_interpreter_results, dtype, reduction):
+    r = mtp_interpreter_results[f"ce-{dtype}-{reduction}"]
     assert r["loss"] < 1e-5 and r["loss_oracle"] < 1e-5, r
     # bf16 gradients: one bf16 ulp (the interpreter truncates fp32 -> bf16, torch rounds)
     assert r["grad"] < (1e-5 if dtype == "float32" else 1e-2), r
     assert r["grad_oracle"] < (1e-5 if dtype == "float32" else 1e-2), r
 
 
-def test_interpreter_zero_weights_are_the_plain_kernels_bit_for_bit(interpreted):
-    assert interpreted["zero_weights_bitwise"]
-    assert interpreted["fp8_zero_weights_bitwise"]
+def test_interpreter_zero_weights_are_the_plain_kernels_bit_for_bit(mtp_interpreter_results):
+    assert mtp_interpreter_results["zero_weights_bitwise"]
+    assert mtp_interpreter_results["fp8_zero_weights_bitwise"]
 
 
-def test_interpreter_bad_target_is_nan_in_every_row_that_counts_it(interpreted):
+def test_interpreter_bad_target_is_nan_in_every_row_that_counts_it(mtp_interpreter_results):
     # target 2 is row 2's k = 0, row 1's k = 1 and row 0's k = 2 term
-    assert interpreted["bad_target_nan_rows"] == [0, 1, 2]
+    assert mtp_interpreter_results["bad_target_nan_rows"] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_interpreter_fp8_gradient_kernels(interpreted, dtype):
-    r = interpreted[f"fp8-{dtype}"]
+def test_interpreter_fp8_gradient_kernels(mtp_interpreter_results, dtype):
+    r = mtp_interpreter_results[f"fp8-{dtype}"]
     assert r["max_steps"] <= 1 and r["frac_differ"] < 2e-3, r
     assert r["max_steps_twin"] <= 1 and r["nonzero"] > 0.3, r
     assert r["transpose_exact"] and r["padding_untouched"], r
     assert r["duplicate"] == r["duplicate_want"] and r["duplicate"] < 0, r
 
 
-def test_interpreter_fp8_op_matches_the_twin(interpreted):
-    r = interpreted["op"]
+def test_interpreter_fp8_op_matches_the_twin(mtp_interpreter_results):
+    r = mtp_interpreter_results["op"]
     assert r["loss"] < 1e-5 and r["grad_x"] < 1e-5 and r["grad_w"] < 1e-5, r
 
 
