@@ -188,3 +188,23 @@ def test_shrunk_record_89_trains_end_to_end(tmp_path):
     assert train_loss[1] > 1.6 * train_loss[4]
     saved = Config.load(str(run / "config.json"))
     assert saved.untie_step() == 3 and saved.model.fp8_mlp and saved.optim.adam.decay_form == "lr_squared"
+
+
+@pytest.mark.slow
+def test_bench_of_a_shrunk_record_89(tmp_path):
+    """`speedrun bench --config record_89` on the CPU at toy size (eager: inductor's or even AOT
+    autograd's tracing of every record-89 region on the CPU takes minutes; the compiled loss with
+    its weights is tests/test_model_loss_terms.py's): a row per stage with the stage's batch, finite
+    losses, every step with its own MTP / prefix weights (the bench runs past the untie at step 3)."""
+    from speedrun.cli import main
+    out = tmp_path / "bench.json"
+    overrides = [a for a in shrunk_overrides(3) if a not in ("--data.bos_id", str(BOS))]
+    assert main(["bench", "--config", "record_89", "--cpu", "--no-compile", "--steps", "1", "--skip-steps", "0",
+                 "--save-path", str(tmp_path / "run"), "--out", str(out), "--data.bos_id", "1023",
+                 *overrides]) == 0
+    result = json.loads(out.read_text())
+    rows = result["stages"]
+    assert [(r["stage"], r["tokens_per_step"], r["micro_batch_tokens"], r["grad_accum"]) for r in rows] == [
+        (0, 512, 64, 8), (1, 1024, 128, 8), (2, 1536, 192, 8), (3, 1536, 192, 8)]
+    assert all(math.isfinite(r["train_loss"]) and r["ms_per_step"] > 0 for r in rows)
+    assert rows[0]["train_loss"] > 1.6 * rows[3]["train_loss"]     # stage 0's weighted objective

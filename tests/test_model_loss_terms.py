@@ -87,3 +87,37 @@ def test_errors_and_eval_is_next_token_only():
         model(ids, targets, cu, reduction="mean", loss_weights=LossWeights(torch.ones(2)))
     with torch.no_grad():     # MTP weights without a prefix term need no table
         assert torch.isfinite(model(ids, targets, cu, loss_weights=LossWeights(torch.tensor([1.0, 0.5]))))
+
+
+@pytest.mark.slow
+def test_compiled_loss_takes_new_weights_without_recompiling():
+    """The loss region compiled (fullgraph): each step's weights are tensor values, so new values
+    (zeros in the padded slots, a zero prefix weight) add no graph, and the compiled loss and
+    gradients equal the eager ones."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    cfg = small_r89()
+    eager, ids, targets, cu = model_and_batch(cfg)
+    eager = eager.float()
+    compiled = GPT(cfg, flex_block_size=16, prefix_loss=True)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_regions(backend=counting_backend)
+    counts = []
+    for w in ([1.0, 0.5, 0.25, 0.25], [1.0, 0.5, 0.0, 0.25], [1.0, 0.0, 0.0, 0.0]):
+        weights = LossWeights(torch.tensor(w[:3]), torch.tensor(w[3]))
+        results = []
+        for m in (eager, compiled):
+            m.zero_grad(set_to_none=True)
+            loss = m(ids, targets, cu, loss_weights=weights)
+            loss.backward()
+            results.append((loss.detach(), m.lm_head.weight.grad.clone()))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-7)
+        counts.append(len(graphs))
+    assert counts[0] == counts[-1] > 0, counts
+    torch._dynamo.reset()
