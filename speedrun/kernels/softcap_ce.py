@@ -22,6 +22,17 @@ Why the log-sum-exp needs no running maximum: s is bounded by cap, so exp(s - ca
 while cap <= 80, and shifting by a constant bound is as accurate as shifting by the row maximum. For
 larger caps the kernel falls back to the classic online (block max + rescale) log-sum-exp.
 
+Multi-token and prefix-token terms (records 53 and 88, ``mtp_weights`` / ``prefix_targets`` /
+``prefix_weight``): each row is also scored against targets[i + k] with weight w_k (k < K, i + k < T)
+and against a prefix target with weight pw, on the same s and lse (``multi_token_losses`` is the
+readable form). The kernels take the targets tensor and index i + k themselves rather than a (T, K)
+copy of shifted targets: no extra tensor or pass, and the end of the micro-batch is one compare. The
+weights are device tensors read by the kernels (NUM_MTP = K is a constexpr: one kernel per count);
+a zero weight is skipped by a branch uniform over the program, so padding costs nothing. The
+backward is the exact gradient, dL/ds_j = S_w p_j - (the weights of the terms whose target is j),
+S_w the weights of the terms present in the row; a column that is the target of several terms
+collects all their weights.
+
 `softcapped_cross_entropy(..., kernel="auto")` picks the Triton path for CUDA tensors when Triton
 imports, the twin otherwise; kernel="triton" without CUDA (or Triton) raises. On CPU the Triton path
 runs only under the Triton interpreter (TRITON_INTERPRET=1), which the tests use.
