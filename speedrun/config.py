@@ -42,6 +42,7 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 CudaGraphs = Literal["auto", "on", "off"]
 MuonAxis = Literal["stored", "matrix"]
 MaxNumDocsRule = Literal["spare", "tight"]
+AdamDecay = Literal["lr", "lr_squared"]
 
 
 class BatchShape(NamedTuple):
@@ -117,6 +118,9 @@ class ModelConfig:
     backout: bool = True
     zero_init_outputs: bool = True     # zero-init attention/MLP output projections and lm_head
     fp8_head: bool = True              # FP8 lm_head matmul in training on GPUs that support it
+    fp8_head_scales: list[float] = field(default_factory=list)   # its fixed [x_s, w_s, grad_s]; [] =
+    #                                    record 45's (sqrt(dim)/448, 2^-9, 1/448: |w| <= 0.875); record
+    #                                    89: [100/448, 1.6/448, 0.75/448] (a tied embedding grows past 0.875)
     attention_backend: AttentionBackend = "auto"
     fused_loss: bool = True            # training loss through the Triton softcapped cross-entropy on
     #                                    CUDA (no fp32 logits); with the FP8 head, head + loss are one
@@ -186,6 +190,9 @@ class ModelConfig:
     tie_embed: bool = False            # the input embedding reads the lm_head weight (record 51) ...
     untie_after_step: int = -1         # ... until this step's update, then it is its own parameter
     #                                    (record 53/61; record 89: 847); -1 = tied to the end
+    untie_at_stage: int = -1           # ... or until the update of the first odd step of this stage
+    #                                    of schedule.stages (record 89: 2, i.e. step 847 of its 1270,
+    #                                    81 of a 120-step run): follows a compressed schedule; -1 = off
     head_init_std: float = 0.0         # lm_head ~ N(0, std) (record 89: 0.005); 0 = zero_init_outputs
     attn_out_init_nonzero: bool = False   # record 64: Wo initialized like Wq/Wk/Wv, not zero
     fp8_mlp: bool = False              # training MLP forward in FP8 (record 89; kernels/fp8_mlp.py): up
@@ -215,10 +222,6 @@ class ModelConfig:
     def logit_softcap_tau(self) -> float:
         """The softcap's temperature: logit_softcap_temperature, or cap / 4 when that is 0."""
         return self.logit_softcap_temperature or self.logit_softcap / 4
-
-    def embed_tied_at(self, step: int) -> bool:
-        """Whether the input embedding reads the lm_head weight when optimizer step ``step`` runs."""
-        return self.tie_embed and (self.untie_after_step < 0 or step <= self.untie_after_step)
 
     def validate(self, source: str | None = None) -> "ModelConfig":
         """The model section's own checks (Config.validate adds those that involve other sections);
@@ -250,6 +253,8 @@ class ModelConfig:
             _check(0 <= m.backout_layer < m.num_layers, "model.backout_layer", f"in [0, {m.num_layers})")
         _check(m.logit_softcap >= 0, "model.logit_softcap", ">= 0 (0 disables)")
         _validate_record89(m)
+        _check(not m.fp8_head_scales or (len(m.fp8_head_scales) == 3 and all(v > 0 for v in m.fp8_head_scales)),
+               "model.fp8_head_scales", "[] (record 45's) or three positive scales [x_s, w_s, grad_s]")
         if m.fp8_mlp:
             _check(m.relu_squared, "model.fp8_mlp", "false unless model.relu_squared is on (the FP8 MLP is relu²)")
             _check(m.fp8_mlp_act_headroom >= 1, "model.fp8_mlp_act_headroom", ">= 1 (a margin over the last amax)")
@@ -335,6 +340,9 @@ class AdamConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     cautious_weight_decay: bool = False
+    decay_form: AdamDecay = "lr"       # lr: p -= lr_eff * weight_decay * wd_mul * [u p >= 0] * p, then the
+    #                                    step (record 45's form); lr_squared (record 89, records 50+):
+    #                                    p -= step + lr_eff^2 * weight_decay * wd_mul * [u p > 0] * p
     every_other_step: bool = True      # step on odd steps with the summed gradients of two steps
     state_dtype: StateDtype = "bfloat16"
     kernel: KernelChoice = "auto"      # the fused update or its twin
@@ -498,6 +506,21 @@ class Config:
             return ["train.tokens_per_step"]
         return [f"schedule.stages[{i}].tokens_per_step" for i in range(len(self.schedule.stages))]
 
+    def untie_step(self) -> int:
+        """The step after whose update the embedding is untied from the lm_head (model.untie_after_step,
+        or the first odd step of stage model.untie_at_stage); -1: never (or not tied at all)."""
+        m = self.model
+        if not m.tie_embed:
+            return -1
+        if m.untie_at_stage >= 0:
+            return self.schedule.stage_bounds()[m.untie_at_stage] | 1
+        return m.untie_after_step
+
+    def embed_tied_at(self, step: int) -> bool:
+        """Whether the input embedding reads the lm_head weight when optimizer step ``step`` runs."""
+        untie = self.untie_step()
+        return self.model.tie_embed and (untie < 0 or step <= untie)
+
     def grad_accum(self, world_size: int) -> int:
         """Accumulation steps per rank in the first stage so that world_size ranks together cover
         one recipe step; a ConfigError unless world_size divides every stage's micro-batch count."""
@@ -548,6 +571,14 @@ class Config:
                    "schedule.window_stages", "a non-empty list of positive window sizes (blocks)")
         for name, shape in zip(self._batch_fields(), self.batch_shapes()):
             self._validate_batch(name, shape)
+        _check(m.untie_at_stage >= -1, "model.untie_at_stage", ">= -1 (-1 = off)")
+        if m.untie_at_stage >= 0:
+            _check(m.untie_after_step == -1, "model.untie_at_stage",
+                   "-1 when model.untie_after_step is set (one untie point)")
+            _check(bool(s.stages) and m.untie_at_stage < len(s.stages) - 1, "model.untie_at_stage",
+                   f"a scheduled stage of schedule.stages (0..{len(s.stages) - 2}), or -1")
+            _check(self.untie_step() < s.total_steps, "model.untie_at_stage",
+                   f"a stage whose first odd step is a training step (< {s.total_steps})")
         _check(t.max_steps >= 0, "train.max_steps", ">= 0 (0 = the whole schedule)")
         _check(t.collective_timeout_s > 0, "train.collective_timeout_s", "> 0 seconds")
         _check(t.val_every >= 0, "train.val_every", ">= 0 (0 = only at the start and the end)")

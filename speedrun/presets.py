@@ -1,10 +1,12 @@
-"""Record-89-shaped configs in code, until issue 18 ships ``configs/record_89.json``.
+"""Record-89-shaped configs in code, for tests and benchmarks (the recipe itself is
+``configs/record_89.json``; tests/test_config_r89.py checks that the two agree).
 
 ``record89_model`` is the model of record 89 (head-spec.md) with every embedding / residual-stream
 switch of issue 16 on, and the attention-coefficient lists that the model produces for (issue 17's
-consumers); ``record89_optim`` its Adam groups (r89-model.md section 10). The record-89 attention
-internals (paired heads, key offset), the training schedule, MTP/prefix losses, FP8 MLP and NorMuon
-changes are not here (issues 17 and 18).
+consumers); ``record89_optim`` its Adam groups (r89-model.md section 10). The attention internals
+(paired heads, key offset), the FP8 MLP and head scales, the untie by stage, NorMuon's and Adam's
+other record-89 settings and the stage table are the json's (``record89_model(paired_head_layers=...)``
+adds them).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ def record89_model(**overrides) -> ModelConfig:
 
 def record89_optim() -> OptimConfig:
     """Record 89's Adam groups (betas, lr multipliers, weight-decay multipliers, eps 1e-10) and its
-    smear gate on Adam. Its weight-decay formula, NorMuon settings and fp32 state are issue 18's."""
+    smear gate on Adam. Its weight decay (decay_form lr_squared, 0.005), fp32 state and NorMuon
+    settings are configs/record_89.json's."""
     cfg = OptimConfig(smear_gate_optimizer="adam")
     adam = cfg.adam
     adam.eps = 1e-10

@@ -248,7 +248,7 @@ def test_stage_table_element_types_name_the_entry():
 
 def test_the_gpu_benchmark_config_is_record_124m_on_record_89s_stage_table():
     """benchmarks/r89_stages_r45_model.json (gpu_check.sh stages): record_124m's model and optimizer,
-    the fixture's schedule, batch and data parts, next-token loss only (the model has no MTP yet)."""
+    the fixture's schedule, batch and data parts, next-token loss only (record 45's loss)."""
     root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
     bench = Config.load(f"{root}/benchmarks/r89_stages_r45_model.json").validate()
     r45, r89 = Config.load(config_path("record_124m")), Config.from_dict(r89_dict())

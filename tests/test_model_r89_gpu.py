@@ -78,3 +78,40 @@ def test_fused_losses_with_the_asymmetric_rescale_match_plain(compiled):
     for got, want in zip(results[True], results[False]):
         assert rel(got, want) < tol
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_losses_with_mtp_and_prefix_terms_match_plain(compiled):
+    """Record 89's stage-0 loss (3 MTP weights, prefix weight, record 89's FP8 head scales) through
+    the fused op (or the Triton CE without FP8) vs fused_loss off (the plain twin on fp32 rescaled
+    logits); then weights of later steps (zero padding, zero prefix weight) without a new graph."""
+    from torch._dynamo.utils import counters
+
+    from speedrun.model import LossWeights
+    torch._dynamo.reset()
+    cfg, model, ids, targets, cu = record89_on_gpu(T=8192, fp8_head_scales=[100 / 448, 1.6 / 448, 0.75 / 448])
+    model = GPT(cfg, torch.bfloat16, prefix_loss=True).cuda()
+    model = randomized89(model, scale=0.02)
+    model.set_window(Window(1, 3))
+    if compiled:
+        model.compile_regions()
+    model.train()
+    buffer = torch.tensor([1.0, 0.5, 0.25, 0.25], device="cuda")
+    weights = LossWeights(buffer[:3], buffer[3])
+    results = {}
+    for fused in (False, True):
+        cfg.fused_loss = fused
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, targets, cu, loss_weights=weights)
+        loss.backward()
+        results[fused] = (loss.detach().float(), model.lm_head.weight.grad.float().clone(),
+                          model.bigram.weight.grad.float().clone())
+    tol = 3e-2 if F8.fp8_supported("cuda", 0) else 1e-2
+    for got, want in zip(results[True], results[False]):
+        assert rel(got, want) < tol
+    graphs = counters["stats"]["unique_graphs"]
+    for row in ([1.0, 0.5, 0.0, 0.25], [1.0, 0.0, 0.0, 0.0]):
+        buffer.copy_(torch.tensor(row))
+        model(ids, targets, cu, loss_weights=weights).backward()
+    assert counters["stats"]["unique_graphs"] == graphs, "new weights recompiled"
+    torch._dynamo.reset()

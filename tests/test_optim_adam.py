@@ -92,3 +92,70 @@ def test_skips_params_without_grad():
     before = p.detach().clone()
     DistAdam([p]).step()
     assert torch.equal(p.detach(), before)
+
+
+# ------------------------------------------------------------------------------------------------
+# record 89's weight decay (optim.adam.decay_form "lr_squared", r89-training.md 5.3)
+# ------------------------------------------------------------------------------------------------
+def record89_adam(p, grads, lr, wd, wd_mul, betas=(0.5, 0.95), eps=1e-10):
+    """r89-training.md 5.3 in float64, step by step: upd = m / (sqrt(v) + eps) * lr sqrt(1-b2^t)/(1-b1^t);
+    upd += p [upd p > 0] lr^2 wd wd_mul; p -= upd."""
+    b1, b2 = betas
+    p = p.double().clone()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        upd = m / (v.sqrt() + eps) * lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t)
+        upd = upd + p * (upd * p > 0) * (lr ** 2 * wd * wd_mul)
+        p = p - upd
+    return p
+
+
+def test_record89_decay_matches_the_notes_formula():
+    """DistAdam with decay_form lr_squared, fp32 state and record 89's lm_head group (betas (0.5,
+    0.95), wd_mul 150) against the formula; the decay is visibly there (lr_mult 1.52: eff_lr² ∝
+    schedule²), and it is not record 45's form (decay ∝ eff_lr)."""
+    gen = torch.Generator().manual_seed(1)
+    p = labelled((64, 16), "lm_head", scale=1.0, gen=gen)
+    p0 = p.detach().clone()
+    grads = [torch.randn(64, 16, generator=gen) for _ in range(5)]
+    lr, lr_mult, wd = 0.008, 1.52, 0.005
+    opt = DistAdam([{"params": [p], "lr_mul": 1.0, "wd_mul": 150.0, "betas": (0.5, 0.95), "eps": 1e-10}],
+                   lr=lr, weight_decay=wd, cautious_weight_decay=True, state_dtype=torch.float32,
+                   decay_form="lr_squared")
+    for g in grads:
+        p.grad = g.clone()
+        opt.step(lr_mult=lr_mult)
+    want = record89_adam(p0, grads, lr * lr_mult, wd, 150.0)
+    torch.testing.assert_close(p.detach().double(), want, rtol=0, atol=2e-6)
+    no_decay = record89_adam(p0, grads, lr * lr_mult, 0.0, 150.0)
+    assert (want - no_decay).abs().max() > 1e-4          # the decay changes p
+    r45 = DistAdam([{"params": [q := labelled((64, 16), "lm_head", scale=1.0)], "wd_mul": 150.0,
+                     "betas": (0.5, 0.95), "eps": 1e-10}], lr=lr, weight_decay=wd, cautious_weight_decay=True,
+                   state_dtype=torch.float32)
+    with torch.no_grad():
+        q.copy_(p0)
+    for g in grads:
+        q.grad = g.clone()
+        r45.step(lr_mult=lr_mult)
+    assert (q.detach().double() - want).abs().max() > 1e-3
+
+
+def test_record89_mask_is_strict():
+    """Where the update is exactly zero the strict mask (upd p > 0) does not decay; record 45's
+    (u p >= 0) does."""
+    p = labelled((4,), "embed", scale=1.0)
+    with torch.no_grad():
+        p.copy_(torch.tensor([1.0, -1.0, 2.0, -2.0]))
+    for form, want in (("lr_squared", [1.0, -1.0]), ("lr", [1.0 - 0.5 * 0.1, -1.0 + 0.5 * 0.1])):
+        q = labelled((4,), "embed", scale=1.0)
+        with torch.no_grad():
+            q.copy_(p)
+        q.grad = torch.tensor([0.0, 0.0, 1.0, 1.0])          # zero gradient -> zero update on 0, 1
+        DistAdam([q], lr=0.5, weight_decay=0.1, cautious_weight_decay=True, state_dtype=torch.float32,
+                 decay_form=form).step()
+        torch.testing.assert_close(q.detach()[:2], torch.tensor(want))
+    with pytest.raises(ValueError, match="decay_form"):
+        DistAdam([p], decay_form="squared")

@@ -231,3 +231,29 @@ def test_stage_weights_interpolate_without_reaching_the_end():
         assert prefix_weight(step, s) == 0.25 + (0.0 - 0.25) * ((step - 423) / 424)
         assert mtp_weights(step, s) == [1.0, 0.5 + (0.0 - 0.5) * ((step - 423) / 424)]
     assert min(prefix_weight(step, s) for step in range(847)) > 0
+
+
+def test_r89_loss_terms_and_padded_weights():
+    """Record 89's table: 3 MTP weights at most and a prefix term; each step's vector is its MTP
+    weights padded with zeros to 3, then its prefix weight (r89-training.md 1.3)."""
+    from speedrun.optim.schedules import LossTerms, loss_terms, loss_weights
+    s = R89.schedule
+    terms = loss_terms(s)
+    assert terms == LossTerms(3, True)
+    assert loss_weights(0, s, terms) == [1.0, 0.5, 0.25, 0.25]
+    assert loss_weights(423, s, terms) == [1.0, 0.5, 0.0, 0.25]
+    assert loss_weights(508, s, terms) == pytest.approx([1.0, 0.399764, 0.0, 0.199882], abs=5e-7)
+    for step in (847, 1000, 1284):
+        assert loss_weights(step, s, terms) == [1.0, 0.0, 0.0, 0.0]
+    for step in range(s.total_steps):
+        w = loss_weights(step, s, terms)
+        assert len(w) == 4 and w[:len(mtp_weights(step, s))] == mtp_weights(step, s) and w[3] == prefix_weight(step, s)
+    # record 45 (the shorthand) and a table of next-token-only stages: no terms, the plain loss
+    assert loss_terms(ScheduleConfig()) is None
+    plain = r89_config().schedule
+    for st in plain.stages:
+        st.mtp_weights_start = st.mtp_weights_end = [1.0]
+        st.prefix_weight_start = st.prefix_weight_end = 0.0
+    assert loss_terms(plain) is None
+    plain.stages[2].mtp_weights_end = [0.5]        # a scheduled next-token weight is a weighted term
+    assert loss_terms(plain) == LossTerms(1, False)

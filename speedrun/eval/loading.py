@@ -106,7 +106,7 @@ def load_checkpoint_model(path: str, device: torch.device, dtype: torch.dtype) -
     apply_eval_windows(model, cfg.schedule, step)
     # a run still tied at this step embeds with its lm_head: make that the embedding's own value, so
     # the loaded model (and an export of it) is self-contained
-    tied = model.embed_tied = cfg.model.embed_tied_at(step)
+    tied = model.embed_tied = cfg.embed_tied_at(step)
     model.untie_embed()
     model.eval()
     return LoadedModel(model, cfg, step, ckpt, embed_from_head=tied)

@@ -118,7 +118,7 @@ def fp8_active(requested: bool, device: torch.device) -> bool:
     return bool(requested) and fp8_supported(device.type, device.index)
 
 
-def head_matmul(x: Tensor, w: Tensor, use_fp8: bool) -> Tensor:
-    """lm_head matmul: the FP8 op if ``use_fp8`` (already resolved by ``fp8_active``), else the
-    twin."""
-    return fp8_linear(x, w) if use_fp8 else linear_head(x, w)
+def head_matmul(x: Tensor, w: Tensor, use_fp8: bool, scales: tuple[float, float, float] | None = None) -> Tensor:
+    """lm_head matmul: the FP8 op if ``use_fp8`` (already resolved by ``fp8_active``; ``scales`` its
+    (x_s, w_s, grad_s), None = head_scales), else the twin."""
+    return fp8_linear(x, w, scales) if use_fp8 else linear_head(x, w)

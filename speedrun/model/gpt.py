@@ -22,15 +22,17 @@ Layers are 0-based: the reference's empty slot 0 is dropped, so reference layer 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speedrun.config import ModelConfig, Window
+from speedrun.data.prefix import prefix_table
 from speedrun.kernels.fp8 import fp8_active, head_matmul, linear_head
 from speedrun.kernels.fp8_head_ce import fp8_head_softcap_ce_fused
-from speedrun.kernels.softcap_ce import softcapped_cross_entropy
+from speedrun.kernels.softcap_ce import multi_token_losses, softcapped_cross_entropy
 from speedrun.model.attention import (
     FLEX_BLOCK_SIZE,
     UNBOUNDED_WINDOW,
@@ -66,6 +68,15 @@ STACK_INPUT = -1            # "layer" index of the stack input (x0, plus the big
 MATRIX_LABELS = ("attn", "mlp_fc", "mlp_proj")
 
 
+class LossWeights(NamedTuple):
+    """The training loss's weights of one step (records 53 and 88; the trainer's, from the stage
+    table): ``mtp`` (K,) fp32, the weight of the target k positions ahead (k = 0 the next token);
+    ``prefix`` 0-d fp32, the weight of the next token's prefix token (None: no prefix term, the model
+    was built without ``prefix_loss``). Device tensors, so new values each step compile nothing."""
+    mtp: Tensor
+    prefix: Tensor | None = None
+
+
 def softcap(logits: Tensor, cap: float, tau: float | None = None, offset: float = 0.0) -> Tensor:
     """cap * sigmoid((z + offset) / tau), tau = cap / 4 by default: squashes logits into (0, cap).
     Record 45: cap 30 (= 15 (tanh(z / 15) + 1)); record 89: cap 23, offset 5, tau 7.5."""
@@ -96,14 +107,16 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, *,
                  max_doc_len: int | None = None, flex_block_size: int = FLEX_BLOCK_SIZE,
                  eval_chunk_tokens: int = EVAL_CHUNK_TOKENS, matrix_dtype: torch.dtype = torch.float32,
-                 micro_steps: int = 1):
+                 micro_steps: int = 1, prefix_loss: bool = False):
         """``max_doc_len``: the bound on training documents (the loader cuts them there; flash uses
         it as its launch bound, None = the batch length); ``flex_block_size``: FlexAttention's tile;
         ``eval_chunk_tokens``: eval logits are made this many tokens at a time; ``matrix_dtype``:
         storage of the block matrices (labels in MATRIX_LABELS): fp32 (record 45) or bf16 with
         NorMuon's mantissa master (optim.muon.bf16_weights, record 57); ``micro_steps``: this rank's
         most micro-steps per optimizer step (the trainer's grad_accum), the FP8 MLP's slots of
-        delayed activation scales (kernels/fp8_mlp.py)."""
+        delayed activation scales (kernels/fp8_mlp.py); ``prefix_loss``: the training loss can have
+        the prefix-token term (record 88; the trainer sets it when a stage gives it a weight): the
+        vocabulary's prefix table (data/prefix.py) becomes the buffer ``prefix_table``."""
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         assert cfg.num_heads * cfg.head_dim == cfg.model_dim, "num_heads * head_dim != model_dim"
@@ -143,6 +156,10 @@ class GPT(nn.Module):
         self.register_buffer("window_long", torch.tensor(UNBOUNDED_WINDOW, dtype=torch.int32),
                              persistent=False)
         self.register_buffer("window_short", torch.tensor(UNBOUNDED_WINDOW, dtype=torch.int32),
+                             persistent=False)
+        # token id -> id of its longest proper byte prefix that is a token (-1: none); a constant of
+        # the vocabulary, so not saved (non-persistent) and rebuilt with the model
+        self.register_buffer("prefix_table", torch.from_numpy(prefix_table(V).copy()) if prefix_loss else None,
                              persistent=False)
         self.window: Window | None = None        # None: no window (full causal within documents)
         self.yarn_blocks: int | None = None      # the long window the current YaRN state was made for
@@ -449,23 +466,45 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def _train_loss(self, x: Tensor, backout: Tensor | None, sources: list[Tensor] | None, targets: Tensor,
-                    use_fp8: bool) -> Tensor:
+                    use_fp8: bool, weights: LossWeights | None = None) -> Tensor:
         """Training loss: summed cross-entropy on softcapped logits kept in the activation dtype
         (bf16 on GPU, as the record), FP8 head matmul when use_fp8. Per-token losses are summed in
-        fp32 so the returned value is precise (gradients are those of the plain sum)."""
+        fp32 so the returned value is precise (gradients are those of the plain sum).
+
+        ``weights`` (records 53, 88): each row's logits are also scored against the targets k = 1..
+        positions ahead and against its next token's prefix token (``prefix_table[targets]``), with
+        the step's weights: kernels/softcap_ce.py's ``multi_token_losses``, summed over rows."""
         cfg = self.cfg
         xn = self._final(x, backout, sources)
         rescale = dict(offset=cfg.logit_softcap_offset, temperature=cfg.logit_softcap_tau)
+        terms = {}
+        if weights is not None:
+            prefix = None
+            if weights.prefix is not None:
+                prefix = self.prefix_table[targets]
+            terms = dict(mtp_weights=weights.mtp, prefix_targets=prefix, prefix_weight=weights.prefix)
+        scales = self.fp8_head_scales()
         if use_fp8 and cfg.fused_loss and cfg.logit_softcap and xn.is_cuda:
             # FP8 head + softcapped CE as one op pair: the backward writes the logit gradient straight
             # to e5m2 (and its transpose), no bf16 gradient, no quantize/transpose pass
-            return fp8_head_softcap_ce_fused(xn, self.lm_head.weight, targets, cfg.logit_softcap, **rescale)
-        logits = head_matmul(xn, self.lm_head.weight, use_fp8)
+            return fp8_head_softcap_ce_fused(xn, self.lm_head.weight, targets, cfg.logit_softcap, scales=scales,
+                                             **rescale, **terms)
+        logits = head_matmul(xn, self.lm_head.weight, use_fp8, scales)
         if cfg.fused_loss and cfg.logit_softcap and logits.is_cuda:
             # one pass over the bf16 logits forward, one backward; softcap computed in fp32 inside
-            return softcapped_cross_entropy(logits, targets, cfg.logit_softcap, "sum", kernel="triton", **rescale)
+            return softcapped_cross_entropy(logits, targets, cfg.logit_softcap, "sum", kernel="triton", **rescale,
+                                            **terms)
+        if terms:   # the readable twin: the weighted terms on fp32 (float64 stays) rescaled logits
+            s = self._softcap(logits if logits.dtype == torch.float64 else logits.float())
+            return multi_token_losses(s, targets, **terms).float().sum()
         logits = self._softcap(logits)
         return F.cross_entropy(logits, targets, reduction="none").float().sum()
+
+    def fp8_head_scales(self) -> tuple[float, float, float] | None:
+        """The FP8 head's fixed (x_s, w_s, grad_s): ``model.fp8_head_scales`` (record 89's), or None
+        for kernels/fp8.py's head_scales (record 45's)."""
+        scales = self.cfg.fp8_head_scales
+        return tuple(scales) if scales else None
 
     def _softcap(self, logits: Tensor) -> Tensor:
         cfg = self.cfg
@@ -481,16 +520,25 @@ class GPT(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, inputs: Tensor, targets: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                *, reduction: str = "sum", kv_cache: KVCache | None = None) -> Tensor:
+                *, reduction: str = "sum", kv_cache: KVCache | None = None,
+                loss_weights: LossWeights | None = None) -> Tensor:
         """inputs (T,) token ids; cu_seqlens int32 document starts + T padded with T (None: one
         document). targets None -> fp32 softcapped logits (T, padded_vocab). Otherwise the loss:
         "sum" (training), "mean" (eval, fp32, chunked), "none" (per-token (T,) fp32).
+        ``loss_weights`` (training, "sum" only): the multi-token / prefix-token terms and their
+        weights (``LossWeights``); None = next-token cross-entropy (evaluation always is).
 
         ``kv_cache`` (decoding, kv_cache.py): ``inputs`` continue the one sequence held in the cache;
         their keys and values are appended to it and each layer attends to the cached positions in
         its window. Returns their logits, equal to the full forward's rows for them."""
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
+        if loss_weights is not None:
+            if reduction != "sum" or targets is None:
+                raise ValueError("GPT.forward: loss_weights are the training loss's (reduction 'sum' with "
+                                 "targets); evaluation is next-token only")
+            if loss_weights.prefix is not None and self.prefix_table is None:
+                raise ValueError("GPT.forward: a prefix-token weight needs the model built with prefix_loss=True")
         cfg, lay = self.cfg, self.layout
         ids = inputs.reshape(-1)
         T, device = ids.numel(), ids.device
@@ -590,7 +638,7 @@ class GPT(nn.Module):
         targets = targets.reshape(-1).long()
         if reduction == "sum":
             use_fp8 = self.training and self.fp8_head_active(device)
-            return self._train_loss_fn(x, backout, sources, targets, use_fp8)
+            return self._train_loss_fn(x, backout, sources, targets, use_fp8, loss_weights)
         # eval: fp32 logits, chunk by chunk, so a 262,144-token forward never holds them all
         xn = self._final_fn(x, backout, sources)
         chunk = self.eval_chunk_tokens

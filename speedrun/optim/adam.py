@@ -4,10 +4,14 @@ with row-sharded state and communication overlapped with the backward pass.
 Per param, on the rank-averaged gradient g of this rank's row shard, t = number of Adam steps taken:
 
     m <- b1*m + (1-b1)*g ;  v <- b2*v + (1-b2)*g^2           (stored in state_dtype, bf16 in the record)
-    eff_lr = lr * lr_mult * lr_mul
-    p <- p - eff_lr * weight_decay * wd_mul * [mask] * p      (only if that is > 0; cautious mask
-                                                               = sign agreement of update and p)
-    p <- p - eff_lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)
+    eff_lr = lr * lr_mult * lr_mul ;  u = m / (sqrt(v) + eps)
+    decay_form "lr" (record 45's form; its weight_decay is 0):
+      p <- p - eff_lr * weight_decay * wd_mul * [u*p >= 0] * p  (only if that is > 0; the mask only
+                                                                 with cautious_weight_decay)
+      p <- p - eff_lr * sqrt(1-b2^t)/(1-b1^t) * u
+    decay_form "lr_squared" (records 50+, record 89: weight_decay 0.005, r89-training.md 5.3):
+      p <- p - (eff_lr * sqrt(1-b2^t)/(1-b1^t) * u + eff_lr^2 * weight_decay * wd_mul * [u*p > 0] * p)
+      (the decay scales with the square of the scheduled lr; a strict cautious mask)
 
 lr_mul, wd_mul, betas and eps are per param group (one group per parameter label, optim/build.py).
 
@@ -51,10 +55,13 @@ class DistAdam(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.008, betas: tuple[float, float] = (0.65, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.0, cautious_weight_decay: bool = False,
                  state_dtype: torch.dtype = torch.bfloat16, world: World | None = None,
-                 kernel: str = "auto"):
+                 kernel: str = "auto", decay_form: str = "lr"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_mul=1.0, wd_mul=1.0)
         super().__init__(params, defaults)
         self.cautious = cautious_weight_decay
+        if decay_form not in ("lr", "lr_squared"):
+            raise ValueError(f"DistAdam: decay_form must be 'lr' or 'lr_squared', got {decay_form!r}")
+        self.decay_form = decay_form      # optim.adam.decay_form (see the module docstring)
         self.state_dtype = state_dtype
         self.kernel = kernel              # auto | triton | torch: the fused update or its twin
         self.world = world or World()
@@ -128,11 +135,14 @@ class DistAdam(torch.optim.Optimizer):
         state["step"] += 1
         t = state["step"]
         eff_lr = group["lr"] * lr_mult * group["lr_mul"]
+        if self.decay_form == "lr_squared":
+            lr_wd = eff_lr ** 2 * group["weight_decay"] * group["wd_mul"]
+        else:
+            lr_wd = eff_lr * group["weight_decay"] * group["wd_mul"]
         # one pass over p, g, m, v (kernels/adam_update.py; its twin is the plain torch update)
         adam_update_(shard, grad, state["exp_avg"], state["exp_avg_sq"], b1=b1, b2=b2, eps=group["eps"],
-                     step_size=eff_lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t),
-                     lr_wd=eff_lr * group["weight_decay"] * group["wd_mul"], cautious=self.cautious,
-                     kernel=self.kernel)
+                     step_size=eff_lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t), lr_wd=lr_wd,
+                     cautious=self.cautious, kernel=self.kernel, decay_form=self.decay_form)
 
     @torch.no_grad()
     def copy_state(self, src: Tensor, dst: Tensor) -> None:

@@ -169,5 +169,6 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, world: World | None = N
         groups = [{"params": ps, **adam_group(label, cfg)} for label, ps in adam_groups.items()]
         adam = DistAdam(groups, lr=ac.lr, betas=(ac.beta1, ac.beta2), eps=ac.eps,
                         weight_decay=ac.weight_decay, cautious_weight_decay=ac.cautious_weight_decay,
-                        state_dtype=getattr(torch, ac.state_dtype), world=world, kernel=ac.kernel)
+                        state_dtype=getattr(torch, ac.state_dtype), world=world, kernel=ac.kernel,
+                        decay_form=ac.decay_form)
     return Optimizers(muon, adam, every_other_step=ac.every_other_step, world=world)

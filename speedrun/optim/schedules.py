@@ -159,6 +159,36 @@ def prefix_weight(step: int, sched: ScheduleConfig) -> float:
     return s.prefix_weight_start + (s.prefix_weight_end - s.prefix_weight_start) * t
 
 
+class LossTerms(NamedTuple):
+    """The training loss's weighted terms over a whole schedule (what the model and its compiled loss
+    are built for): ``num_mtp`` MTP weights every step (the most any stage has; a stage with fewer
+    is padded with zero weights, which add exactly nothing, so one compiled graph serves every
+    stage), and ``prefix``: some stage weights the prefix token."""
+    num_mtp: int
+    prefix: bool
+
+
+def loss_terms(sched: ScheduleConfig) -> LossTerms | None:
+    """The weighted terms of a schedule; None when every step is next-token cross-entropy alone
+    (weights [1.0], no prefix weight: record 45, the shorthand) and the loss keeps its plain path.
+    Record 89: LossTerms(3, True)."""
+    stages = sched.stages
+    if all(s.mtp_weights_start == [1.0] == s.mtp_weights_end and not s.prefix_weight_start
+           and not s.prefix_weight_end for s in stages):
+        return None
+    return LossTerms(max(len(s.mtp_weights_start) for s in stages),
+                     any(s.prefix_weight_start or s.prefix_weight_end for s in stages))
+
+
+def loss_weights(step: int, sched: ScheduleConfig, terms: LossTerms) -> list[float]:
+    """A step's loss weights as the model takes them in one vector: ``mtp_weights`` padded with
+    zeros to terms.num_mtp, then ``prefix_weight`` if terms.prefix. Record 89 at step 423:
+    [1, .5, 0, .25]; from 847: [1, 0, 0, 0]."""
+    weights = mtp_weights(step, sched)
+    weights += [0.0] * (terms.num_mtp - len(weights))
+    return weights + [prefix_weight(step, sched)] if terms.prefix else weights
+
+
 def batch_shape(step: int, cfg: Config) -> BatchShape:
     """The batch of a step: global tokens, tokens per micro-batch, document cap (its stage's).
     Record 89 with train.micro_batches_per_step 8: (131072, 16384, 896) to step 422,

@@ -52,7 +52,9 @@ def add_train_arguments(p: argparse.ArgumentParser, bench: bool = False) -> None
                        help="checkpoint every N steps (and always at the end)")
     p.add_argument("--use-fp8", action="store_true",
                    help="FP8 lm_head matmul in training (needs an FP8 GPU: compute capability >= 8.9)")
-    p.add_argument("--no-fp8", action="store_true", help="bf16 lm_head even where FP8 is available")
+    p.add_argument("--no-fp8", action="store_true",
+                   help="no FP8 matmuls even where FP8 is available: bf16 lm_head and MLP (model.fp8_head and "
+                        "model.fp8_mlp false)")
     p.add_argument("--use-flash-attn", action="store_true",
                    help="FlashAttention-3/4 varlen kernels instead of FlexAttention (package must be installed)")
     if not bench:
@@ -138,8 +140,9 @@ def build_config(args) -> Config:
         raise ConfigError("--use-fp8 and --no-fp8 contradict each other")
     if args.use_fp8:
         cfg.model.fp8_head = True
-    if args.no_fp8:
-        cfg.model.fp8_head = False
+    if args.no_fp8:   # no FP8 anywhere: the head and record 89's MLP (model.fp8_mlp false alone is
+        cfg.model.fp8_head = False   # the public record's DISABLE_FP8, whose head stays FP8)
+        cfg.model.fp8_mlp = False
     if args.use_flash_attn:
         cfg.model.attention_backend = "flash"
     if args.memory_pool:

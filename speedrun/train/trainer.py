@@ -24,11 +24,13 @@ from speedrun.config import Config, ConfigError, Window
 from speedrun.data.embedded import embedded_shards
 from speedrun.data.loader import DataExhaustedError, TrainLoader, ValLoader
 from speedrun.data.shards import read_shard, shard_paths
-from speedrun.model import GPT
+from speedrun.model import GPT, LossWeights
 from speedrun.optim.build import build_optimizers
 from speedrun.optim.schedules import (
     batch_shape,
     final_window_blocks,
+    loss_terms,
+    loss_weights,
     lr_multiplier,
     muon_momentum,
     stage_spans,
@@ -121,18 +123,6 @@ def replay_windows(model, schedule, step: int) -> Window:
     return current
 
 
-def check_loss_weights(cfg: Config) -> None:
-    """The model's training loss is next-token cross-entropy only: a stage table asking for
-    multi-token or prefix-token weights is refused (not trained as something else)."""
-    for i, st in enumerate(cfg.schedule.stages):
-        if st.mtp_weights_start != [1.0] or st.mtp_weights_end != [1.0]:
-            raise ConfigError(f"config field 'schedule.stages[{i}].mtp_weights_start': the training loss "
-                              "is next-token only (no multi-token prediction); expected [1.0] to [1.0]")
-        if st.prefix_weight_start or st.prefix_weight_end:
-            raise ConfigError(f"config field 'schedule.stages[{i}].prefix_weight_start': the training loss "
-                              "has no prefix-token term; expected 0")
-
-
 class Trainer:
     def __init__(self, cfg: Config, world, run_dir: str, resume: str | None = None, stream=None):
         self.cfg = cfg.validate()
@@ -140,7 +130,6 @@ class Trainer:
         self.run_dir = run_dir
         self.device = world.device
         self.dtype = resolve_dtype(cfg.train.dtype, self.device.type)
-        check_loss_weights(cfg)
         # the first stage's; train_step sets each step's (the number of micro-batches it is given)
         self.grad_accum = cfg.grad_accum(world.world_size)
         if self.device.type == "cpu":
@@ -165,6 +154,7 @@ class Trainer:
         # an absurd size is refused before it is allocated: weights, gradients and optimizer state
         # are at least three copies of the parameters in the model dtype
         cfg.model.check_fits(available_memory(self.device), 3 * self.dtype.itemsize, str(self.device))
+        self._init_loss_weights()
         torch.manual_seed(cfg.train.seed)
         # built on the device: initializing 190M parameters there takes milliseconds, on the host
         # seconds (CUDA draws its init from the CUDA generator, seeded by manual_seed above)
@@ -174,7 +164,8 @@ class Trainer:
             self.model = GPT(cfg.model, dtype=self.dtype,
                              max_doc_len=max(shape.max_doc_len for shape in cfg.batch_shapes()),
                              matrix_dtype=torch.bfloat16 if cfg.optim.muon.bf16_weights else torch.float32,
-                             micro_steps=max(shape.grad_accum(world.world_size) for shape in cfg.batch_shapes()))
+                             micro_steps=max(shape.grad_accum(world.world_size) for shape in cfg.batch_shapes()),
+                             prefix_loss=bool(self.loss_terms and self.loss_terms.prefix))
         self._broadcast_parameters()
         done("model")
         self.optimizers = build_optimizers(self.model, cfg.optim, world)
@@ -203,7 +194,7 @@ class Trainer:
             self.log.resume_at(state.step, ckpt.run_dir_of(state.path),
                                {"checkpoint": state.path, "changed": changes})
         # the checkpoint of a step after the untie holds the embedding's own weights and state
-        self.model.embed_tied = cfg.model.embed_tied_at(self.start_step)
+        self.model.embed_tied = cfg.embed_tied_at(self.start_step)
         self.window: Window | None = None  # the windows currently applied to the model
         self.warmup_phases: dict[str, float] = {}
         self.first_step_s: float | None = None   # set by run(): the first step's seconds
@@ -212,6 +203,24 @@ class Trainer:
                            if self.device.type == "cuda" else None)
 
     # ---- setup helpers --------------------------------------------------------------------------
+    def _init_loss_weights(self) -> None:
+        """The MTP / prefix loss weights of every step as one device table, and the buffer the
+        micro-steps read (``loss_weights``, views of it; None: next-token loss only). train_step copies
+        its step's row into the buffer on the device: no host transfer, and a CUDA graph recorded
+        with the buffer reads each step's values."""
+        sched = self.cfg.schedule
+        self.loss_terms = loss_terms(sched)
+        self.untie_step = self.cfg.untie_step()
+        self._loss_weight_table = self.loss_weights = None
+        if self.loss_terms is None:
+            return
+        rows = [loss_weights(step, sched, self.loss_terms) for step in range(self.total_steps)]
+        self._loss_weight_table = torch.tensor(rows, dtype=torch.float32, device=self.device)
+        self._loss_weight_buffer = self._loss_weight_table[0].clone()
+        k = self.loss_terms.num_mtp
+        self.loss_weights = LossWeights(self._loss_weight_buffer[:k],
+                                        self._loss_weight_buffer[k] if self.loss_terms.prefix else None)
+
     def _broadcast_parameters(self) -> None:
         for p in self.model.parameters():
             self.world.broadcast_(p.data)
@@ -265,7 +274,7 @@ class Trainer:
     def micro_step(self, inputs, targets, cu_seqlens, mark=None) -> torch.Tensor:
         """Forward and backward of one micro-batch (gradients added into .grad); its summed loss as
         an fp32 device tensor. What a CUDA graph records (train/cuda_graph.py) and its eager twin."""
-        loss = self.model(inputs, targets, cu_seqlens, reduction="sum")
+        loss = self.model(inputs, targets, cu_seqlens, reduction="sum", loss_weights=self.loss_weights)
         if mark:
             mark("forward")
         (loss / self.grad_accum).backward()
@@ -275,12 +284,15 @@ class Trainer:
 
     def train_step(self, step: int, batches, mark=None) -> torch.Tensor:
         """Forward/backward over this rank's micro-batches, then the optimizer step. Returns the
-        mean per-token training loss of this rank as a device tensor (no host sync).
+        mean per-token training loss of this rank as a device tensor (no host sync); with MTP /
+        prefix weights (a stage table's) it is the weighted objective, not the next-token loss.
         ``mark(phase)``, if given, is called as each phase ends ("forward", "backward" per
         micro-batch, or "forward_backward" for a CUDA-graph replay, then "optimizer"): ``speedrun bench``
         times the phases with it. The gradient is the mean over the micro-batches (of every rank)
         of their summed losses: each micro-step's loss is scaled by 1/len(batches)."""
         self.grad_accum = len(batches)   # the step's stage's accumulation (next_batches)
+        if self._loss_weight_table is not None:   # the step's MTP / prefix weights, in place
+            self._loss_weight_buffer.copy_(self._loss_weight_table[min(step, self.total_steps - 1)])
         self.optimizers.begin_step(step)
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         for i, batch in enumerate(batches):
@@ -296,15 +308,15 @@ class Trainer:
                              muon_momentum(step, self.cfg.optim.muon, self.cfg.schedule))
         self.model.after_optimizer_step(step)   # the FP8 MLP's weight copies follow the new weights
         self.optimizers.zero_grad(step)
-        if self.model.embed_tied and step == self.cfg.model.untie_after_step:
+        if self.model.embed_tied and step == self.untie_step:
             self.untie_embed()
         if mark:
             mark("optimizer")
         return total / (self.grad_accum * batches[0].inputs.numel())
 
     def untie_embed(self) -> None:
-        """After this step's update the embedding is its own parameter (model.untie_after_step,
-        record 53/61): it starts from the lm_head's weights and Adam state (step count, moments), so
+        """After this step's update the embedding is its own parameter (model.untie_after_step or
+        model.untie_at_stage, record 53/61): it starts from the lm_head's weights and Adam state (step count, moments), so
         training continues exactly as if the two had been one parameter until now."""
         self.model.untie_embed()
         self.optimizers.copy_adam_state(self.model.lm_head.weight, self.model.embed.weight)
