@@ -4,10 +4,11 @@
 # parts: tests kernels mlp flex attention attention-r89 model optim bench stages (default: all but the
 # attention ones and stages); tests-kernels + tests-rest split tests in two; stages = speedrun bench of
 # record 89's stage table (three batch sizes) on record 45's model (benchmarks/r89_stages_r45_model.json);
-# tests-r89-training = the GPU tests of record 89's losses / Adam / model; bench-r89 = speedrun bench of
+# tests-r89-training = the GPU tests of record 89's losses / Adam / model / DC-MHA / FP8 MLP; bench-r89 = speedrun bench of
 # configs/record_89.json; mini-r89 / mini-r89-public = the compressed 125-step record-89 run on the
-# regmix shards in $R89_DATA (regmix_train_*.bin, regmix_val_000000.bin), all FP8 / with the FP8 MLP off
-# as the public code's DISABLE_FP8 (whose measured val at step 125 is 1.829; target <= 1.835).
+# regmix shards in $R89_DATA (regmix_train_*.bin, regmix_val_000000.bin), all FP8 / with FP8 off (head and MLP)
+# as the public code's DISABLE_FP8 (whose measured val at step 125 is 1.829; target <= 1.835);
+# MINI_ARGS adds flags to both (e.g. --seed 1).
 # Each part has its own time limit and a log in OUT_DIR, and a failing part does not stop the next one.
 set -u
 out=${1:?usage: gpu_check.sh OUT_DIR [tests|tests-kernels|tests-rest|kernels|mlp|flex|attention|attention-r89|model|optim|bench|stages|tests-r89-training|bench-r89|mini-r89|mini-r89-public]...}
@@ -46,11 +47,12 @@ for part in $parts; do
         stages)  step bench_stages ${BENCH_LIMIT:-420} python3 -m speedrun bench \
                      --config benchmarks/r89_stages_r45_model.json --out "$out/bench_stages.json" ;;
         tests-r89-training) step gpu_tests_r89_training 420 python3 -m pytest -q -m gpu -p no:cacheprovider \
-                     tests/test_kernels_mtp_ce.py tests/test_kernels_adam_update.py tests/test_model_r89_gpu.py ;;
+                     tests/test_kernels_mtp_ce.py tests/test_kernels_adam_update.py tests/test_model_r89_gpu.py \
+                     tests/test_kernels_dc_mha.py tests/test_kernels_fp8_mlp.py ;;
         bench-r89) step bench_r89 ${BENCH_LIMIT:-560} python3 -m speedrun bench --config record_89 --steps 4 \
                      --skip-steps 1 --cache-dir "${CACHE_DIR:-/tmp/speedrun-inductor-r89}" --out "$out/bench_r89.json" ;;
         mini-r89|mini-r89-public)
-                 extra=(); [ "$part" = mini-r89-public ] && extra=(--model.fp8_mlp false)
+                 extra=(${MINI_ARGS:-}); [ "$part" = mini-r89-public ] && extra+=(--no-fp8)
                  step "$part" ${MINI_LIMIT:-590} python3 -m speedrun train --config record_89 --cuda \
                      --schedule.num_scheduled_steps 120 --schedule.num_extension_steps 5 \
                      --train.val_tokens 4194304 --train.val_every 40 \
