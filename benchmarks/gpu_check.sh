@@ -46,7 +46,7 @@ for part in $parts; do
                      --out "$out/bench.json" ;;
         stages)  step bench_stages ${BENCH_LIMIT:-420} python3 -m speedrun bench \
                      --config benchmarks/r89_stages_r45_model.json --out "$out/bench_stages.json" ;;
-        tests-r89-training) step gpu_tests_r89_training 420 python3 -m pytest -q -m gpu -p no:cacheprovider \
+        tests-r89-training) step gpu_tests_r89_training ${TESTS_LIMIT:-420} python3 -m pytest -q -m gpu -p no:cacheprovider \
                      tests/test_kernels_mtp_ce.py tests/test_kernels_adam_update.py tests/test_model_r89_gpu.py \
                      tests/test_kernels_dc_mha.py tests/test_kernels_fp8_mlp.py ;;
         bench-r89) step bench_r89 ${BENCH_LIMIT:-560} python3 -m speedrun bench --config record_89 --steps 4 \
