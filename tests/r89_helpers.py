@@ -34,7 +34,7 @@ def randomized89(model: GPT, seed: int = 0, scale: float = 0.05) -> GPT:
     g = torch.Generator().manual_seed(seed)
 
     def rnd(p, s):
-        return (torch.randn(p.shape, generator=g) * s).to(p.dtype)
+        return (torch.randn(p.shape, generator=g) * s).to(p.device, p.dtype)
 
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -805,7 +805,7 @@ def test_gpu_refresh_kernels_equal_the_twin():
             x, y = a[n], b[n]
             if x.dtype == E4M3:
                 x, y = x.view(torch.uint8), y.view(torch.uint8)
-            assert torch.equal(x, y), (mode, n)
+            assert torch.equal(x, y), (mode, n, int((x != y).sum()), x[x != y][:4].tolist(), y[x != y][:4].tolist())
 
 
 @pytest.mark.gpu

@@ -39,7 +39,7 @@ R89 = dict(cap=23.0, tau=7.5, offset=5.0)
 
 def oracle(z, targets, weights, prefix=None, pw=0.0, cap=23.0, tau=7.5, offset=5.0, ignore_index=-100):
     """(loss per row, dL/ds, dL/dz, S_w per row) in float64, row by row and term by term, from
-    L_i = sum_k [i+k < T] w_k (lse_i - s_i[y_{i+k}]) + [prefix_i >= 0] pw (lse_i - s_i[prefix_i])."""
+    L_i = sum_k [i+k < len(targets)] w_k (lse_i - s_i[y_{i+k}]) + [prefix_i >= 0] pw (lse_i - s_i[prefix_i])."""
     z = z.double()
     sig = torch.sigmoid((z + offset) / tau)
     s = cap * sig
@@ -49,7 +49,7 @@ def oracle(z, targets, weights, prefix=None, pw=0.0, cap=23.0, tau=7.5, offset=5
         lse = torch.logsumexp(s[i], 0)
         p = torch.softmax(s[i], 0)
         terms = [(int(targets[i + k]), float(w)) for k, w in enumerate(weights)
-                 if i + k < T and int(targets[i + k]) != ignore_index]
+                 if i + k < len(targets) and int(targets[i + k]) != ignore_index]
         if prefix is not None and int(prefix[i]) >= 0:
             terms.append((int(prefix[i]), float(pw)))
         for col, w in terms:

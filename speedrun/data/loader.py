@@ -139,7 +139,8 @@ def make_batch(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, max_
     seq = len(buf) - 1
     if len(lengths) > max_num_docs - 1:
         raise DataError(f"{where}a micro-batch holds {len(lengths)} documents, more than max_num_docs-1 "
-                        f"= {max_num_docs - 1}; pass a larger max_num_docs (cu_seqlens length)")
+                        f"= {max_num_docs - 1} (the cu_seqlens length less one); documents this short need "
+                        f"data.max_num_docs_rule spare (--data.max_num_docs_rule spare)")
     cu = np.full(max_num_docs, seq, dtype=np.int32)
     cu[0] = 0
     cu[1:len(lengths)] = np.cumsum(lengths[:-1])               # the last segment ends at T, not T+1

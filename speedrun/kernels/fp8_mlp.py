@@ -577,7 +577,9 @@ class FP8MLPState(nn.Module):
             w_fc, w_proj, self.w_fc_f8, self.w_proj_f8, partial, self.w_fc_scale, self.w_proj_scale,
             self.w_proj_next_scale, self.slot, D, H, w_fc.stride(0), w_proj.stride(0), tiles,
             self.weight_headroom / E4M3_MAX, PARTIALS=triton.next_power_of_2(tiles), BLOCK=block,
-            MODE=_MODES[mode], EXACT_ROUNDING=_interpreting(), num_warps=4)
+            # rounded on the bits on the GPU too: the copies must equal the twin's byte for byte, and
+            # the bit rounding costs nothing next to the loads (one refresh per optimizer step)
+            MODE=_MODES[mode], EXACT_ROUNDING=True, num_warps=4)
 
     @torch.no_grad()
     def record_post_amax(self, amax: Tensor) -> None:
