@@ -183,3 +183,17 @@ def test_compiled_regions_match_eager_and_never_recompile():
 def test_fused_dc_switch_picks_the_twin():
     assert GPT(r89_cfg()).blocks[4].attn.dc_kernel == "auto"
     assert GPT(r89_cfg(fused_dc=False)).blocks[4].attn.dc_kernel == "torch"
+
+
+def test_record89_model_built_under_a_device_context_puts_every_tensor_there():
+    """The trainer builds the model under ``with torch.device(...)``: every parameter and buffer
+    (the prefix table from numpy, the FP8 MLP state, the bigram signs) must land on that device,
+    or the first compiled step fails indexing a CPU buffer with GPU ids (seen on the H200)."""
+    from speedrun.config import Config
+    from speedrun.train.cli import config_path
+    cfg = Config.load(config_path("record_89")).model
+    with torch.device("meta"):
+        model = GPT(cfg, dtype=torch.bfloat16, micro_steps=8, prefix_loss=True)
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    assert any(name == "prefix_table" for name, _ in tensors)
+    assert [name for name, t in tensors if t.device.type != "meta"] == []

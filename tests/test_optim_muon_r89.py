@@ -377,6 +377,6 @@ def test_trainer_with_record89_switches_resumes_exactly(tmp_path):
     run_trainer(cfg(resumed), resume=str(full / "checkpoints" / "step_000003"))
     a, _ = train_losses(full)
     b, _ = train_losses(resumed)
-    assert sorted(b) == [4, 5, 6]
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]   # the original's records up to the checkpoint, then its own
     for step in b:
         assert b[step] == a[step], step

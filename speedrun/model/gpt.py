@@ -159,8 +159,9 @@ class GPT(nn.Module):
                              persistent=False)
         # token id -> id of its longest proper byte prefix that is a token (-1: none); a constant of
         # the vocabulary, so not saved (non-persistent) and rebuilt with the model
-        self.register_buffer("prefix_table", torch.from_numpy(prefix_table(V).copy()) if prefix_loss else None,
-                             persistent=False)
+        # (from_numpy ignores a torch.device context: placed beside the window buffers explicitly)
+        table = torch.as_tensor(prefix_table(V), device=self.window_long.device) if prefix_loss else None
+        self.register_buffer("prefix_table", table, persistent=False)
         self.window: Window | None = None        # None: no window (full causal within documents)
         self.yarn_blocks: int | None = None      # the long window the current YaRN state was made for
         # the input embedding reads the lm_head weight until untie_embed() (model.tie_embed)
