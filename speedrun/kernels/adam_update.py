@@ -23,16 +23,7 @@ import os
 from torch import Tensor
 
 from speedrun.config import AdamDecay, KernelChoice, choices
-
-try:  # Triton is optional: CPU installs use the twin.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from speedrun.kernels.triton_import import HAS_TRITON, tl, triton
 
 _KERNELS = choices(KernelChoice)   # optim.adam.kernel
 _DECAY_FORMS = choices(AdamDecay)  # optim.adam.decay_form

@@ -42,15 +42,7 @@ import os
 import torch
 from torch import Tensor
 
-try:  # Triton is optional: CPU installs and tests use the twin.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from speedrun.kernels.triton_import import HAS_TRITON, tl, triton
 
 __all__ = ["dc_mha", "dc_mha_reference", "dc_mha_triton", "triton_supports"]
 

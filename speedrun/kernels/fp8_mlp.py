@@ -74,17 +74,10 @@ from torch import Tensor, nn
 
 from speedrun.kernels.fp8 import fp8_supported
 from speedrun.kernels.relu2_mlp import TileConfig, relu2_mlp_grads
+from speedrun.kernels.triton_import import HAS_TRITON, tl, triton
 
-try:  # Triton is optional: CPU installs and tests use the twin.
-    import triton
-    import triton.language as tl
+if HAS_TRITON:
     from triton.tools.tensor_descriptor import TensorDescriptor
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    HAS_TRITON = False
 
 __all__ = [
     "E4M3",

@@ -46,15 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # Triton is optional: CPU installs and tests use the twin.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from speedrun.kernels.triton_import import HAS_TRITON, tl, triton
 
 __all__ = [
     "multi_token_losses",
