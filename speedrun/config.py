@@ -43,6 +43,7 @@ CudaGraphs = Literal["auto", "on", "off"]
 MuonAxis = Literal["stored", "matrix"]
 MaxNumDocsRule = Literal["spare", "tight"]
 AdamDecay = Literal["lr", "lr_squared"]
+SparseComms = Literal["auto", "on", "off"]
 
 
 class BatchShape(NamedTuple):
@@ -346,6 +347,10 @@ class AdamConfig:
     every_other_step: bool = True      # step on odd steps with the summed gradients of two steps
     state_dtype: StateDtype = "bfloat16"
     kernel: KernelChoice = "auto"      # the fused update or its twin
+    sparse_bigram_comms: SparseComms = "auto"   # the bigram table's gradient reduced as its nonzero rows
+    #                                    only (distributed.py:sparse_reduce_scatter_avg); auto = on with
+    #                                    8 or more ranks (as the record: there a rank's batch touches a
+    #                                    small share of the rows), off below
     # record 45's labels (defaults: record 45)
     embed: AdamGroup = _group(75.0)
     value_embed: AdamGroup = _group(75.0)

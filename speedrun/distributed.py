@@ -1,6 +1,7 @@
 """Process-group setup from the launcher's environment (torchrun on one or many nodes, or a Slurm
 ``srun`` step), the ``World`` handle, and the few collectives the optimizers use (reduce-scatter AVG
-and all-gather, with a fallback for backends that lack them).
+and all-gather, with a fallback for backends that lack them; a sparse reduce-scatter for gradients
+whose rows are mostly zero).
 
 NCCL on CUDA, gloo on CPU. With no launcher environment (or a world of 1) there is no process group
 at all and every helper is a no-op, so one code path serves 1..N ranks on 1..M nodes. Every
@@ -379,6 +380,53 @@ def reduce_scatter_avg(out: torch.Tensor, full: torch.Tensor, world: World):
     full = full.clone()
     work = dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True)
     return _SliceAfterWait(work, full, out, world.rank, world.world_size)
+
+
+class _MergeAfterWait:
+    """Handle of a sparse reduce-scatter: after the waits, out = (own rows + received rows) / W."""
+    def __init__(self, works, out: torch.Tensor, own: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor,
+                 first_row: int, world_size: int):
+        self.works, self.out, self.own, self.rows, self.vals = works, out, own, rows, vals
+        self.first_row, self.world_size = first_row, world_size
+
+    def wait(self) -> bool:
+        for work in self.works:
+            work.wait()
+        out = self.out.view(self.out.size(0), -1)
+        out.copy_(self.own.view(out.shape))
+        out.index_add_(0, self.rows - self.first_row, self.vals)   # received: global row indices
+        out.div_(self.world_size)
+        return True
+
+
+def sparse_reduce_scatter_avg(out: torch.Tensor, full: torch.Tensor, world: World):
+    """reduce_scatter_avg for a gradient whose rows are mostly zero (record 89's bigram table: a
+    rank's batch touches a fraction of its 377,280 rows). Each rank sends every other rank only its
+    nonzero rows in that rank's slice, as (row index, row) pairs, and adds what it receives to its own
+    slice: the same sums as the dense reduce-scatter (bitwise with two ranks; with more, in another
+    order). Costs one small blocking exchange of the row counts (the sizes of the other two). Async:
+    returns a handle with wait()."""
+    if not world.distributed:
+        out.copy_(full)
+        return _Done()
+    W, r = world.world_size, world.rank
+    n = full.size(0) // W
+    flat = full.view(full.size(0), -1)
+    rows = torch.nonzero(flat.ne(0).any(dim=1)).squeeze(1)         # sorted, on full's device
+    edges = torch.arange(0, W + 1, device=rows.device) * n
+    starts = torch.searchsorted(rows, edges)
+    send_counts = starts[1:] - starts[:-1]
+    send_counts[r] = 0                                             # own rows stay here
+    send_rows = torch.cat([rows[:starts[r]], rows[starts[r + 1]:]])
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts)
+    send_sizes, recv_sizes = send_counts.tolist(), recv_counts.tolist()
+    recv_rows = rows.new_empty(sum(recv_sizes))
+    recv_vals = flat.new_empty(sum(recv_sizes), flat.size(1))
+    works = [dist.all_to_all_single(recv_rows, send_rows, recv_sizes, send_sizes, async_op=True),
+             dist.all_to_all_single(recv_vals, flat[send_rows], recv_sizes, send_sizes, async_op=True)]
+    own = full[r * n:(r + 1) * n]
+    return _MergeAfterWait(works, out, own, recv_rows, recv_vals, r * n, W)
 
 
 def all_gather(full: torch.Tensor, shard: torch.Tensor, world: World):

@@ -210,3 +210,14 @@ def test_renamed_lr_fields_still_load():
     cfg = Config.from_dict({"optim": {"adam": {"embed_lr_mul": 3.0, "head_lr_mul": 2.0}}})
     assert cfg.optim.adam.embed == AdamGroup(3.0) and cfg.optim.adam.lm_head == AdamGroup(2.0)
     assert Config().override({"optim.adam.scalar_lr_mul": "4"}).optim.adam.scalars.lr_mul == 4.0
+
+
+def test_sparse_bigram_comms_turns_on_from_eight_ranks_or_when_asked():
+    from speedrun.optim.build import sparse_bigram_comms
+    cfg = OptimConfig()
+    assert cfg.adam.sparse_bigram_comms == "auto"
+    assert [sparse_bigram_comms(cfg, w) for w in (1, 2, 4, 8, 16)] == [False, False, False, True, True]
+    cfg.adam.sparse_bigram_comms = "on"
+    assert [sparse_bigram_comms(cfg, w) for w in (1, 2, 8)] == [False, True, True]   # 1 rank: nothing to send
+    cfg.adam.sparse_bigram_comms = "off"
+    assert not sparse_bigram_comms(cfg, 8)

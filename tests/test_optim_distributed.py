@@ -25,11 +25,20 @@ STEPS, SOURCES = 4, 4
 SCHED = ScheduleConfig(num_scheduled_steps=4, num_extension_steps=0)
 
 
-def _train(world: World, r89: bool = False) -> tuple[dict, list[int]]:
+def _bigram_rows(step: int, source: int) -> list[int]:
+    """The rows of the 16-row bigram table a source touches (as a batch touches few hash rows); none
+    for two sources of step 0, so at step 1 rank 0's gradient holds only step 1's rows."""
+    if step == 0 and source < 2:
+        return []
+    return sorted({(3 * step + source) % 16, (5 * step + 2 * source + 7) % 16})
+
+
+def _train(world: World, r89: bool = False, sparse: bool = False) -> tuple[dict, list[int]]:
     """Run STEPS optimizer steps; returns final params and how many Adam grads hooks reduced.
     r89: every record-89 NorMuon switch on (matrix axis, Q/K head pairs, bf16 weights + mantissa,
     c_proj lr), on bf16 block matrices; record 89's labels and Adam groups too, some of them
-    replicated (dim 0 not divisible)."""
+    replicated (dim 0 not divisible). sparse: the bigram table's gradient is row-sparse
+    (_bigram_rows) and reduced as its nonzero rows (optim.adam.sparse_bigram_comms on)."""
     torch.manual_seed(0)
     model = FakeModel(matrix_dtype=torch.bfloat16 if r89 else torch.float32, r89=r89)
     cfg = record89_optim() if r89 else OptimConfig()
@@ -38,11 +47,19 @@ def _train(world: World, r89: bool = False) -> tuple[dict, list[int]]:
         m = cfg.muon
         m.axis, m.qk_head_pairs, m.bf16_weights, m.c_proj_lr_mul, m.lr, m.beta2 = "matrix", True, True, 4.0, 0.023, 0.9
     cfg.adam.weight_decay, cfg.adam.cautious_weight_decay = 0.1, True   # exercise every path
+    cfg.adam.sparse_bigram_comms = "on" if sparse else "off"
     opt = build_optimizers(model, cfg, world)
+    assert len(opt.adam.sparse) == (1 if sparse and world.world_size > 1 else 0)
     accum = SOURCES // world.world_size
     hooked = []
     for step in range(STEPS):
-        sources = integer_sources(model, step, SOURCES)[world.rank * accum:(world.rank + 1) * accum]
+        sources = integer_sources(model, step, SOURCES)
+        if sparse:
+            for i, src in enumerate(sources):
+                keep = torch.zeros(16, 1)
+                keep[_bigram_rows(step, i)] = 1
+                src["bigram"] = src["bigram"] * keep
+        sources = sources[world.rank * accum:(world.rank + 1) * accum]
         opt.begin_step(step)
         for i, src in enumerate(sources):
             if i == accum - 1:
@@ -63,6 +80,19 @@ def _helpers(world: World) -> list[float]:
     return gathered.tolist()
 
 
+def _sparse_helper(world: World) -> tuple[list, list, int]:
+    """The sparse reduce-scatter of a 2-rank (8, 3) gradient with a few nonzero rows (rank 0: rows
+    1 and 6, rank 1: rows 2 and 6) against the dense one; and how many rows this rank received."""
+    full = torch.zeros(8, 3)
+    for row in ((1, 6) if world.rank == 0 else (2, 6)):
+        full[row] = torch.arange(3.0) + 10 * row + 100 * world.rank
+    sparse, dense = torch.empty(4, 3), torch.empty(4, 3)
+    handle = distributed.sparse_reduce_scatter_avg(sparse, full, world)
+    handle.wait()
+    distributed.reduce_scatter_avg(dense, full, world).wait()
+    return sparse.tolist(), dense.tolist(), handle.vals.shape[0]
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
@@ -77,10 +107,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         gathered.append(_helpers(world))
         distributed._reduce_scatter_ok.pop("gloo")             # probe again: the native path
         r89, r89_hooked = _train(world, r89=True)
+        r89_sparse, _ = _train(world, r89=True, sparse=True)
+        sparse_helper = _sparse_helper(world)
         mean = world.all_reduce_mean(float(rank))
         world.barrier()
         torch.save({"native": native, "fallback": fallback, "hooked": hooked, "mean": mean,
-                    "gathered": gathered, "r89": r89, "r89_hooked": r89_hooked},
+                    "gathered": gathered, "r89": r89, "r89_hooked": r89_hooked, "r89_sparse": r89_sparse,
+                    "sparse_helper": sparse_helper},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         destroy_world()
@@ -93,7 +126,8 @@ def _worker_r89(rank: int, world_size: int, port: int, out_dir: str) -> None:
     world = init_world("cpu")
     try:
         params, _ = _train(world, r89=True)
-        torch.save(params, os.path.join(out_dir, f"r89_rank{rank}.pt"))
+        sparse, _ = _train(world, r89=True, sparse=True)
+        torch.save({"dense": params, "sparse": sparse}, os.path.join(out_dir, f"r89_rank{rank}.pt"))
     finally:
         destroy_world()
 
@@ -116,8 +150,16 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
             pytest.fail("2-process run did not finish in 120 s")
     single, _ = _train(World())
     single89, _ = _train(World(), r89=True)
+    single_sparse, _ = _train(World(), r89=True, sparse=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # rank 0 owns rows 0-3 and receives rank 1's row 2; rank 1 owns 4-7 and receives rank 0's row 6
+    for rank, res in enumerate(results):
+        sparse, dense, received = res["sparse_helper"]
+        assert sparse == dense and received == 1, rank
     for res in results:
+        # a row-sparse bigram gradient reduced as its nonzero rows: bit for bit the 1-process run
+        for name, p in single_sparse.items():
+            assert torch.equal(res["r89_sparse"][name], p), f"sparse {name}"
         assert res["mean"] == 0.5
         assert res["gathered"] == [[5.0, 6.0, 7.0, 8.0]] * 2
         assert res["hooked"] == [0, 5, 0, 5]   # Adam's 5 grads reduced from hooks on odd steps only
@@ -140,7 +182,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 @pytest.mark.slow
 def test_four_gloo_ranks_match_one_process_record89_switches(tmp_path):
     """4 ranks (one micro-batch each; some ranks own no slot of a bucket) with every record-89
-    NorMuon switch on == 1 process, bit for bit."""
+    NorMuon switch on == 1 process, bit for bit; also with the bigram gradient reduced sparsely."""
     ctx = mp.start_processes(_worker_r89, args=(4, _free_port(), str(tmp_path)), nprocs=4, join=False,
                              start_method="spawn")
     deadline = time.time() + 180
@@ -150,10 +192,13 @@ def test_four_gloo_ranks_match_one_process_record89_switches(tmp_path):
                 p.kill()
             pytest.fail("4-process run did not finish in 180 s")
     single, _ = _train(World(), r89=True)
+    single_sparse, _ = _train(World(), r89=True, sparse=True)
     for r in range(4):
         res = torch.load(tmp_path / f"r89_rank{r}.pt")
         for name, p in single.items():
-            assert torch.equal(res[name], p), f"rank {r} {name}"
+            assert torch.equal(res["dense"][name], p), f"rank {r} {name}"
+        for name, p in single_sparse.items():   # 4 ranks: sums in another order, equal on integers
+            assert torch.equal(res["sparse"][name], p), f"rank {r} sparse {name}"
 
 
 def test_init_world_without_env_is_single_process(monkeypatch):

@@ -20,7 +20,8 @@ keeps Adam state only for them. When ``should_sync`` is set (by the Optimizers b
 backward of a step that updates Adam) a post-accumulate-grad hook launches each gradient's
 reduce-scatter (AVG) as soon as backward has produced it; step() waits per param, updates its shard and
 all-gathers the param. Params whose reduce was not launched from a hook are reduced inside step()
-(same result, no overlap). Every other param (0-d, or dim 0 not divisible: the record-89 gates,
+(same result, no overlap). ``sparse_params`` (record 89's bigram table on many ranks) are
+reduce-scattered as their nonzero rows only (distributed.py:sparse_reduce_scatter_avg). Every other param (0-d, or dim 0 not divisible: the record-89 gates,
 lambdas and MUDD weights, a few thousand values) is replicated: its gradient is all-reduced and every
 rank updates all of it with full state, as the record does for its small parameters. World size 1:
 no hooks, no communication, same math.
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from speedrun.distributed import World, all_gather, reduce_scatter_avg
+from speedrun.distributed import World, all_gather, reduce_scatter_avg, sparse_reduce_scatter_avg
 from speedrun.kernels.adam_update import adam_update_
 
 
@@ -55,7 +56,7 @@ class DistAdam(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.008, betas: tuple[float, float] = (0.65, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.0, cautious_weight_decay: bool = False,
                  state_dtype: torch.dtype = torch.bfloat16, world: World | None = None,
-                 kernel: str = "auto", decay_form: str = "lr"):
+                 kernel: str = "auto", decay_form: str = "lr", sparse_params=()):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_mul=1.0, wd_mul=1.0)
         super().__init__(params, defaults)
         self.cautious = cautious_weight_decay
@@ -66,6 +67,9 @@ class DistAdam(torch.optim.Optimizer):
         self.kernel = kernel              # auto | triton | torch: the fused update or its twin
         self.world = world or World()
         self.should_sync = False          # armed by the bundle for the last backward of a syncing step
+        # params whose gradient is reduced as its nonzero rows only (not kept in the param groups:
+        # the choice follows the world size of this run, not that of the checkpoint it resumes)
+        self.sparse = {id(p) for p in sparse_params}
         self._pending: dict[Tensor, tuple[Tensor, object]] = {}
         W = self.world.world_size
         for p in self._params():
@@ -96,7 +100,8 @@ class DistAdam(torch.optim.Optimizer):
             return grad, _AverageAfterWait(dist.all_reduce(grad, op=dist.ReduceOp.SUM, async_op=True),
                                            grad, self.world.world_size)
         shard = p.grad.new_empty(p.size(0) // self.world.world_size, *p.shape[1:])
-        return shard, reduce_scatter_avg(shard, p.grad, self.world)
+        reduce = sparse_reduce_scatter_avg if id(p) in self.sparse else reduce_scatter_avg
+        return shard, reduce(shard, p.grad, self.world)
 
     def _launch_reduce(self, p: Tensor) -> None:
         if not self.should_sync or p.grad is None:

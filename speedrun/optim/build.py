@@ -138,6 +138,14 @@ def adam_group(label: str, cfg: OptimConfig) -> dict:
             "wd_mul": group.wd_mul}
 
 
+def sparse_bigram_comms(cfg: OptimConfig, world_size: int) -> bool:
+    """Whether the bigram table's gradient is reduced as its nonzero rows (optim.adam.sparse_bigram_comms):
+    "auto" turns it on from 8 ranks, where each rank's batch touches a small share of the table (the
+    record's condition); with fewer, a rank's accumulated batch touches most rows and dense is cheaper."""
+    mode = cfg.adam.sparse_bigram_comms
+    return world_size > 1 and (mode == "on" or (mode == "auto" and world_size >= 8))
+
+
 def build_optimizers(model: nn.Module, cfg: OptimConfig, world: World | None = None) -> Optimizers:
     """NorMuon for labels attn/mlp_fc/mlp_proj/attn_gate (and smear_gate unless
     optim.smear_gate_optimizer is adam), DistAdam for the others, one param group per label with
@@ -167,8 +175,9 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, world: World | None = N
     adam = None
     if adam_groups:
         groups = [{"params": ps, **adam_group(label, cfg)} for label, ps in adam_groups.items()]
+        sparse = adam_groups.get("bigram_embed", []) if sparse_bigram_comms(cfg, world.world_size) else []
         adam = DistAdam(groups, lr=ac.lr, betas=(ac.beta1, ac.beta2), eps=ac.eps,
                         weight_decay=ac.weight_decay, cautious_weight_decay=ac.cautious_weight_decay,
                         state_dtype=getattr(torch, ac.state_dtype), world=world, kernel=ac.kernel,
-                        decay_form=ac.decay_form)
+                        decay_form=ac.decay_form, sparse_params=sparse)
     return Optimizers(muon, adam, every_other_step=ac.every_other_step, world=world)
