@@ -7,7 +7,8 @@
 # tests-r89-training = the GPU tests of record 89's losses / Adam / model / DC-MHA / FP8 MLP; bench-r89 = speedrun bench of
 # configs/record_89.json; mini-r89 / mini-r89-public = the compressed 125-step record-89 run on the
 # regmix shards in $R89_DATA (regmix_train_*.bin, regmix_val_000000.bin), all FP8 / with the FP8 MLP off
-# as the public code's DISABLE_FP8 (its training head is FP8 either way) (whose measured val at step 125 is 1.829; target <= 1.835);
+# as the public code's DISABLE_FP8, whose training head is FP8 either way (its measured val at step 125:
+# 1.829; target <= 1.835);
 # MINI_ARGS adds flags to both (e.g. --seed 1). regmix documents are shorter than record 89's
 # cu_seqlens table allows (81 in 16,384 tokens), hence data.max_num_docs_rule spare (same batches).
 # Each part has its own time limit and a log in OUT_DIR, and a failing part does not stop the next one.
