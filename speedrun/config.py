@@ -246,14 +246,14 @@ class ModelConfig:
         for name in ("no_attention_layers", "long_window_layers"):
             for i in getattr(m, name):
                 _check(0 <= i < m.num_layers, f"model.{name}", f"layer indices in [0, {m.num_layers})")
-        _check_attention_layers(m)
+        _check_attention_layers(m, _check)
         if m.skip_connection:
             _check(0 <= m.skip_from_layer < m.skip_to_layer < m.num_layers, "model.skip_to_layer",
                    "0 <= skip_from_layer < skip_to_layer < num_layers")
         if m.backout:
             _check(0 <= m.backout_layer < m.num_layers, "model.backout_layer", f"in [0, {m.num_layers})")
         _check(m.logit_softcap >= 0, "model.logit_softcap", ">= 0 (0 disables)")
-        _validate_record89(m)
+        _validate_record89(m, _check)
         _check(not m.fp8_head_scales or (len(m.fp8_head_scales) == 3 and all(v > 0 for v in m.fp8_head_scales)),
                "model.fp8_head_scales", "[] (record 45's) or three positive scales [x_s, w_s, grad_s]")
         if m.fp8_mlp:
@@ -717,50 +717,51 @@ def _adam_groups(adam: AdamConfig) -> list[tuple[str, AdamGroup]]:
             if isinstance(getattr(adam, f.name), AdamGroup)]
 
 
-def _validate_record89(m: ModelConfig) -> None:
+def _validate_record89(m: ModelConfig, check=None) -> None:
     """The record-89 switches of the residual side (each only when it is on)."""
+    check = check or _check   # ModelConfig.validate passes its own, which names the file
     L = m.num_layers
     if m.bigram_embed:
-        _check(m.bigram_vocab_size >= 2, "model.bigram_vocab_size", ">= 2 (hash rows + the first position's)")
-        _check(m.bigram_sign_rows >= 0, "model.bigram_sign_rows", ">= 0 (0 = no sign trick)")
+        check(m.bigram_vocab_size >= 2, "model.bigram_vocab_size", ">= 2 (hash rows + the first position's)")
+        check(m.bigram_sign_rows >= 0, "model.bigram_sign_rows", ">= 0 (0 = no sign trick)")
     if m.value_embeds and m.value_embed_gates:
-        _check(1 <= m.value_embed_gate_dim <= m.model_dim, "model.value_embed_gate_dim",
+        check(1 <= m.value_embed_gate_dim <= m.model_dim, "model.value_embed_gate_dim",
                f"in [1, model_dim ({m.model_dim})]")
-    _check(m.value_embed_init_std > 0, "model.value_embed_init_std", "> 0")
-    _check(-1 <= m.attn_input_layer < L, "model.attn_input_layer", f"-1 (off) or a layer in [0, {L})")
+    check(m.value_embed_init_std > 0, "model.value_embed_init_std", "> 0")
+    check(-1 <= m.attn_input_layer < L, "model.attn_input_layer", f"-1 (off) or a layer in [0, {L})")
     if m.mudd:
-        _check(0 <= m.mudd_layer < L and m.has_attention(m.mudd_layer), "model.mudd_layer",
+        check(0 <= m.mudd_layer < L and m.has_attention(m.mudd_layer), "model.mudd_layer",
                f"an attention layer in [0, {L})")
-        _check(all(-1 <= j < m.mudd_layer for j in m.mudd_value_sources), "model.mudd_value_sources",
+        check(all(-1 <= j < m.mudd_layer for j in m.mudd_value_sources), "model.mudd_value_sources",
                f"layers in [-1, mudd_layer) (-1 = the stack input, {m.mudd_layer - 1} = the residual itself)")
-        _check(all(-1 <= j < m.mudd_layer - 1 for j in m.mudd_residual_sources), "model.mudd_residual_sources",
+        check(all(-1 <= j < m.mudd_layer - 1 for j in m.mudd_residual_sources), "model.mudd_residual_sources",
                "layers in [-1, mudd_layer - 1) (the residual itself has its own coefficient)")
-        _check(all(-1 <= j < L - 1 for j in m.mudd_final_sources), "model.mudd_final_sources",
+        check(all(-1 <= j < L - 1 for j in m.mudd_final_sources), "model.mudd_final_sources",
                f"layers in [-1, {L - 1}) (the last layer's output is the residual itself)")
-        _check(m.mudd_final_value_embed == -1 or 0 <= m.mudd_final_value_embed < m.num_value_embeds,
+        check(m.mudd_final_value_embed == -1 or 0 <= m.mudd_final_value_embed < m.num_value_embeds,
                "model.mudd_final_value_embed", f"-1 or a value-embedding table in [0, {m.num_value_embeds})")
-        _check(not m.value_embeds or m.value_embed_gates, "model.value_embed_gates",
+        check(not m.value_embeds or m.value_embed_gates, "model.value_embed_gates",
                "true with model.mudd and model.value_embeds (MUDD adds to v the way the gated value "
                "embeddings do, not through the value lambdas)")
-        _check(m.num_heads % 2 == 0, "model.num_heads", "even with model.mudd (its value gate has one "
+        check(m.num_heads % 2 == 0, "model.num_heads", "even with model.mudd (its value gate has one "
                "coefficient per half of the heads)")
         if m.backout:
-            _check(m.backout_layer in m.mudd_final_sources, "model.mudd_final_sources",
+            check(m.backout_layer in m.mudd_final_sources, "model.mudd_final_sources",
                    f"to hold backout_layer ({m.backout_layer}): with model.mudd the backout is the final "
                    "MUDD coefficient of that output (or set model.backout false)")
     for name in ("mudd_value_sources", "mudd_residual_sources", "mudd_final_sources"):
-        _check(len(set(getattr(m, name))) == len(getattr(m, name)), f"model.{name}", "no layer twice")
+        check(len(set(getattr(m, name))) == len(getattr(m, name)), f"model.{name}", "no layer twice")
     if m.mudd_gates:
-        _check(1 <= m.mudd_gate_layer < L, "model.mudd_gate_layer", f"in [1, {L})")
+        check(1 <= m.mudd_gate_layer < L, "model.mudd_gate_layer", f"in [1, {L})")
     if m.mudd or m.mudd_gates:
-        _check(m.mudd_hidden >= 1 and m.mudd_scale > 0, "model.mudd_hidden", "mudd_hidden >= 1, mudd_scale > 0")
-    _check(m.logit_softcap_temperature >= 0, "model.logit_softcap_temperature", ">= 0 (0 = cap / 4)")
+        check(m.mudd_hidden >= 1 and m.mudd_scale > 0, "model.mudd_hidden", "mudd_hidden >= 1, mudd_scale > 0")
+    check(m.logit_softcap_temperature >= 0, "model.logit_softcap_temperature", ">= 0 (0 = cap / 4)")
     if m.logit_softcap_offset or m.logit_softcap_temperature:
-        _check(m.logit_softcap > 0, "model.logit_softcap", "> 0 with a softcap offset or temperature")
-    _check(m.head_init_std >= 0, "model.head_init_std", ">= 0 (0 = the zero_init_outputs rule)")
-    _check(m.untie_after_step >= -1, "model.untie_after_step", ">= -1 (-1 = tied to the end)")
+        check(m.logit_softcap > 0, "model.logit_softcap", "> 0 with a softcap offset or temperature")
+    check(m.head_init_std >= 0, "model.head_init_std", ">= 0 (0 = the zero_init_outputs rule)")
+    check(m.untie_after_step >= -1, "model.untie_after_step", ">= -1 (-1 = tied to the end)")
     if m.tie_embed:
-        _check(m.head_init_std > 0 or not m.zero_init_outputs, "model.head_init_std",
+        check(m.head_init_std > 0 or not m.zero_init_outputs, "model.head_init_std",
                "> 0 with model.tie_embed (the tied embedding starts as the lm_head, which would be zero)")
 
 
@@ -773,27 +774,28 @@ def _check_field(ok: bool, field_name: str, expected: str, source: str | None = 
         raise ConfigError(f"{source + ': ' if source else ''}config field '{field_name}': expected {expected}")
 
 
-def _check_attention_layers(m: ModelConfig) -> None:
+def _check_attention_layers(m: ModelConfig, check=None) -> None:
     """Record 89's per-layer attention lists: attention layers only, no repeats, and the public
     code's exclusions (a paired layer's stream has no per-token v to project against (XSA), no
     token-level 112-key window (DC) and no token order to shift keys along (key offset))."""
+    check = check or _check   # ModelConfig.validate passes its own, which names the file
     for name in ("paired_head_layers", "xsa_layers", "dc_layers", "attn_out_gate_layers"):
         layers = getattr(m, name)
         for i in layers:
-            _check(0 <= i < m.num_layers and m.has_attention(i), f"model.{name}",
+            check(0 <= i < m.num_layers and m.has_attention(i), f"model.{name}",
                    f"indices of attention layers (in [0, {m.num_layers}), not in no_attention_layers)")
-        _check(len(set(layers)) == len(layers), f"model.{name}", "no repeated layer")
+        check(len(set(layers)) == len(layers), f"model.{name}", "no repeated layer")
     paired = set(m.paired_head_layers)
     if paired:
-        _check(m.num_heads % 2 == 0, "model.paired_head_layers", f"an even num_heads (got {m.num_heads})")
+        check(m.num_heads % 2 == 0, "model.paired_head_layers", f"an even num_heads (got {m.num_heads})")
     for name in ("xsa_layers", "dc_layers"):
         both = sorted(paired & set(getattr(m, name)))
-        _check(not both, f"model.{name}", f"no paired-head layer (both lists hold {both})")
+        check(not both, f"model.{name}", f"no paired-head layer (both lists hold {both})")
     if m.key_offset:
         both = sorted(paired & set(m.long_window_layers))
-        _check(not both, "model.key_offset",
+        check(not both, "model.key_offset",
                f"no paired-head layer among the long-window layers it shifts (both hold {both})")
-    _check(1 <= m.dc_window <= 128, "model.dc_window", "in [1, 128] (keys, the query included)")
+    check(1 <= m.dc_window <= 128, "model.dc_window", "in [1, 128] (keys, the query included)")
 
 
 def _check_choices(obj, prefix: str) -> None:

@@ -208,3 +208,13 @@ def test_bench_of_a_shrunk_record_89(tmp_path):
         (0, 512, 64, 8), (1, 1024, 128, 8), (2, 1536, 192, 8), (3, 1536, 192, 8)]
     assert all(math.isfinite(r["train_loss"]) and r["ms_per_step"] > 0 for r in rows)
     assert rows[0]["train_loss"] > 1.6 * rows[3]["train_loss"]     # stage 0's weighted objective
+
+
+@pytest.mark.parametrize("field, value", [("bigram_vocab_size", 1), ("xsa_layers", [99])])
+def test_model_checks_of_record89_name_the_file_they_came_from(field, value):
+    """An export's config.json is checked by ModelConfig.validate(source): the record-89 checks (and
+    the per-layer attention lists) prefix their messages with that file too."""
+    m = record89_model()
+    setattr(m, field, value)
+    with pytest.raises(ConfigError, match=rf"^export/config\.json: config field 'model\.{field}'"):
+        m.validate("export/config.json")
