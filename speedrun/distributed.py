@@ -337,15 +337,16 @@ class _Done:
         return True
 
 
-class _SliceAfterWait:
-    """Handle for the all-reduce fallback: after the wait, copy this rank's slice (divided) out."""
-    def __init__(self, work, full: torch.Tensor, out: torch.Tensor, rank: int, world_size: int):
-        self.work, self.full, self.out, self.rank, self.world_size = work, full, out, rank, world_size
+class _AfterWait:
+    """Handle of collectives whose result needs a local finish (a slice, a merge, a division by
+    the world size): wait() waits for them all, then runs ``finish``."""
+    def __init__(self, works, finish):
+        self.works, self.finish = works, finish
 
     def wait(self) -> bool:
-        self.work.wait()
-        n = self.out.size(0)
-        self.out.copy_(self.full[self.rank * n:(self.rank + 1) * n].div_(self.world_size))
+        for work in self.works:
+            work.wait()
+        self.finish()
         return True
 
 
@@ -377,26 +378,19 @@ def reduce_scatter_avg(out: torch.Tensor, full: torch.Tensor, world: World):
         return _Done()
     if _supports_reduce_scatter_avg():
         return dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True)
-    full = full.clone()
-    work = dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True)
-    return _SliceAfterWait(work, full, out, world.rank, world.world_size)
+    total, handle = all_reduce_avg(full, world)
+    n = out.size(0)
+    return _AfterWait([handle], lambda: out.copy_(total[world.rank * n:(world.rank + 1) * n]))
 
 
-class _MergeAfterWait:
-    """Handle of a sparse reduce-scatter: after the waits, out = (own rows + received rows) / W."""
-    def __init__(self, works, out: torch.Tensor, own: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor,
-                 first_row: int, world_size: int):
-        self.works, self.out, self.own, self.rows, self.vals = works, out, own, rows, vals
-        self.first_row, self.world_size = first_row, world_size
-
-    def wait(self) -> bool:
-        for work in self.works:
-            work.wait()
-        out = self.out.view(self.out.size(0), -1)
-        out.copy_(self.own.view(out.shape))
-        out.index_add_(0, self.rows - self.first_row, self.vals)   # received: global row indices
-        out.div_(self.world_size)
-        return True
+def all_reduce_avg(t: torch.Tensor, world: World) -> tuple[torch.Tensor, _AfterWait | _Done]:
+    """Async: (a new tensor that will hold the mean over ranks of t, handle with wait()). A SUM then
+    a division by the world size (not NCCL's AVG, which may round differently)."""
+    total = t.clone()
+    if not world.distributed:
+        return total, _Done()
+    work = dist.all_reduce(total, op=dist.ReduceOp.SUM, async_op=True)
+    return total, _AfterWait([work], lambda: total.div_(world.world_size))
 
 
 def sparse_reduce_scatter_avg(out: torch.Tensor, full: torch.Tensor, world: World):
@@ -417,7 +411,8 @@ def sparse_reduce_scatter_avg(out: torch.Tensor, full: torch.Tensor, world: Worl
     starts = torch.searchsorted(rows, edges)
     send_counts = starts[1:] - starts[:-1]
     send_counts[r] = 0                                             # own rows stay here
-    send_rows = torch.cat([rows[:starts[r]], rows[starts[r + 1]:]])
+    own_lo, own_hi = starts[r:r + 2].tolist()                      # one host sync for both bounds
+    send_rows = torch.cat([rows[:own_lo], rows[own_hi:]])
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts)
     send_sizes, recv_sizes = send_counts.tolist(), recv_counts.tolist()
@@ -426,7 +421,14 @@ def sparse_reduce_scatter_avg(out: torch.Tensor, full: torch.Tensor, world: Worl
     works = [dist.all_to_all_single(recv_rows, send_rows, recv_sizes, send_sizes, async_op=True),
              dist.all_to_all_single(recv_vals, flat[send_rows], recv_sizes, send_sizes, async_op=True)]
     own = full[r * n:(r + 1) * n]
-    return _MergeAfterWait(works, out, own, recv_rows, recv_vals, r * n, W)
+
+    def merge() -> None:   # out = (own rows + received rows) / W; received indices are global
+        rows2d = out.view(n, -1)
+        rows2d.copy_(own.view(n, -1)).index_add_(0, recv_rows - r * n, recv_vals).div_(W)
+
+    handle = _AfterWait(works, merge)
+    handle.received_rows = recv_rows.numel()   # what the exchange cost this rank (tests read it)
+    return handle
 
 
 def all_gather(full: torch.Tensor, shard: torch.Tensor, world: World):

@@ -90,7 +90,7 @@ def _sparse_helper(world: World) -> tuple[list, list, int]:
     handle = distributed.sparse_reduce_scatter_avg(sparse, full, world)
     handle.wait()
     distributed.reduce_scatter_avg(dense, full, world).wait()
-    return sparse.tolist(), dense.tolist(), handle.vals.shape[0]
+    return sparse.tolist(), dense.tolist(), handle.received_rows
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:

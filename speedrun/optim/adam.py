@@ -31,23 +31,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from speedrun.distributed import World, all_gather, reduce_scatter_avg, sparse_reduce_scatter_avg
+from speedrun.distributed import (
+    World,
+    all_gather,
+    all_reduce_avg,
+    reduce_scatter_avg,
+    sparse_reduce_scatter_avg,
+)
 from speedrun.kernels.adam_update import adam_update_
-
-
-class _AverageAfterWait:
-    """Handle of an all-reduce (SUM) of a replicated param's gradient: divides by W after the wait."""
-
-    def __init__(self, work, tensor: Tensor, world_size: int):
-        self.work, self.tensor, self.world_size = work, tensor, world_size
-
-    def wait(self) -> bool:
-        self.work.wait()
-        self.tensor.div_(self.world_size)
-        return True
 
 
 class DistAdam(torch.optim.Optimizer):
@@ -67,9 +60,9 @@ class DistAdam(torch.optim.Optimizer):
         self.kernel = kernel              # auto | triton | torch: the fused update or its twin
         self.world = world or World()
         self.should_sync = False          # armed by the bundle for the last backward of a syncing step
-        # params whose gradient is reduced as its nonzero rows only (not kept in the param groups:
-        # the choice follows the world size of this run, not that of the checkpoint it resumes)
-        self.sparse = {id(p) for p in sparse_params}
+        # params whose gradient is reduced as its nonzero rows only (a choice of this run's world
+        # size, made by optim/build.py)
+        self.sparse = set(sparse_params)
         self._pending: dict[Tensor, tuple[Tensor, object]] = {}
         W = self.world.world_size
         for p in self._params():
@@ -96,11 +89,9 @@ class DistAdam(torch.optim.Optimizer):
     def _reduce(self, p: Tensor):
         """Launch the averaging of p's gradient over ranks: (this rank's gradient rows, handle)."""
         if self._replicated(p):
-            grad = p.grad.clone()
-            return grad, _AverageAfterWait(dist.all_reduce(grad, op=dist.ReduceOp.SUM, async_op=True),
-                                           grad, self.world.world_size)
+            return all_reduce_avg(p.grad, self.world)
         shard = p.grad.new_empty(p.size(0) // self.world.world_size, *p.shape[1:])
-        reduce = sparse_reduce_scatter_avg if id(p) in self.sparse else reduce_scatter_avg
+        reduce = sparse_reduce_scatter_avg if p in self.sparse else reduce_scatter_avg
         return shard, reduce(shard, p.grad, self.world)
 
     def _launch_reduce(self, p: Tensor) -> None:
