@@ -1,5 +1,6 @@
 """Schedules against the records' numbers: record 45 (reference-spec 1.5, 1.9) through the
 shorthand, record 89 (notes r89-training.md sections 1-2) through the stage table."""
+import dataclasses
 import json
 import math
 import os
@@ -10,14 +11,12 @@ from speedrun.config import Config, MuonConfig, ScheduleConfig
 from speedrun.optim.schedules import (
     batch_shape,
     final_window_blocks,
-    first_odd_step_of_stage,
     lr_multiplier,
     mtp_weights,
     muon_momentum,
     prefix_weight,
     stage_at,
     stage_spans,
-    stage_start,
     window_blocks,
     window_stages,
 )
@@ -159,9 +158,10 @@ def test_r89_stage_boundaries():
     assert s.stage_bounds() == [0, 423, 847, 1270, 1285]
     assert [(sp.start, sp.end, sp.extension) for sp in stage_spans(s)] == [
         (0, 423, False), (423, 847, False), (847, 1270, False), (1270, 1285, True)]
-    assert [stage_start(i, s) for i in range(4)] == [0, 423, 847, 1270]
-    assert first_odd_step_of_stage(2, s) == 847 and first_odd_step_of_stage(0, s) == 1
-    assert first_odd_step_of_stage(3, s) == 1271
+    # the untie at a stage: after the first odd step of that stage (Config.untie_step)
+    untie = [dataclasses.replace(R89, model=dataclasses.replace(R89.model, tie_embed=True, untie_at_stage=i)).untie_step()
+             for i in range(3)]
+    assert untie == [1, 423, 847]
     assert stage_at(1285, s) == (stage_spans(s)[3], 1.0)       # the final validation step
     assert stage_at(422, s)[1] == 422 / 423 and stage_at(423, s)[1] == 0.0
 

@@ -60,18 +60,6 @@ def stage_at(step: int, sched: ScheduleConfig) -> tuple[StageSpan, float]:
     return spans[-1], 1.0
 
 
-def stage_start(index: int, sched: ScheduleConfig) -> int:
-    """The first step of stage ``index`` (record 89: 0, 423, 847, 1270)."""
-    return stage_spans(sched)[index].start
-
-
-def first_odd_step_of_stage(index: int, sched: ScheduleConfig) -> int:
-    """The first step of stage ``index`` made odd (``start | 1``): where an event that must fall on
-    an Adam step (Adam updates on odd steps) is placed at a stage edge. Record 89 unties the
-    embedding from the lm_head after the update of step 847 = first_odd_step_of_stage(2)."""
-    return stage_start(index, sched) | 1
-
-
 def lr_multiplier(step: int, sched: ScheduleConfig) -> float:
     """Multiplier of every base lr at a step.
 
