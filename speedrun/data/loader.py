@@ -43,10 +43,15 @@ class Batch:
     cu_seqlens: torch.Tensor   # int32 (max_num_docs,): document starts, then T, padded with T
 
 
+def _docs_at_300(sequence_tokens: int) -> int:
+    """The reference's ``ceil_to_128(T // 300)``: room for documents averaging 300 tokens."""
+    return -(-(sequence_tokens // 300) // 128) * 128
+
+
 def default_max_num_docs(sequence_tokens: int) -> int:
     """cu_seqlens length: the reference's ``ceil_to_128(T // 300)`` (room for documents averaging 300
     tokens) plus 128 spare entries, since corpora with shorter documents than FineWeb are common."""
-    return -(-(sequence_tokens // 300) // 128) * 128 + 128
+    return _docs_at_300(sequence_tokens) + 128
 
 
 # record 89's cu_seqlens lengths for its three micro-batch sizes (FineWeb; no spare entries)
@@ -61,7 +66,7 @@ def max_num_docs_for(sequence_tokens: int, rule: str = "spare") -> int:
     if rule == "spare":
         return default_max_num_docs(sequence_tokens)
     if rule == "tight":
-        return TIGHT_MAX_NUM_DOCS.get(sequence_tokens, max(128, -(-(sequence_tokens // 300) // 128) * 128))
+        return TIGHT_MAX_NUM_DOCS.get(sequence_tokens, max(128, _docs_at_300(sequence_tokens)))
     raise DataError(f"data.max_num_docs_rule: {rule!r}, expected spare or tight")
 
 
@@ -244,7 +249,7 @@ class TrainLoader:
             raise DataError(f"max_doc_len must be >= 1, got {shape.max_doc_len}")
         self.shape = shape
         self.tokens_per_step, self.sequence_tokens, self.max_doc_len = shape
-        self.micro_batches = shape.tokens_per_step // shape.micro_batch_tokens
+        self.micro_batches = shape.micro_batches
         self.grad_accum = self.micro_batches // self.world_size
         self.max_num_docs = self._fixed_max_num_docs or max_num_docs_for(shape.micro_batch_tokens,
                                                                          self.max_num_docs_rule)
