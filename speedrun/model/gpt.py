@@ -77,18 +77,19 @@ class LossWeights(NamedTuple):
     prefix: Tensor | None = None
 
 
-def softcap(logits: Tensor, cap: float, tau: float | None = None, offset: float = 0.0) -> Tensor:
-    """cap * sigmoid((z + offset) / tau), tau = cap / 4 by default: squashes logits into (0, cap).
-    Record 45: cap 30 (= 15 (tanh(z / 15) + 1)); record 89: cap 23, offset 5, tau 7.5."""
+def softcap(logits: Tensor, cap: float, tau: float, offset: float = 0.0) -> Tensor:
+    """cap * sigmoid((z + offset) / tau): squashes logits into (0, cap) (tau: ModelConfig's
+    logit_softcap_tau). Record 45: cap 30, tau 7.5 (= 15 (tanh(z / 15) + 1)); record 89: cap 23,
+    offset 5, tau 7.5."""
     if cap <= 0:
         return logits
     z = logits + offset if offset else logits
-    return cap * torch.sigmoid(z / (cap / 4 if tau is None else tau))
+    return cap * torch.sigmoid(z / tau)
 
 
 def cached_layers(cfg: ModelConfig) -> set[int]:
     """The layers whose outputs the forward keeps (STACK_INPUT: the stack input): the U-net skip's
-    source, the backout's, record 77's attention input and the MUDD sources (``cache_layers``)."""
+    source, the backout's, record 77's attention input and the MUDD sources (the public code's ``cache_layers``)."""
     out = set()
     if cfg.skip_connection:
         out.add(cfg.skip_from_layer)
@@ -149,7 +150,6 @@ class GPT(nn.Module):
             self.gate_mlps = CoefficientMLPs(groups, d, cfg.mudd_hidden, cfg.mudd_scale, True, "mudd_gate")
         elif groups[0]:
             self.gate_constants = GateConstants(groups[0])
-        self.gate_groups = gate_groups(cfg)
         self.cached = cached_layers(cfg)
 
         # window state: Python ints for bookkeeping, 0-d int32 buffers for the kernels
@@ -509,7 +509,7 @@ class GPT(nn.Module):
 
     def _softcap(self, logits: Tensor) -> Tensor:
         cfg = self.cfg
-        return softcap(logits, cfg.logit_softcap, cfg.logit_softcap_temperature or None, cfg.logit_softcap_offset)
+        return softcap(logits, cfg.logit_softcap, cfg.logit_softcap_tau, cfg.logit_softcap_offset)
 
     def _token_losses(self, xn: Tensor, targets: Tensor) -> Tensor:
         """Per-token fp32 losses of a chunk of normed hidden states (eval path, bf16/fp32 head)."""

@@ -32,7 +32,7 @@ class ScalarLayout:
     padding."""
 
     def __init__(self, cfg: ModelConfig):
-        L, self.num_layers = cfg.num_layers, cfg.num_layers
+        L = cfg.num_layers
         sizes = {"attn": 2 * L if cfg.attn_lambdas else 0,
                  "skip": 1 if cfg.skip_connection else 0,
                  "block": 2 * L if cfg.block_lambdas else 0,
