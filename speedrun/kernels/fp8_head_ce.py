@@ -43,7 +43,6 @@ from torch import Tensor
 
 from speedrun.kernels.fp8 import E4M3, E5M2, _scaled_mm, fp8_linear, head_scales
 from speedrun.kernels.softcap_ce import (
-    HAS_TRITON,
     _interpreting,
     check_extra_terms,
     rescale_constants,
@@ -51,11 +50,9 @@ from speedrun.kernels.softcap_ce import (
     softcapped_cross_entropy,
     weighted_kernel_args,
 )
+from speedrun.kernels.triton_import import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
     # the row-streaming CE forward is reused as is: it writes exactly the per-row loss and lse we need;
     # the weighted terms' helpers (MTP / prefix) are shared with its backward
     from speedrun.kernels.softcap_ce import _prefix_target, _term_target, _total_weight, forward_rows
@@ -498,8 +495,7 @@ def _fp8_head_softcap_ce_backward_fake(grad_loss, logits, lse, targets, x_f8, w_
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w, targets, cap, temperature, offset, ignore_index, x_s, w_s, grad_s, *terms = inputs
-    terms = (terms + [None] * 3)[:3]
+    x, w, targets, cap, temperature, offset, ignore_index, x_s, w_s, grad_s, *terms = inputs   # defaults filled in
     _, logits, lse, x_f8, w_f8 = output
     ctx.save_for_backward(logits, lse, targets, x_f8, w_f8, *terms)
     ctx.args = (cap, temperature, offset, ignore_index, x_s, w_s, grad_s, x.dtype, w.dtype)
@@ -553,14 +549,11 @@ def fp8_head_softcap_ce_fused(x: Tensor, w: Tensor, targets: Tensor, cap: float 
     _check_args(x, w, targets, cap, temperature, mtp_weights, prefix_targets, prefix_weight)
     x_s, w_s, grad_s = scales if scales is not None else head_scales(x.shape[1])
     tau = rescale_constants(cap, temperature, offset)[0]
-    if mtp_weights is None and prefix_targets is None:   # the op's record-45 call, unchanged
-        return torch.ops.speedrun.fp8_head_softcap_ce(x, w, targets, float(cap), tau, float(offset),
-                                                      int(ignore_index), float(x_s), float(w_s), float(grad_s))[0]
-    if mtp_weights is None:
-        mtp_weights = torch.ones(1, device=x.device)
+    # absent terms stay None: weighted_kernel_args (Triton) and the torch tiles read None as the
+    # plain next-token term, and convert the weights to fp32 themselves
     return torch.ops.speedrun.fp8_head_softcap_ce(x, w, targets, float(cap), tau, float(offset), int(ignore_index),
-                                                  float(x_s), float(w_s), float(grad_s), mtp_weights.float(),
-                                                  prefix_targets, prefix_weight)[0]
+                                                  float(x_s), float(w_s), float(grad_s),
+                                                  mtp_weights, prefix_targets, prefix_weight)[0]
 
 
 def fp8_head_softcap_ce_reference(x: Tensor, w: Tensor, targets: Tensor, cap: float = 30.0, *,

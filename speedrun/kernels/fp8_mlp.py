@@ -65,15 +65,14 @@ scale bookkeeping by program 0), the twin elsewhere; both bitwise equal.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from speedrun.kernels.fp8 import fp8_supported
-from speedrun.kernels.relu2_mlp import TileConfig, relu2_mlp_grads
+from speedrun.kernels.fp8 import E4M3, E4M3_MAX, fp8_supported
+from speedrun.kernels.relu2_mlp import TileConfig, _fits_hopper_tiles, relu2_mlp_grads
 from speedrun.kernels.triton_import import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
@@ -96,8 +95,6 @@ __all__ = [
     "RefreshMode",
 ]
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-12      # the record's floor on every amax (a zero matrix gets a tiny, finite scale)
 RefreshMode = Literal["exact", "delayed", "keep"]
 _MODES = {"exact": 0, "delayed": 1, "keep": 2}
@@ -361,12 +358,6 @@ if HAS_TRITON:
             if MODE != 2:  # a new optimizer step: the next refresh's delayed scale, slot 0 again
                 tl.store(next_ptr, amax_proj * next_factor)
                 tl.store(slot_ptr, 0)
-
-
-@functools.cache
-def _fits_hopper_tiles(device_index: int) -> bool:
-    props = torch.cuda.get_device_properties(device_index)
-    return getattr(props, "shared_memory_per_block_optin", 0) >= 200 * 1024
 
 
 def _num_programs(device: torch.device) -> int:

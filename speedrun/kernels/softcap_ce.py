@@ -349,7 +349,7 @@ if HAS_TRITON:
                 dlds = tl.where(cols == target, p - 1.0, p)
             else:
                 dlds = _weighted_dlds(p, total, cols, targets_ptr, prefix_ptr, weights_ptr, prefix_weight_ptr,
-                                      row, row < n_rows, n_rows, ignore_index, NUM_MTP, HAS_PREFIX, False)
+                                      row, row < n_rows, n_rows, ignore_index, NUM_MTP, HAS_PREFIX)
             dz = g * dlds * sig * (1.0 - sig)
             tl.store(out_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -369,32 +369,22 @@ if HAS_TRITON:
         return total
 
     @triton.jit
-    def _weighted_dlds(p, total, cols, targets_ptr, prefix_ptr, weights_ptr, prefix_weight_ptr, rows, row_ok,
-                       n_rows, ignore_index, NUM_MTP: tl.constexpr, HAS_PREFIX: tl.constexpr, TWO_D: tl.constexpr):
-        """dL/ds of a block of columns: S_w p - (the weights of the terms whose target is that column);
-        a column that is the target of several terms collects all their weights. ``rows`` a scalar
-        (p (BLOCK_V,)) or a block of rows (p (BLOCK_T, BLOCK_V)). A zero weight (padding, a term
-        scheduled to 0) is skipped by a branch uniform over the program."""
-        if TWO_D:
-            dlds = total[:, None] * p
-        else:
-            dlds = total * p
+    def _weighted_dlds(p, total, cols, targets_ptr, prefix_ptr, weights_ptr, prefix_weight_ptr, row, row_ok,
+                       n_rows, ignore_index, NUM_MTP: tl.constexpr, HAS_PREFIX: tl.constexpr):
+        """dL/ds of a block of columns of one row: S_w p - (the weights of the terms whose target is
+        that column); a column that is the target of several terms collects all their weights. A zero
+        weight (padding, a term scheduled to 0) is skipped by a branch uniform over the program."""
+        dlds = total * p
         for k in tl.static_range(NUM_MTP):
             w = tl.load(weights_ptr + k)
             if w != 0.0:
-                t = _term_target(targets_ptr, rows + k, n_rows, ignore_index, w)
-                if TWO_D:
-                    dlds -= tl.where(cols[None, :] == t[:, None], w, 0.0)
-                else:
-                    dlds -= tl.where(cols == t, w, 0.0)
+                t = _term_target(targets_ptr, row + k, n_rows, ignore_index, w)
+                dlds -= tl.where(cols == t, w, 0.0)
         if HAS_PREFIX:
             w = tl.load(prefix_weight_ptr)
             if w != 0.0:
-                t = _prefix_target(prefix_ptr, rows, row_ok, w)
-                if TWO_D:
-                    dlds -= tl.where(cols[None, :] == t[:, None], w, 0.0)
-                else:
-                    dlds -= tl.where(cols == t, w, 0.0)
+                t = _prefix_target(prefix_ptr, row, row_ok, w)
+                dlds -= tl.where(cols == t, w, 0.0)
         return dlds
 
 
