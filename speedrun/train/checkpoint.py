@@ -23,7 +23,6 @@ error, not a traceback.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pickle
@@ -37,7 +36,7 @@ from typing import Callable
 import torch
 
 from speedrun.config import Config, ConfigError
-from speedrun.utils import atomic_write_text, fsync_dir
+from speedrun.utils import atomic_open, atomic_write_bytes, atomic_write_text, fsync_dir
 
 META = "meta.json"
 WEIGHTS = "model.safetensors"
@@ -89,12 +88,15 @@ def save_checkpoint(run_dir: str, step: int, model, optimizers, loader_state: di
         objects = {"optim": optimizers.state_dict(), "rng": _rng_state(), "buffers": _buffer_state_dict(model),
                    **(rank_state or {})}
         for name, obj in objects.items():
-            _write(os.path.join(staging, f"{name}_rank{world.rank}.pt"), lambda f, obj=obj: torch.save(obj, f))
+            # through our own handle: torch.save / safetensors to a path report a full disk as an
+            # opaque library error without the file's name; atomic_open names it
+            with atomic_open(os.path.join(staging, f"{name}_rank{world.rank}.pt")) as f:
+                torch.save(obj, f)
             _crash_point(f"{name}_rank{world.rank}")
         if world.is_main:
             from safetensors.torch import save
             weights = save(_plain_state_dict(model))
-            _write(os.path.join(staging, WEIGHTS), lambda f: f.write(weights))
+            atomic_write_bytes(os.path.join(staging, WEIGHTS), weights)
             del weights
             _crash_point(WEIGHTS)
     except Exception as e:   # noqa: BLE001 - every rank must reach the agreement below
@@ -145,18 +147,6 @@ def _remove_leftovers(folder: str) -> None:
         if name.endswith(".incomplete") or (name.endswith(REPLACED) and
                                             os.path.isdir(path[:-len(REPLACED)])):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _write(path: str, fill: Callable) -> None:
-    """Write one checkpoint file through our own handle, fsynced: torch.save / safetensors to a path
-    report a full disk as an opaque library error without the file's name."""
-    try:
-        with open(path, "wb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise OSError(e.errno, e.strerror or os.strerror(e.errno or errno.EIO), path) from None
 
 
 def _any_rank_failed(world, failed: bool) -> bool:
