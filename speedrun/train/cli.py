@@ -243,9 +243,10 @@ def run_outputs(run_dir: str) -> list[str]:
     return [name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(run_dir, name))]
 
 
-def check_run_dir(run_dir: str, resume: str | None, overwrite: bool) -> None:
+def check_run_dir(run_dir: str, resume: str | None, overwrite: bool) -> bool:
     """A new run never writes into another run: an existing run is continued (--resume), or
-    replaced only when asked (--overwrite). Other files in the directory are left alone."""
+    replaced only when asked (--overwrite). Other files in the directory are left alone. Returns
+    whether this run continues the run in ``run_dir`` (then a failed start leaves it as it was)."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"--save-path {run_dir}: is a file, expected a run directory")
     continuing = resume is not None and _same_dir(_resumed_run_dir(resume), run_dir)
@@ -253,7 +254,7 @@ def check_run_dir(run_dir: str, resume: str | None, overwrite: bool) -> None:
         if overwrite:
             raise RunDirError(f"--overwrite with --resume {resume}: that would delete the run being "
                               f"continued; leave out --overwrite")
-        return
+        return True
     found = run_outputs(run_dir)
     if found and not overwrite:
         raise RunDirError(f"--save-path {run_dir}: already holds a run ({', '.join(found)}); continue it "
@@ -261,6 +262,7 @@ def check_run_dir(run_dir: str, resume: str | None, overwrite: bool) -> None:
                           f"--overwrite (deletes that run)")
     if found and resume is not None and _inside(resume, run_dir):
         raise RunDirError(f"--overwrite: --resume {resume} is inside {run_dir}, which --overwrite would delete")
+    return False
 
 
 def _same_dir(a: str | None, b: str) -> bool:
@@ -342,7 +344,7 @@ def train_here(args, cfg: Config) -> int:
         check_shared_dir(world, run_dir)
         # every rank checks before any rank writes (the barrier), so all see the same directory;
         # one rank probes for writing (ranks creating and removing the same folder would race)
-        check_run_dir(run_dir, args.resume, args.overwrite)
+        continuing = check_run_dir(run_dir, args.resume, args.overwrite)
         if world.is_main:
             probe_writable(run_dir)
         made = missing_parents(run_dir)
@@ -354,7 +356,7 @@ def train_here(args, cfg: Config) -> int:
             trainer = Trainer(cfg, world, run_dir, resume=args.resume)
             trainer.run()
         except BaseException:
-            if world.is_main and not (args.resume and _same_dir(_resumed_run_dir(args.resume), run_dir)):
+            if world.is_main and not continuing:
                 discard_failed_start(run_dir, made)
             raise
     except Exception as e:
