@@ -75,6 +75,21 @@ def test_harness_resumes(recipe, two_seeds, tmp_path, capsys):
     assert summary(seed1)["final_val_loss"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_seed_killed_in_its_first_save_starts_again(recipe, two_seeds, tmp_path, capsys):
+    """Killed while its first checkpoint was staged: only step_*.incomplete exists and nothing can be
+    resumed, so the harness starts that seed again (--overwrite) and it ends as the seed's run did."""
+    runs = str(tmp_path / "runs")
+    shutil.copytree(two_seeds, runs)
+    seed1 = os.path.join(runs, "seed_0001")
+    expected = summary(seed1)["final_val_loss"]
+    os.remove(os.path.join(seed1, "summary.json"))
+    shutil.rmtree(os.path.join(seed1, "checkpoints"))
+    os.makedirs(os.path.join(seed1, "checkpoints", "step_000003.incomplete"))
+    assert main(["seeds", runs, "--runs", "2", "--", "--config", recipe, "--cpu"]) == 0
+    assert "seed 1: training into" in capsys.readouterr().out
+    assert summary(seed1)["final_val_loss"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_against_another_set(two_seeds, capsys):
     assert main(["seeds", two_seeds, "--report", "--against", two_seeds]) == 0
     assert "difference +0.0000" in capsys.readouterr().out

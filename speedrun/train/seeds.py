@@ -87,7 +87,9 @@ def _train_one(runs_dir: str, seed: int, train_args: list[str]) -> None:
         return
     # --save-path always: a recipe's own train.save_path would otherwise win, also on --resume
     cmd = [sys.executable, "-m", "speedrun", "train", *train_args, "--seed", str(seed), "--save-path", run_dir]
-    if glob.glob(os.path.join(run_dir, "checkpoints", "step_*")):
+    # a published checkpoint (`latest`): a save killed before it was published leaves only a
+    # step_*.incomplete folder, which cannot be resumed
+    if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
         cmd += ["--resume", run_dir]   # an interrupted run: continue it exactly
         print(f"seed {seed}: resuming {run_dir}", flush=True)
     else:
