@@ -83,15 +83,15 @@ class RecordingPlan:
 
     def __init__(self):
         self.recorded_key: object = None     # the key of the live recording, None if there is none
-        self._eager_key: object = None       # the key under which the last eager micro-step ran
-        self._has_eager = False
+        self._eager_key: object = None       # the key under which the last eager micro-step ran (keys
+        #                                        are never None: None means "none", as for recorded_key)
 
     def action(self, key) -> str:
         """"eager", "record" or "replay" for a micro-step with ``key``; "drop" is implied (see
         ``drops``) when a recording exists under another key."""
         if self.recorded_key is not None and key == self.recorded_key:
             return "replay"
-        if self._has_eager and key == self._eager_key:
+        if self._eager_key is not None and key == self._eager_key:
             return "record"
         return "eager"
 
@@ -101,7 +101,7 @@ class RecordingPlan:
 
     def ran(self, key, action: str) -> None:
         if action == "eager":
-            self.recorded_key, self._eager_key, self._has_eager = None, key, True
+            self.recorded_key, self._eager_key = None, key
         elif action == "record":
             self.recorded_key = key
 
