@@ -54,6 +54,26 @@ def batch(T=96, vocab=500, seed=1):
     return ids, targets, cu
 
 
+def graph_counter():
+    """A dynamo backend that runs each graph as traced and keeps it: (backend, the list of graphs).
+    Guards are backend-independent, so the count is what inductor would compile on the GPU."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend, graphs
+
+
+def decode_in_pieces(model, ids, split, cache):
+    """The logits of ``ids`` fed through ``cache`` (a KVCache) in chunks of the lengths in ``split``."""
+    pieces, at = [], 0
+    for n in split:
+        pieces.append(model(ids[at:at + n], kv_cache=cache))
+        at += n
+    return torch.cat(pieces)
+
+
 # ------------------------------------------------------------------------------------------------
 # the oracle: the spec's forward written out directly, float64, loops where it helps reading
 # ------------------------------------------------------------------------------------------------
@@ -393,12 +413,7 @@ def test_window_changes_do_not_recompile():
     new document layouts reuse them. Dynamo guards are backend-independent, so a counting backend
     on CPU shows what inductor would compile on the GPU."""
     torch._dynamo.reset()
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    counting_backend, graphs = graph_counter()
     torch.manual_seed(0)
     model = randomized(GPT(small_cfg()))
     model.compile_regions(backend=counting_backend)

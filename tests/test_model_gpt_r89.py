@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_model_gpt import batch, randomized, small_cfg
+from test_model_gpt import batch, decode_in_pieces, randomized, small_cfg
 
 from speedrun.config import ModelConfig, OptimConfig, Window
 from speedrun.model import GPT
@@ -90,12 +90,8 @@ def test_kv_cache_equals_full_forward_with_every_switch_on(split):
     ids = torch.randint(0, 500, (sum(split),), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache(model, 48)
-        pieces, at = [], 0
-        for n in split:
-            pieces.append(model(ids[at:at + n], kv_cache=cache))
-            at += n
-    torch.testing.assert_close(torch.cat(pieces), full, atol=1e-4, rtol=1e-4)
+        decoded = decode_in_pieces(model, ids, split, KVCache(model, 48))
+    torch.testing.assert_close(decoded, full, atol=1e-4, rtol=1e-4)
 
 
 def test_each_switch_changes_the_model():

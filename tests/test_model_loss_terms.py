@@ -4,7 +4,7 @@ logits, the prefix table as a buffer, zero weights = no weights, evaluation unto
 import pytest
 import torch
 from r89_helpers import randomized89, small_r89
-from test_model_gpt import batch, small_cfg
+from test_model_gpt import batch, graph_counter, small_cfg
 
 from speedrun.data.prefix import prefix_table
 from speedrun.model import GPT, LossWeights
@@ -95,12 +95,7 @@ def test_compiled_loss_takes_new_weights_without_recompiling():
     (zeros in the padded slots, a zero prefix weight) add no graph, and the compiled loss and
     gradients equal the eager ones."""
     torch._dynamo.reset()
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    counting_backend, graphs = graph_counter()
     cfg = small_r89()
     eager, ids, targets, cu = model_and_batch(cfg)
     eager = eager.float()

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from r89_helpers import r89_oracle, randomized89, small_r89
-from test_model_gpt import batch, small_cfg
+from test_model_gpt import batch, decode_in_pieces, graph_counter, small_cfg
 
 from speedrun.config import Config, ConfigError, ModelConfig, Window
 from speedrun.model import GPT
@@ -492,12 +492,7 @@ def test_record89_init():
 # ------------------------------------------------------------------------------------------------
 def test_compiled_regions_no_recompiles_across_windows_and_untie():
     torch._dynamo.reset()
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    counting_backend, graphs = graph_counter()
     torch.manual_seed(0)
     model = randomized89(GPT(small_r89()))
     model.compile_regions(backend=counting_backend)
@@ -547,24 +542,15 @@ def test_kv_cache_equals_full_forward_every_switch_on(split):
     ids = torch.randint(0, 500, (sum(split),), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache(model, 48)
-        pieces, at = [], 0
-        for n in split:
-            pieces.append(model(ids[at:at + n], kv_cache=cache))
-            at += n
-    torch.testing.assert_close(torch.cat(pieces), full, atol=1e-4, rtol=1e-4)
+        decoded = decode_in_pieces(model, ids, split, KVCache(model, 48))
+    torch.testing.assert_close(decoded, full, atol=1e-4, rtol=1e-4)
 
 
 def test_kv_cache_on_a_compiled_model_runs_eager_regions():
     """Decoding chunks of any length on a compiled model compiles nothing (its gate / MUDD regions
     run eagerly, as the blocks do) and still equals the full forward."""
     torch._dynamo.reset()
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    counting_backend, graphs = graph_counter()
     model = build(small_r89(), dtype=torch.float32).eval()
     model.compile_regions(backend=counting_backend)
     ids = torch.randint(0, 500, (24,), generator=torch.Generator().manual_seed(4))
