@@ -50,6 +50,15 @@ def _accumulate(model, grads):
         p.grad = grads[n].clone() if p.grad is None else p.grad + grads[n]
 
 
+def _two_steps(model, opt):
+    """Steps 0 (Muon) and 1 (Muon + Adam on both steps' gradients) on _grads."""
+    for step in range(2):
+        opt.begin_step(step)
+        _accumulate(model, _grads(model, step))
+        opt.step(step, 1.0, 0.9)
+        opt.zero_grad(step)
+
+
 def test_adam_every_other_step_sums_two_steps():
     model = FakeModel()
     twin = copy.deepcopy(model)  # for a standalone DistAdam stepped once on g0 + g1
@@ -112,11 +121,7 @@ def test_sync_flag_armed_only_on_adam_steps():
 def test_bundle_state_roundtrip():
     model = FakeModel()
     opt = build_optimizers(model, _cfg())
-    for step in range(2):
-        opt.begin_step(step)
-        _accumulate(model, _grads(model, step))
-        opt.step(step, 1.0, 0.9)
-        opt.zero_grad(step)
+    _two_steps(model, opt)
     sd = opt.state_dict()
     assert sd["rank"] == 0 and sd["world_size"] == 1
     other = build_optimizers(model, _cfg())
@@ -189,11 +194,7 @@ def test_per_group_betas_and_weight_decay_multiplier_math():
 def test_copy_adam_state_for_the_untie():
     model = FakeModel()
     opt = build_optimizers(model, _cfg())
-    for step in range(2):
-        opt.begin_step(step)
-        _accumulate(model, _grads(model, step))
-        opt.step(step, 1.0, 0.9)
-        opt.zero_grad(step)
+    _two_steps(model, opt)
     head, embed = opt.adam.state[model.lm_head], opt.adam.state[model.embed]
     assert not torch.equal(head["exp_avg"], embed["exp_avg"])
     opt.copy_adam_state(model.lm_head, model.embed)
