@@ -9,7 +9,7 @@
 # regmix shards in $R89_DATA (regmix_train_*.bin, regmix_val_000000.bin), all FP8 / with the FP8 MLP off
 # as the public code's DISABLE_FP8, whose training head is FP8 either way (its measured val at step 125:
 # 1.829; target <= 1.835);
-# MINI_ARGS adds flags to both (e.g. --seed 1). regmix documents are shorter than record 89's
+# MINI_ARGS adds flags to both (e.g. --seed 1); RUN_DIR: where their run directories go (default OUT_DIR). regmix documents are shorter than record 89's
 # cu_seqlens table allows (81 in 16,384 tokens), hence data.max_num_docs_rule spare (same batches).
 # Each part has its own time limit and a log in OUT_DIR, and a failing part does not stop the next one.
 set -u
@@ -59,7 +59,7 @@ for part in $parts; do
                      --schedule.num_scheduled_steps 120 --schedule.num_extension_steps 5 \
                      --train.val_tokens 4194304 --train.val_every 40 \
                      --data-path "${R89_DATA:?set R89_DATA to the regmix shards}/regmix_train_*.bin" \
-                     --val-data-path "$R89_DATA/regmix_val_000000.bin" --save-path "$out/$part" \
+                     --val-data-path "$R89_DATA/regmix_val_000000.bin" --save-path "${RUN_DIR:-$out}/$part" \
                      --data.max_num_docs_rule spare \
                      "${extra[@]}" ;;
         *) echo "unknown part $part" ;;

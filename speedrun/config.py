@@ -42,6 +42,7 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 CudaGraphs = Literal["auto", "on", "off"]
 MuonAxis = Literal["stored", "matrix"]
 MaxNumDocsRule = Literal["spare", "tight"]
+CompileDynamic = Literal["auto", "on", "off"]
 AdamDecay = Literal["lr", "lr_squared"]
 SparseComms = Literal["auto", "on", "off"]
 
@@ -466,6 +467,9 @@ class TrainConfig:
     compile: bool = True               # torch.compile (regional: one block at a time) on CUDA
     warmup_compile: bool = True        # untimed warm-up (compiles every graph), then state restored
     parallel_warmup: bool = True       # CUDA: a helper process compiles the eval graphs meanwhile
+    compile_dynamic: CompileDynamic = "auto"  # compile the regions with a symbolic token count, so
+    #                                    every micro-batch length shares one set of graphs; auto = on
+    #                                    when the stage table's micro-batch length changes (record 89)
     save_every: int = 0                # checkpoint every N steps (0 = only at the end)
     save_path: str = ""                # run directory ("" = runs/<timestamp>)
     log_every: int = 1
@@ -510,6 +514,15 @@ class Config:
         if not self.schedule.stages:
             return ["train.tokens_per_step"]
         return [f"schedule.stages[{i}].tokens_per_step" for i in range(len(self.schedule.stages))]
+
+    def compile_dynamic(self) -> bool:
+        """Whether the compiled regions take the token count as a symbol (train.compile_dynamic;
+        auto: when the stage table uses more than one micro-batch length, whose graphs would each
+        be compiled again with static shapes)."""
+        mode = self.train.compile_dynamic
+        if mode == "auto":
+            return len({shape.micro_batch_tokens for shape in self.batch_shapes()}) > 1
+        return mode == "on"
 
     def untie_step(self) -> int:
         """The step after whose update the embedding is untied from the lm_head (model.untie_after_step,

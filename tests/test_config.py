@@ -292,3 +292,16 @@ def test_each_bad_value_names_its_own_field(field, value, expected):
     with pytest.raises(ConfigError) as e:
         Config().override({field: value}).validate()
     assert expected in str(e.value)
+
+
+def test_compile_dynamic_resolves_from_the_stage_table():
+    """auto: symbolic token count only when the micro-batch length changes between stages."""
+    r89 = Config.load(config_path("record_89"))
+    r45 = Config.load(config_path("record_124m"))
+    assert r89.compile_dynamic() and not r45.compile_dynamic()
+    r89.train.compile_dynamic, r45.train.compile_dynamic = "off", "on"
+    assert not r89.compile_dynamic() and r45.compile_dynamic()
+    bad = Config()
+    bad.train.compile_dynamic = "sometimes"
+    with pytest.raises(ConfigError, match="train.compile_dynamic"):
+        bad.validate()

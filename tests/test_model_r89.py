@@ -513,6 +513,41 @@ def test_compiled_regions_no_recompiles_across_windows_and_untie():
     torch._dynamo.reset()
 
 
+def test_dynamic_compile_serves_every_length_with_the_first_graphs():
+    """compile_regions(dynamic=True): micro-batches of 128, 256 and 384 tokens (the paired layers at
+    twice that) run the graphs traced at the first length, with the eager model's loss and grads."""
+    torch._dynamo.reset()
+    counting_backend, graphs = graph_counter()
+    torch.manual_seed(0)
+    eager = randomized89(GPT(small_r89()))
+    compiled = copy.deepcopy(eager).compile_regions(dynamic=True, backend=counting_backend)
+    g = torch.Generator().manual_seed(5)
+    counts = []
+    for T in (128, 256, 384, 128):
+        ids = torch.randint(0, 500, (T,), generator=g)
+        targets = torch.randint(0, 500, (T,), generator=g)
+        starts = torch.randperm(T - 1, generator=g)[:5].sort().values + 1
+        cu = torch.cat([torch.tensor([0]), starts, torch.tensor([T, T])]).to(torch.int32)
+        losses = []
+        for m in (eager, compiled):
+            m.zero_grad(set_to_none=True)
+            m.set_window(Window(1, 3))
+            losses.append(m(ids, targets, cu))
+            losses[-1].backward()
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-5)
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+        counts.append(len(graphs))
+    assert counts == [counts[0]] * 4, counts
+    # the token count stayed a symbol; the width did not (it meets the parameters' static shapes)
+    placeholders = [n.meta.get("example_value") for gm in graphs for n in gm.graph.nodes if n.op == "placeholder"]
+    shapes = [tuple(t.shape) for t in placeholders if isinstance(t, torch.Tensor)]
+    streams = [s for s in shapes if len(s) == 2 and isinstance(s[0], torch.SymInt)]   # (T, ...) inputs
+    assert streams and any(type(s[1]) is int and s[1] == 64 for s in streams), shapes
+    torch._dynamo.reset()
+
+
 def test_compiled_regions_match_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -111,23 +111,40 @@ def test_two_processes_follow_one_through_a_batch_change(staged_run, shards, tmp
         assert len(json.load(f)["schedule"]["stages"]) == 3
 
 
-def test_warmup_compiles_every_micro_batch_size(shards, tmp_path, monkeypatch):
-    """The compiled regions are specialised on the micro-batch length: the warm-up runs one step of
-    each stage with a new one, so no stage of the run (nor validation) compiles anything after it."""
+@pytest.mark.parametrize("dynamic", ["off", "auto"])
+def test_warmup_compiles_every_micro_batch_size(shards, tmp_path, monkeypatch, dynamic):
+    """Static compiled regions are specialised on the micro-batch length: the warm-up runs one step
+    of each stage with a new one, so no stage of the run (nor validation) compiles anything after it.
+    With train.compile_dynamic (auto: on, the batch grows here) the new length compiles nothing."""
     from torch._dynamo.utils import counters
 
     from speedrun.model.gpt import GPT
     from speedrun.optim.schedules import stage_spans
     from speedrun.train.trainer import Trainer
     original = GPT.compile_regions
-    monkeypatch.setattr(GPT, "compile_regions", lambda self, **kw: original(self, backend="eager", **kw))
+    asked = []
+    monkeypatch.setattr(GPT, "compile_regions",
+                        lambda self, **kw: asked.append(kw) or original(self, backend="eager", **kw))
     torch._dynamo.reset()
+    counters.clear()
     cfg = staged_config(*shards, tmp_path)
     cfg.train.compile = True
+    cfg.train.compile_dynamic = dynamic
     trainer = Trainer(cfg, init_world("cpu"), str(tmp_path))
     before = [t.detach().clone() for t in [*trainer.model.parameters(), *trainer.model.buffers()]]
+    seen = []   # graphs compiled so far at each window change (step 0, stage 1) and at the eval
+    for name in ("apply_window", "warm_eval"):
+        monkeypatch.setattr(trainer, name, lambda *a, f=getattr(trainer, name): seen.append(
+            counters["stats"]["unique_graphs"]) or f(*a))
     trainer.warmup()
+    monkeypatch.undo()
+    assert asked == [{"dynamic": dynamic == "auto"}]
     assert "stage1" in trainer.warmup_phases and "stage2" not in trainer.warmup_phases  # 2: same size
+    assert len(seen) == 3 and seen[0] == 0, seen
+    if dynamic == "auto":        # stage 1's longer micro-batch ran step 0's graphs
+        assert seen[2] == seen[1], seen
+    else:
+        assert seen[2] > seen[1], seen
     # the warm-up trained nothing: weights, buffers (YaRN tables, attention scale) back, no gradient
     after = [*trainer.model.parameters(), *trainer.model.buffers()]
     assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(before, after))

@@ -346,7 +346,7 @@ class GPT(nn.Module):
         return resolve_backend(self.cfg.attention_backend, device, self.cfg.head_dim, self.dtype)
 
     # ---- compilation ---------------------------------------------------------------------------
-    def compile_regions(self, **compile_kwargs) -> "GPT":
+    def compile_regions(self, dynamic: bool = False, **compile_kwargs) -> "GPT":
         """Compile each block and the embedding / gate / MUDD / head / loss regions separately.
 
         Why regions and not one monolith: the 11 blocks share one code object (``Block.forward``),
@@ -360,8 +360,15 @@ class GPT(nn.Module):
         and the embedding table (tied or not) enter as tensors, so changing windows or untying the
         embedding changes inputs, not graphs: no recompilation.
         The Python loop over blocks, the cache/skip/backout bookkeeping and mask building stay
-        eager (a few dozen tiny launches per forward)."""
-        kw = {"dynamic": False, "fullgraph": True}
+        eager (a few dozen tiny launches per forward).
+
+        ``dynamic``: trace every input size as a symbol (``torch.compile(dynamic=True)``). The model
+        width, heads and vocabulary still specialise, because each meets a parameter's static shape
+        (parameters stay static), so only the token count (and the per-batch document and block
+        counts) stays symbolic: one set of graphs, and one FlexAttention kernel, serve every
+        micro-batch length of a stage table (record 89: 16K, 32K and 48K tokens, the paired layers
+        at twice that) instead of compiling everything again per length."""
+        kw = {"dynamic": bool(dynamic), "fullgraph": True}
         # Block.forward legitimately has several graphs: each variant x (train, no-grad eval) x each
         # sequence length used (train, val, HellaSwag...). Room for them (the reference used 64).
         limit = 64

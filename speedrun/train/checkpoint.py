@@ -258,6 +258,7 @@ def model_config(ckpt: str, meta: dict) -> Config:
 RESUMABLE_FIELDS = frozenset({
     "train.save_every", "train.val_every", "train.log_every", "train.max_steps", "train.save_path",
     "train.nan_guard", "train.device", "train.compile", "train.warmup_compile", "train.parallel_warmup",
+    "train.compile_dynamic",
     "train.cuda_graphs", "train.memory_pool",
     "data.train_path", "data.val_path", "data.async_loading",
     "model.attention_backend", "model.fused_loss", "model.fused_mlp",

@@ -28,7 +28,7 @@ def run(config_path: str, device: str) -> float:
     trainer.close()
     model = trainer.model
     if cfg.train.compile:
-        model.compile_regions()
+        model.compile_regions(dynamic=cfg.compile_dynamic())   # the trainer's graphs exactly
     # one optimizer step of each kind on random gradients: the Triton kernels of Polar Express and
     # Adam are JIT-compiled into Triton's on-disk cache (this copy of the model is thrown away)
     for p in model.parameters():

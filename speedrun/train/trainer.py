@@ -340,7 +340,7 @@ class Trainer:
         if self.cfg.train.warmup_compile and self.cfg.train.parallel_warmup \
                 and self.device.type == "cuda" and self.world.local_rank == 0:
             helper = Precompile(self.cfg, str(self.device))  # compiles the eval graphs meanwhile
-        self.model.compile_regions()
+        self.model.compile_regions(dynamic=self.cfg.compile_dynamic())
         if not self.cfg.train.warmup_compile:
             return time.perf_counter() - t0
         model_state = copy.deepcopy(self.model.state_dict())
@@ -371,8 +371,9 @@ class Trainer:
             for step in (0, 1):  # an even and an odd step: Muon alone, then Muon + Adam
                 self.train_step(step, self.next_batches(step, loader), mark=first_step if step == 0 else None)
                 done(f"step{step}")
-            # the compiled regions are specialised on the micro-batch's length: one step at the first
-            # step of each stage with a new one (a stage table's batch growth) compiles its graphs
+            # static compiled regions are specialised on the micro-batch's length: one step at the
+            # first step of each stage with a new one (a stage table's batch growth) compiles its
+            # graphs (train.compile_dynamic: reuses them; the step still records its CUDA graph)
             seen = {batch_shape(0, self.cfg).micro_batch_tokens}
             for span in stage_spans(self.cfg.schedule):
                 shape = batch_shape(span.start, self.cfg)
