@@ -355,9 +355,10 @@ class Trainer:
             nonlocal last
             self._sync()
             now = time.perf_counter()
+            if name not in phases or now - last >= 1.0:   # not once per remaining micro-batch
+                # compiling a recipe's graphs can take minutes: say where the warm-up is
+                self.log.print(f"warm-up {name}: {now - last:.1f}s")
             phases[name] = phases.get(name, 0.0) + now - last
-            # compiling a recipe's graphs can take minutes: say where the warm-up is
-            self.log.print(f"warm-up {name}: {now - last:.1f}s")
             last = now
 
         def first_step(phase: str) -> None:  # step 0: first forward / backward (the compiles), rest
