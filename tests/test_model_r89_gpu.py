@@ -30,16 +30,28 @@ def record89_on_gpu(T=16384, **overrides):
 
 
 def test_compiled_record89_model_matches_eager_and_never_recompiles():
-    """Every record-89 attention switch on (paired heads, key offset, XSA, output gates, DC-MHA with
-    its Triton kernel): the model compiled as `record_89` trains it (regions, symbolic token count,
-    flex) against the eager model on sdpa's dense masks (DC-MHA's kernel = twin: test_kernels_dc_mha), one training
-    forward+backward at 8,192 tokens; prints the largest differences (loss, each gradient). Then
-    window stages, another micro-batch length and the untie compile nothing new."""
+    """Every record-89 attention switch on (paired heads, key offset, XSA, output gates, DC-MHA
+    through its Triton kernel), compiled as `record_89` trains it (regions, symbolic token count,
+    flex) against the eager model on sdpa's dense masks (DC-MHA's kernel = twin:
+    test_kernels_dc_mha), one training forward+backward; prints the largest differences.
+
+    Gradients are compared in fp32 (FP8 head and the 16-bit MLP kernel off): in bf16 the gradient of
+    this deep gated model is itself mostly rounding noise (bf16 vs fp32 of the same eager code
+    differ by a median 13% per parameter at the record's own init, measured on the CPU), so only
+    the bf16 loss is compared. Then window stages, a longer micro-batch and the untie compile
+    nothing new."""
     from torch._dynamo.utils import counters
+    dev = torch.device("cuda")
+    T = 4096
     torch._dynamo.reset()
-    # 8,192 tokens: the eager twin's dense masks (paired layers: 16,384 rows) and sdpa's backward
-    # at 16,384 tokens took over 100 GiB
-    cfg, model, ids, targets, cu = record89_on_gpu(T=8192, paired_head_layers=[0, 2, 5, 9], key_offset=True)
+    cfg = record89_model(paired_head_layers=[0, 2, 5, 9], key_offset=True, fp8_head=False, fused_mlp=False,
+                         fused_loss=False)
+    torch.manual_seed(0)
+    model = randomized89(GPT(cfg, torch.float32).to(dev), scale=0.02, mudd_w2_std=0.2, mudd_bias_std=0.3)
+    g = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, 50256, (T,), device=dev, generator=g, dtype=torch.int32)
+    targets = torch.randint(0, 50256, (T,), device=dev, generator=g)
+    cu = packed_docs(T, 700, dev)
     model.set_window(Window(1, 3))
     model.set_window(Window(3, 7))
     model.train()
@@ -48,8 +60,7 @@ def test_compiled_record89_model_matches_eager_and_never_recompiles():
         model.zero_grad(set_to_none=True)
         loss = model(ids, targets, cu)
         loss.backward()
-        return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()
-                                       if p.grad is not None}
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     cfg.attention_backend = "sdpa"
     eager_loss, eager_grads = loss_and_grads()
     cfg.attention_backend = "flex"
@@ -57,20 +68,34 @@ def test_compiled_record89_model_matches_eager_and_never_recompiles():
     loss, grads = loss_and_grads()
     assert grads.keys() == eager_grads.keys()
     worst = sorted(((rel(grads[n], eager_grads[n]), n) for n in grads), reverse=True)
-    print(f"\ncompiled vs eager twin: loss {loss.item():.5f} vs {eager_loss.item():.5f} "
-          f"(rel {abs(loss.item() / eager_loss.item() - 1):.2e}); gradient rel. norm diff: "
-          f"largest {worst[0][1]} {worst[0][0]:.2e}, median {worst[len(worst) // 2][0]:.2e}; "
-          f"max |diff| over all gradients "
-          f"{max((grads[n] - eager_grads[n]).abs().max().item() for n in grads):.3e}")
-    assert abs(loss.item() - eager_loss.item()) < 1e-2 * eager_loss.item()
-    assert worst[len(worst) // 2][0] < 5e-2 and worst[0][0] < 0.2, worst[:5]
+    print(f"\nfp32 compiled vs eager twin: loss {loss.item():.6f} vs {eager_loss.item():.6f} "
+          f"(rel {abs(loss.item() / eager_loss.item() - 1):.2e}); gradient rel. norm diff: largest "
+          f"{worst[0][1]} {worst[0][0]:.2e}, median {worst[len(worst) // 2][0]:.2e}; max |diff| "
+          f"{max((grads[n] - eager_grads[n]).abs().max().item() for n in grads):.3e} (max |grad| "
+          f"{max(t.abs().max().item() for t in eager_grads.values()):.3e})")
+    assert abs(loss.item() / eager_loss.item() - 1) < 1e-4
+    assert worst[len(worst) // 2][0] < 1e-2 and worst[0][0] < 5e-2, worst[:5]
 
+    # the recipe's dtype and kernels: the loss (bf16 eager sdpa vs compiled flex)
+    torch._dynamo.reset()
+    cfg, model, ids, targets, cu = record89_on_gpu(T=T, paired_head_layers=[0, 2, 5, 9], key_offset=True)
+    model.set_window(Window(1, 3))
+    model.set_window(Window(3, 7))
+    model.train()
+    cfg.attention_backend = "sdpa"
+    with torch.no_grad():
+        eager = model(ids, targets, cu).item()
+    cfg.attention_backend = "flex"
+    model.compile_regions(dynamic=True)
+    loss = model(ids, targets, cu)
+    loss.backward()
+    print(f"bf16 compiled vs eager twin: loss {loss.item():.4f} vs {eager:.4f} (rel {abs(loss.item() / eager - 1):.2e})")
+    assert abs(loss.item() / eager - 1) < 1e-2
     graphs = counters["stats"]["unique_graphs"]
     for long in (11, 13):
         model.set_window(Window(long // 2, long))
         model(ids, targets, cu).backward()
-    model(torch.cat([ids, ids]), torch.cat([targets, targets]), packed_docs(2 * len(ids), 700, ids.device)
-          ).backward()
+    model(torch.cat([ids, ids]), torch.cat([targets, targets]), packed_docs(2 * T, 700, dev)).backward()
     model.untie_embed()
     model(ids, targets, cu).backward()
     assert counters["stats"]["unique_graphs"] == graphs, "a window change, a length or the untie recompiled"
