@@ -45,7 +45,7 @@ def read_trace(path: str) -> list[dict]:
 
 def report(trace_dir: str) -> str:
     out = []
-    for path in sorted(glob.glob(os.path.join(trace_dir, "*"))):
+    for path in sorted(p for p in glob.glob(os.path.join(trace_dir, "*")) if os.path.isfile(p)):
         rows = read_trace(path)
         if not rows:
             continue
