@@ -365,9 +365,9 @@ class GPT(nn.Module):
         ``dynamic``: trace every input size as a symbol (``torch.compile(dynamic=True)``). The model
         width, heads and vocabulary still specialise, because each meets a parameter's static shape
         (parameters stay static), so only the token count (and the per-batch document and block
-        counts) stays symbolic: one set of graphs, and one FlexAttention kernel, serve every
-        micro-batch length of a stage table (record 89: 16K, 32K and 48K tokens, the paired layers
-        at twice that) instead of compiling everything again per length."""
+        counts) stays symbolic: one set of graphs serves every micro-batch length of a stage table
+        (record 89: 16K, 32K and 48K tokens) instead of compiling everything again per length
+        (H200: the 32K and 48K warm-ups took 1.3 s and 0.9 s instead of > 50 s each)."""
         kw = {"dynamic": bool(dynamic), "fullgraph": True}
         # Block.forward legitimately has several graphs: each variant x (train, no-grad eval) x each
         # sequence length used (train, val, HellaSwag...). Room for them (the reference used 64).
