@@ -4,7 +4,9 @@
 # parts: tests kernels mlp flex attention attention-r89 model optim bench stages (default: all but the
 # attention ones and stages); tests-kernels + tests-rest split tests in two; stages = speedrun bench of
 # record 89's stage table (three batch sizes) on record 45's model (benchmarks/r89_stages_r45_model.json);
-# tests-r89-training = the GPU tests of record 89's losses / Adam / model / DC-MHA / FP8 MLP; bench-r89 = speedrun bench of
+# tests-r89-training = the GPU tests of record 89's losses / Adam / model / DC-MHA / FP8 MLP; model-r89 =
+# bench_r89_model.py (issue 16's on/off ms/step: run it alone on the machine); test-r89-model = the
+# compiled-vs-eager record-89 model test with its printed differences (issue 17); bench-r89 = speedrun bench of
 # configs/record_89.json; mini-r89 / mini-r89-public = the compressed 125-step record-89 run on the
 # regmix shards in $R89_DATA (regmix_train_*.bin, regmix_val_000000.bin), all FP8 / with the FP8 MLP off
 # as the public code's DISABLE_FP8, whose training head is FP8 either way (its measured val at step 125:
@@ -13,7 +15,7 @@
 # cu_seqlens table allows (81 in 16,384 tokens), hence data.max_num_docs_rule spare (same batches).
 # Each part has its own time limit and a log in OUT_DIR, and a failing part does not stop the next one.
 set -u
-out=${1:?usage: gpu_check.sh OUT_DIR [tests|tests-kernels|tests-rest|kernels|mlp|flex|attention|attention-r89|model|optim|bench|stages|tests-r89-training|bench-r89|mini-r89|mini-r89-public]...}
+out=${1:?usage: gpu_check.sh OUT_DIR [tests|tests-kernels|tests-rest|kernels|mlp|flex|attention|attention-r89|model|optim|bench|stages|tests-r89-training|model-r89|test-r89-model|bench-r89|mini-r89|mini-r89-public]...}
 shift
 parts=${*:-tests kernels mlp flex model optim bench}
 mkdir -p "$out"
@@ -51,6 +53,10 @@ for part in $parts; do
         tests-r89-training) step gpu_tests_r89_training ${TESTS_LIMIT:-420} python3 -m pytest -q -m gpu -p no:cacheprovider \
                      tests/test_kernels_mtp_ce.py tests/test_kernels_adam_update.py tests/test_model_r89_gpu.py \
                      tests/test_kernels_dc_mha.py tests/test_kernels_fp8_mlp.py ;;
+        model-r89) step bench_r89_model ${BENCH_LIMIT:-330} python3 benchmarks/bench_r89_model.py \
+                     --out "$out/bench_r89_model.json" ;;
+        test-r89-model) step test_r89_model ${TESTS_LIMIT:-330} python3 -m pytest -q -s -m gpu -p no:cacheprovider \
+                     tests/test_model_r89_gpu.py -k compiled_record89 ;;
         bench-r89) step bench_r89 ${BENCH_LIMIT:-560} python3 -m speedrun bench --config record_89 --steps 4 \
                      --skip-steps 1 --cache-dir "${CACHE_DIR:-/tmp/speedrun-inductor-r89}" --out "$out/bench_r89.json" ;;
         mini-r89|mini-r89-public)
