@@ -521,13 +521,9 @@ def test_dynamic_compile_serves_every_length_with_the_first_graphs():
     torch.manual_seed(0)
     eager = randomized89(GPT(small_r89()))
     compiled = copy.deepcopy(eager).compile_regions(dynamic=True, backend=counting_backend)
-    g = torch.Generator().manual_seed(5)
     counts = []
     for T in (128, 256, 384, 128):
-        ids = torch.randint(0, 500, (T,), generator=g)
-        targets = torch.randint(0, 500, (T,), generator=g)
-        starts = torch.randperm(T - 1, generator=g)[:5].sort().values + 1
-        cu = torch.cat([torch.tensor([0]), starts, torch.tensor([T, T])]).to(torch.int32)
+        ids, targets, cu = batch(T, seed=T)
         losses = []
         for m in (eager, compiled):
             m.zero_grad(set_to_none=True)

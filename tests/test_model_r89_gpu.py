@@ -18,11 +18,13 @@ from speedrun.presets import record89_model
 pytestmark = pytest.mark.gpu
 
 
-def record89_on_gpu(T=16384, **overrides):
+def record89_on_gpu(T=16384, dtype=torch.bfloat16, randomize=None, **overrides):
+    """(config, randomized record-89 model on the GPU, ids, targets, cu_seqlens); ``randomize``:
+    extra randomized89 arguments (its MUDD output scales)."""
     dev = torch.device("cuda")
     torch.manual_seed(0)
     cfg = record89_model(**overrides)
-    model = randomized89(GPT(cfg, torch.bfloat16).to(dev), scale=0.02)
+    model = randomized89(GPT(cfg, dtype).to(dev), scale=0.02, **(randomize or {}))
     g = torch.Generator(device=dev).manual_seed(1)
     ids = torch.randint(0, 50256, (T,), device=dev, generator=g, dtype=torch.int32)
     targets = torch.randint(0, 50256, (T,), device=dev, generator=g)
@@ -41,17 +43,12 @@ def test_compiled_record89_model_matches_eager_and_never_recompiles():
     the bf16 loss is compared. Then window stages, a longer micro-batch and the untie compile
     nothing new."""
     from torch._dynamo.utils import counters
-    dev = torch.device("cuda")
     T = 4096
     torch._dynamo.reset()
-    cfg = record89_model(paired_head_layers=[0, 2, 5, 9], key_offset=True, fp8_head=False, fused_mlp=False,
-                         fused_loss=False)
-    torch.manual_seed(0)
-    model = randomized89(GPT(cfg, torch.float32).to(dev), scale=0.02, mudd_w2_std=0.2, mudd_bias_std=0.3)
-    g = torch.Generator(device=dev).manual_seed(1)
-    ids = torch.randint(0, 50256, (T,), device=dev, generator=g, dtype=torch.int32)
-    targets = torch.randint(0, 50256, (T,), device=dev, generator=g)
-    cu = packed_docs(T, 700, dev)
+    cfg, model, ids, targets, cu = record89_on_gpu(
+        T=T, dtype=torch.float32, randomize=dict(mudd_w2_std=0.2, mudd_bias_std=0.3),
+        paired_head_layers=[0, 2, 5, 9], key_offset=True, fp8_head=False, fused_mlp=False, fused_loss=False)
+    dev = ids.device
     model.set_window(Window(1, 3))
     model.set_window(Window(3, 7))
     model.train()
