@@ -24,6 +24,19 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def fused_and_plain(cfg, model, params, *args, **kwargs) -> dict:
+    """{fused: (summed training loss, the gradients of params)} with model.fused_loss off, then on,
+    for the same batch (``model(*args, **kwargs)``)."""
+    results = {}
+    for fused in (False, True):
+        cfg.fused_loss = fused
+        model.zero_grad(set_to_none=True)
+        loss = model(*args, **kwargs)
+        loss.backward()
+        results[fused] = (loss.detach().float(), *(p.grad.float().clone() for p in params))
+    return results
+
+
 def packed_docs(T, mean_len, device, seed=0, pad_to=128):
     """cu_seqlens of random documents (lengths ~ exponential, mean mean_len), padded with T."""
     g = torch.Generator().manual_seed(seed)
@@ -117,14 +130,7 @@ def test_fused_training_loss_matches_plain(compiled):
     cu = packed_docs(8192, 700, ids.device)
     if compiled:
         model.compile_regions()
-    results = {}
-    for fused in (False, True):
-        cfg.fused_loss = fused
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, targets, cu)
-        loss.backward()
-        results[fused] = (loss.detach().float(), model.lm_head.weight.grad.float().clone(),
-                          model.embed.weight.grad.float().clone())
+    results = fused_and_plain(cfg, model, (model.lm_head.weight, model.embed.weight), ids, targets, cu)
     for got, want in zip(results[True], results[False]):
         assert rel(got, want) < 2e-2
     torch._dynamo.reset()

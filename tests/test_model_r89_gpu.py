@@ -8,7 +8,7 @@ Run on the GPU machine: python -m pytest tests/test_model_r89_gpu.py -m gpu -q
 import pytest
 import torch
 from r89_helpers import randomized89
-from test_model_gpu import packed_docs, rel
+from test_model_gpu import fused_and_plain, packed_docs, rel
 
 from speedrun.config import Window
 from speedrun.kernels import fp8 as F8
@@ -109,14 +109,7 @@ def test_fused_losses_with_the_asymmetric_rescale_match_plain(compiled):
     if compiled:
         model.compile_regions()
     model.train()
-    results = {}
-    for fused in (False, True):
-        cfg.fused_loss = fused
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, targets, cu)
-        loss.backward()
-        results[fused] = (loss.detach().float(), model.lm_head.weight.grad.float().clone(),
-                          model.bigram.weight.grad.float().clone())
+    results = fused_and_plain(cfg, model, (model.lm_head.weight, model.bigram.weight), ids, targets, cu)
     tol = 2e-2 if F8.fp8_supported("cuda", 0) else 1e-2
     for got, want in zip(results[True], results[False]):
         assert rel(got, want) < tol
@@ -141,14 +134,8 @@ def test_fused_losses_with_mtp_and_prefix_terms_match_plain(compiled):
     model.train()
     buffer = torch.tensor([1.0, 0.5, 0.25, 0.25], device="cuda")
     weights = LossWeights(buffer[:3], buffer[3])
-    results = {}
-    for fused in (False, True):
-        cfg.fused_loss = fused
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, targets, cu, loss_weights=weights)
-        loss.backward()
-        results[fused] = (loss.detach().float(), model.lm_head.weight.grad.float().clone(),
-                          model.bigram.weight.grad.float().clone())
+    results = fused_and_plain(cfg, model, (model.lm_head.weight, model.bigram.weight), ids, targets, cu,
+                              loss_weights=weights)
     tol = 3e-2 if F8.fp8_supported("cuda", 0) else 1e-2
     for got, want in zip(results[True], results[False]):
         assert rel(got, want) < tol
