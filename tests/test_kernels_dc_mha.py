@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import time
 
 import pytest
 import torch
@@ -192,7 +193,7 @@ def test_triton_interpreter_broadcast_weights_and_opcheck(interpreted):
 # ------------------------------------------------------------------------------------------------
 # GPU: the real kernels at record 89's shape (6 heads of 128, window 112, bf16)
 # ------------------------------------------------------------------------------------------------
-def gpu_case(T, seed=0):
+def gpu_case(T, seed=0, dtype=torch.bfloat16):
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(seed)
     rms = torch.nn.functional.rms_norm
@@ -206,7 +207,7 @@ def gpu_case(T, seed=0):
     doc = torch.zeros(T, dtype=torch.int32, device=dev)
     doc[starts[starts < T]] = 1
     doc = torch.cumsum(doc, 0).to(torch.int32)
-    return [t.bfloat16() for t in (y, q, k, v, w1, w2, g)] + [doc]
+    return [t.to(dtype) for t in (y, q, k, v, w1, w2, g)] + [doc]
 
 
 def run_both(fns, tensors, doc):
@@ -230,6 +231,24 @@ def test_gpu_kernel_matches_twin(T):
     for name, a, b in zip(("out", "dy", "dq", "dk", "dv", "dw1", "dw2"), triton_out, twin_out):
         assert a.dtype == b.dtype == torch.bfloat16
         assert rel(a, b) < 2e-2, (name, rel(a, b))
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_in_fp32_compiles_fast_and_matches_float64():
+    """fp32 inputs at the record's shape (6 heads of 128, window 112): the kernels (TF32x3 products)
+    compile in seconds, not the minutes of fp32 "ieee" dots, and agree with the float64 twin."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    *tensors, doc = gpu_case(4096, dtype=torch.float32)
+    t0 = time.perf_counter()
+    got = run_both([lambda *a: dc_mha(*a, 112, kernel="triton")], tensors, doc)[0]
+    seconds = time.perf_counter() - t0
+    want = run_both([lambda *a: dc_mha(*a, 112, kernel="torch")], [t.double() for t in tensors], doc)[0]
+    diffs = {name: rel(a.double(), b) for name, a, b in zip(("out", "dy", "dq", "dk", "dv", "dw1", "dw2"), got, want)}
+    print(f"\nfp32 DC-MHA kernels: first call (compile) {seconds:.1f} s; rel. diff vs float64 {diffs}")
+    assert seconds < 60, seconds
+    assert all(a.dtype == torch.float32 for a in got)
+    assert max(diffs.values()) < 1e-4, diffs
 
 
 @pytest.mark.gpu

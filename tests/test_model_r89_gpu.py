@@ -5,6 +5,8 @@ asymmetric rescale agree with the plain softcap + F.cross_entropy.
 
 Run on the GPU machine: python -m pytest tests/test_model_r89_gpu.py -m gpu -q
 """
+import time
+
 import pytest
 import torch
 from r89_helpers import randomized89
@@ -31,27 +33,39 @@ def record89_on_gpu(T=16384, dtype=torch.bfloat16, randomize=None, **overrides):
     return cfg, model, ids, targets, packed_docs(T, 700, dev)
 
 
-def test_compiled_record89_model_matches_eager_and_never_recompiles():
+ATTENTION89 = dict(paired_head_layers=[0, 2, 5, 9], key_offset=True)   # record 89's own table has them off
+
+
+def compiled_record89(dtype, randomize=None, T=4096, **overrides):
+    """(cfg, model, ids, targets, cu) of a record-89 model with every attention switch on, at the
+    window stage (3, 7), in train mode; the caller runs it eagerly first, then compiles."""
+    torch._dynamo.reset()
+    cfg, model, ids, targets, cu = record89_on_gpu(T=T, dtype=dtype, randomize=randomize, **ATTENTION89, **overrides)
+    model.set_window(Window(1, 3))
+    model.set_window(Window(3, 7))
+    return cfg, model.train(), ids, targets, cu
+
+
+def mark(t0, what):
+    """Progress on stdout, so a run stopped by its time limit shows how far it got."""
+    print(f"[{time.perf_counter() - t0:6.1f} s] {what}", flush=True)
+
+
+def test_compiled_record89_model_matches_eager_twin_and_never_recompiles():
     """Every record-89 attention switch on (paired heads, key offset, XSA, output gates, DC-MHA
     through its Triton kernel), compiled as `record_89` trains it (regions, symbolic token count,
     flex) against the eager model on sdpa's dense masks (DC-MHA's kernel = twin:
-    test_kernels_dc_mha), one training forward+backward; prints the largest differences.
+    test_kernels_dc_mha), one training forward+backward; prints the largest differences. Then
+    window stages, a 2x longer micro-batch and the untie compile nothing new.
 
-    Gradients are compared in fp32 (FP8 head and the 16-bit MLP kernel off): in bf16 the gradient of
-    this deep gated model is itself mostly rounding noise (bf16 vs fp32 of the same eager code
-    differ by a median 13% per parameter at the record's own init, measured on the CPU), so only
-    the bf16 loss is compared. Then window stages, a longer micro-batch and the untie compile
-    nothing new."""
+    In fp32 (FP8 head and the 16-bit MLP kernel off): in bf16 the gradient of this deep gated model
+    is itself mostly rounding noise (bf16 vs fp32 of the same eager code differ by a median 13% per
+    parameter at the record's own init, measured on the CPU); the recipe's dtype is the next test."""
     from torch._dynamo.utils import counters
-    T = 4096
-    torch._dynamo.reset()
-    cfg, model, ids, targets, cu = record89_on_gpu(
-        T=T, dtype=torch.float32, randomize=dict(mudd_w2_std=0.2, mudd_bias_std=0.3),
-        paired_head_layers=[0, 2, 5, 9], key_offset=True, fp8_head=False, fused_mlp=False, fused_loss=False)
-    dev = ids.device
-    model.set_window(Window(1, 3))
-    model.set_window(Window(3, 7))
-    model.train()
+    t0 = time.perf_counter()
+    cfg, model, ids, targets, cu = compiled_record89(
+        torch.float32, randomize=dict(mudd_w2_std=0.2, mudd_bias_std=0.3),
+        fp8_head=False, fused_mlp=False, fused_loss=False)
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
@@ -60,25 +74,39 @@ def test_compiled_record89_model_matches_eager_and_never_recompiles():
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     cfg.attention_backend = "sdpa"
     eager_loss, eager_grads = loss_and_grads()
+    mark(t0, "eager sdpa twin done")
     cfg.attention_backend = "flex"
     model.compile_regions(dynamic=True)
     loss, grads = loss_and_grads()
+    mark(t0, "compiled forward+backward done")
     assert grads.keys() == eager_grads.keys()
     worst = sorted(((rel(grads[n], eager_grads[n]), n) for n in grads), reverse=True)
-    print(f"\nfp32 compiled vs eager twin: loss {loss.item():.6f} vs {eager_loss.item():.6f} "
+    print(f"fp32 compiled vs eager twin: loss {loss.item():.6f} vs {eager_loss.item():.6f} "
           f"(rel {abs(loss.item() / eager_loss.item() - 1):.2e}); gradient rel. norm diff: largest "
           f"{worst[0][1]} {worst[0][0]:.2e}, median {worst[len(worst) // 2][0]:.2e}; max |diff| "
           f"{max((grads[n] - eager_grads[n]).abs().max().item() for n in grads):.3e} (max |grad| "
-          f"{max(t.abs().max().item() for t in eager_grads.values()):.3e})")
+          f"{max(t.abs().max().item() for t in eager_grads.values()):.3e})", flush=True)
     assert abs(loss.item() / eager_loss.item() - 1) < 1e-4
     assert worst[len(worst) // 2][0] < 1e-2 and worst[0][0] < 5e-2, worst[:5]
 
-    # the recipe's dtype and kernels: the loss (bf16 eager sdpa vs compiled flex)
+    graphs = counters["stats"]["unique_graphs"]
+    for long in (11, 13):
+        model.set_window(Window(long // 2, long))
+        model(ids, targets, cu).backward()
+    T = ids.numel()
+    model(torch.cat([ids, ids]), torch.cat([targets, targets]), packed_docs(2 * T, 700, ids.device)).backward()
+    model.untie_embed()
+    model(ids, targets, cu).backward()
+    mark(t0, "window stages, 2x length, untie done")
+    assert counters["stats"]["unique_graphs"] == graphs, "a window change, a length or the untie recompiled"
     torch._dynamo.reset()
-    cfg, model, ids, targets, cu = record89_on_gpu(T=T, paired_head_layers=[0, 2, 5, 9], key_offset=True)
-    model.set_window(Window(1, 3))
-    model.set_window(Window(3, 7))
-    model.train()
+
+
+def test_compiled_record89_model_loss_in_bf16_matches_eager_twin():
+    """The recipe's dtype and kernels (bf16, FP8 head where the GPU has it, fused MLP and loss),
+    same switches: the compiled training loss vs the eager sdpa twin's."""
+    t0 = time.perf_counter()
+    cfg, model, ids, targets, cu = compiled_record89(torch.bfloat16)
     cfg.attention_backend = "sdpa"
     with torch.no_grad():
         eager = model(ids, targets, cu).item()
@@ -86,16 +114,9 @@ def test_compiled_record89_model_matches_eager_and_never_recompiles():
     model.compile_regions(dynamic=True)
     loss = model(ids, targets, cu)
     loss.backward()
+    mark(t0, "compiled forward+backward done")
     print(f"bf16 compiled vs eager twin: loss {loss.item():.4f} vs {eager:.4f} (rel {abs(loss.item() / eager - 1):.2e})")
     assert abs(loss.item() / eager - 1) < 1e-2
-    graphs = counters["stats"]["unique_graphs"]
-    for long in (11, 13):
-        model.set_window(Window(long // 2, long))
-        model(ids, targets, cu).backward()
-    model(torch.cat([ids, ids]), torch.cat([targets, targets]), packed_docs(2 * T, 700, dev)).backward()
-    model.untie_embed()
-    model(ids, targets, cu).backward()
-    assert counters["stats"]["unique_graphs"] == graphs, "a window change, a length or the untie recompiled"
     torch._dynamo.reset()
 
 

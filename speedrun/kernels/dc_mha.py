@@ -33,7 +33,8 @@ Owns:
 
 Precision: scores, softmax, A and all accumulations in fp32; the weights w2 * A and dS are rounded
 to the value dtype before their matmuls (as FlashAttention does with P), so bf16 results agree with
-the fp32 twin to bf16 noise, not bitwise. dk and dv are summed with atomics: not bit-reproducible.
+the fp32 twin to bf16 noise, not bitwise. fp32 inputs multiply through TF32x3 (three tensor-core
+passes, ~fp32 accuracy). dk and dv are summed with atomics: not bit-reproducible.
 """
 from __future__ import annotations
 
@@ -196,9 +197,11 @@ if HAS_TRITON:
 
 def _launch(window: int, dtype: torch.dtype) -> dict:
     block_k = max(16, triton.next_power_of_2(window + BLOCK_M - 1))
-    # fp32 inputs (tests) keep fp32 products; bf16/fp16 ignore the setting
+    # fp32 inputs keep ~fp32 products through three TF32 tensor-core passes; "ieee" (FMA loops over
+    # these 64x256x128 tiles) took Triton's LLVM stage minutes per kernel on an H200 (the fp32
+    # record-89 model test stalled there). bf16/fp16 ignore the setting
     return dict(WINDOW=window, BLOCK_M=BLOCK_M, BLOCK_K=block_k,
-                PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=_INTERPRET)
+                PRECISION="tf32x3" if dtype == torch.float32 else "tf32", UPCAST=_INTERPRET)
 
 
 def _rows(t: Tensor) -> Tensor:
