@@ -378,6 +378,12 @@ class GPT(nn.Module):
         dyn = torch._dynamo.config
         name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
         setattr(dyn, name, max(getattr(dyn, name), limit))
+        # Python floats reaching the regions are constants of the config (softcap, its offset and
+        # temperature, the MUDD scale; per-step values come as tensors). Unspecialised (torch's
+        # default), dynamic=True turned each into a graph input read back with .item(): a symbolic
+        # float in the graph and a restarted trace per region that holds one (4 restarts per
+        # record-89 forward; dynamo + AOT tracing 35.2 -> 31.9 s on the CPU without them)
+        dyn.specialize_float = True
         kw.update(compile_kwargs)
         for block in self.blocks:
             block.compile(**kw)
