@@ -137,6 +137,28 @@ def test_nan_loss_stops_naming_the_step(shards, tmp_path, monkeypatch):
         trainer.run()
 
 
+def test_logged_step_time_is_training_time(shards, tmp_path, monkeypatch):
+    """ms_per_step (and tokens/s) of a logged step counts training time only: the step right after
+    a validation does not carry the validation's time (a slow one here: +1 s each)."""
+    from speedrun.train.trainer import Trainer
+    cfg = micro_config(*shards, tmp_path)
+    cfg.train.log_every = 1
+    real = Trainer.validate
+
+    def slow_validate(self):
+        time.sleep(1.0)
+        return real(self)
+    monkeypatch.setattr(Trainer, "validate", slow_validate)
+    run_trainer(cfg)
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        logs = [r for r in map(json.loads, f) if "ms_per_step" in r]
+    assert [r["step"] for r in logs] == list(range(1, 9))
+    assert max(r["ms_per_step"] for r in logs) < 1000, [r["ms_per_step"] for r in logs]   # step 5 follows a validation
+    assert sum(r["ms_per_step"] for r in logs) == pytest.approx(logs[-1]["train_time_ms"], rel=1e-9)
+    for r in logs:
+        assert r["tokens_per_s"] == pytest.approx(cfg.train.tokens_per_step / (r["ms_per_step"] / 1e3))
+
+
 def test_missing_data_fails_before_building_anything(tmp_path):
     from speedrun.data.shards import ShardError
     from speedrun.train.trainer import Trainer

@@ -476,7 +476,9 @@ class Trainer:
         val_loss = None
         step = self.start_step
         last_good = None
-        last_log_time, last_log_step = None, step
+        # the logged ms/step and tokens/s: training time (train_time_ms) per step since the last
+        # log, so validations, checkpoints and logging in between are not counted as steps
+        last_log_train_ms, last_log_step = self.train_time_ms, step
         tokens_per_s = None
         # Training time runs from a sync after each untimed stretch (validation, checkpoint) to the
         # sync before the next one, with log steps synced too: no step waits for the GPU otherwise,
@@ -532,15 +534,11 @@ class Trainer:
                         where = f"; last good checkpoint: {last_good}" if last_good else ""
                         raise TrainingError(f"training loss is {loss_value} at step {step - 1}; "
                                             f"stopped{where}")
-                    now = time.perf_counter()
-                    if last_log_time is None:
-                        ms = self.train_time_ms / max(1, step - self.start_step)
-                    else:
-                        ms = 1e3 * (now - last_log_time) / max(1, step - last_log_step)
+                    ms = (self.train_time_ms - last_log_train_ms) / max(1, step - last_log_step)
                     # a stage table's batch changes: the mean batch of the steps since the last log
                     tokens = sum(batch_shape(s, cfg).tokens_per_step for s in range(last_log_step, step))
                     tokens_per_s = tokens / max(1, step - last_log_step) / (ms / 1e3)
-                    last_log_time, last_log_step = now, step
+                    last_log_train_ms, last_log_step = self.train_time_ms, step
                     mfu = self.mfu(tokens_per_s)
                     log.progress(step, loss_value, ms, tokens_per_s, mfu)
                     log.log({"step": step, "train_loss": loss_value, "ms_per_step": ms,
@@ -557,8 +555,6 @@ class Trainer:
                     if self._stop_requested:
                         log.print(f"saved {last_good}; stopping at step {step} on request")
                         raise KeyboardInterrupt
-                    # checkpoint time is not training time
-                    last_log_time = time.perf_counter() if last_log_time is not None else None
             stop_timing()
             if last_good != ckpt.checkpoint_dir(self.run_dir, step):   # not saved at this step already
                 last_good = self.save(step, self.loader.state_dict())
