@@ -36,7 +36,7 @@ def record89_on_gpu(T=16384, dtype=torch.bfloat16, randomize=None, **overrides):
 ATTENTION89 = dict(paired_head_layers=[0, 2, 5, 9], key_offset=True)   # record 89's own table has them off
 
 
-def compiled_record89(dtype, randomize=None, T=4096, **overrides):
+def attention89_on_gpu(dtype, randomize=None, T=4096, **overrides):
     """(cfg, model, ids, targets, cu) of a record-89 model with every attention switch on, at the
     window stage (3, 7), in train mode; the caller runs it eagerly first, then compiles."""
     torch._dynamo.reset()
@@ -63,7 +63,7 @@ def test_compiled_record89_model_matches_eager_twin_and_never_recompiles():
     parameter at the record's own init, measured on the CPU); the recipe's dtype is the next test."""
     from torch._dynamo.utils import counters
     t0 = time.perf_counter()
-    cfg, model, ids, targets, cu = compiled_record89(
+    cfg, model, ids, targets, cu = attention89_on_gpu(
         torch.float32, randomize=dict(mudd_w2_std=0.2, mudd_bias_std=0.3),
         fp8_head=False, fused_mlp=False, fused_loss=False)
 
@@ -106,7 +106,7 @@ def test_compiled_record89_model_loss_in_bf16_matches_eager_twin():
     """The recipe's dtype and kernels (bf16, FP8 head where the GPU has it, fused MLP and loss),
     same switches: the compiled training loss vs the eager sdpa twin's."""
     t0 = time.perf_counter()
-    cfg, model, ids, targets, cu = compiled_record89(torch.bfloat16)
+    cfg, model, ids, targets, cu = attention89_on_gpu(torch.bfloat16)
     cfg.attention_backend = "sdpa"
     with torch.no_grad():
         eager = model(ids, targets, cu).item()
