@@ -90,17 +90,27 @@ def test_compiled_record89_model_matches_eager_twin_and_never_recompiles():
     assert abs(loss.item() / eager_loss.item() - 1) < 1e-4
     assert worst[len(worst) // 2][0] < 1e-2 and worst[0][0] < 5e-2, worst[:5]
 
-    graphs = counters["stats"]["unique_graphs"]
+    graphs = {"first step": counters["stats"]["unique_graphs"]}
     for long in (11, 13):
         model.set_window(Window(long // 2, long))
         model(ids, targets, cu).backward()
+        graphs[f"window {long}"] = counters["stats"]["unique_graphs"]
     T = ids.numel()
     model(torch.cat([ids, ids]), torch.cat([targets, targets]), packed_docs(2 * T, 700, ids.device)).backward()
+    graphs["2x length"] = counters["stats"]["unique_graphs"]
     model.untie_embed()
     model(ids, targets, cu).backward()
-    mark(t0, "window stages, 2x length, untie done")
-    assert counters["stats"]["unique_graphs"] == graphs, "a window change, a length or the untie recompiled"
+    graphs["untie"] = counters["stats"]["unique_graphs"]
+    mark(t0, f"window stages, 2x length, untie done; graphs after each: {graphs}")
+    assert len(set(graphs.values())) == 1, f"recompiled: {graphs}; {recompile_reasons()}"
     torch._dynamo.reset()
+
+
+def recompile_reasons() -> str:
+    """The last guard failure of each recompiled code object: why dynamo traced it again."""
+    from torch._dynamo.utils import guard_failures
+    return "; ".join(f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno}): "
+                     f"{str(fails[-1]).splitlines()[0][:300]}" for code, fails in guard_failures.items())
 
 
 def test_compiled_record89_model_loss_in_bf16_matches_eager_twin():
