@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental import _config as fx_config
 
 from speedrun.config import ModelConfig, Window
 from speedrun.data.prefix import prefix_table
@@ -384,6 +385,13 @@ class GPT(nn.Module):
         # float in the graph and a restarted trace per region that holds one (4 restarts per
         # record-89 forward; dynamo + AOT tracing 35.2 -> 31.9 s on the CPU without them)
         dyn.specialize_float = True
+        # No duck shaping: by default dynamo gives every input size of equal value one symbol, so a
+        # token-dependent size that happens to equal a constant one shares its fate: at 4,096
+        # tokens a paired layer's block-mask tensors (8,192 / 128 = 64 blocks) took the symbol of
+        # the rotary table's 64 columns, which the graph specialises, and the next length
+        # recompiled that block. Sizes that are equal by construction still get one symbol through
+        # the guards of the operations that combine them.
+        fx_config.use_duck_shape = False
         kw.update(compile_kwargs)
         for block in self.blocks:
             block.compile(**kw)
