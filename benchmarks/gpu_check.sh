@@ -7,7 +7,7 @@
 # tests-r89-training = the GPU tests of record 89's losses / Adam / model / DC-MHA / FP8 MLP; model-r89 =
 # bench_r89_model.py (issue 16's on/off ms/step: run it alone on the machine); test-r89-model = the
 # fp32 DC-MHA kernel test and the compiled-vs-eager record-89 model tests (fp32 gradients + no recompiles
-# under TESTS_LIMIT, then the bf16 loss under TESTS_LIMIT_BF16; issue 17); bench-r89 = speedrun bench of
+# under TESTS_LIMIT, beside the bf16 loss under TESTS_LIMIT_BF16; issue 17); bench-r89 = speedrun bench of
 # configs/record_89.json; mini-r89 / mini-r89-public = the compressed 125-step record-89 run on the
 # regmix shards in $R89_DATA (regmix_train_*.bin, regmix_val_000000.bin), all FP8 / with the FP8 MLP off
 # as the public code's DISABLE_FP8, whose training head is FP8 either way (its measured val at step 125:
@@ -56,12 +56,16 @@ for part in $parts; do
                      tests/test_kernels_dc_mha.py tests/test_kernels_fp8_mlp.py ;;
         model-r89) step bench_r89_model ${BENCH_LIMIT:-330} python3 benchmarks/bench_r89_model.py \
                      --out "$out/bench_r89_model.json" ;;
-        test-r89-model)   # two processes, each under its own limit: each compiles the whole model cold
-                 step test_r89_model_fp32 ${TESTS_LIMIT:-330} python3 -m pytest -q -s -m gpu -p no:cacheprovider \
+        test-r89-model)   # two processes side by side (8ee6a38, H200: 293 s for both), each compiling the
+                          # whole model cold; no pytest log capture (it replays thousands of empty
+                          # torch.__trace lines)
+                 step test_r89_model_bf16 ${TESTS_LIMIT_BF16:-330} python3 -m pytest -q -s -m gpu -p no:cacheprovider \
+                     -p no:logging tests/test_model_r89_gpu.py -k "compiled_record89 and bf16" &
+                 step test_r89_model_fp32 ${TESTS_LIMIT:-420} python3 -m pytest -q -s -m gpu -p no:cacheprovider \
+                     -p no:logging \
                      tests/test_kernels_dc_mha.py::test_gpu_kernel_in_fp32_compiles_fast_and_matches_float64 \
                      tests/test_model_r89_gpu.py::test_compiled_record89_model_matches_eager_twin_and_never_recompiles
-                 step test_r89_model_bf16 ${TESTS_LIMIT_BF16:-260} python3 -m pytest -q -s -m gpu -p no:cacheprovider \
-                     tests/test_model_r89_gpu.py -k "compiled_record89 and bf16" ;;
+                 wait ;;
         bench-r89) step bench_r89 ${BENCH_LIMIT:-560} python3 -m speedrun bench --config record_89 --steps 4 \
                      --skip-steps 1 --cache-dir "${CACHE_DIR:-/tmp/speedrun-inductor-r89}" --out "$out/bench_r89.json" ;;
         mini-r89|mini-r89-public)
