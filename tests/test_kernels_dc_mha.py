@@ -160,6 +160,9 @@ INTERPRETER_SCRIPT = textwrap.dedent(
                                           torch.randn(T, 2, generator=gen))]
     torch.library.opcheck(dc_mha_fwd, (*args, doc, 7))
     out["opcheck"] = True
+    # the warm-up helper's call: runs both kernels (here: interpreted) where they can run
+    from speedrun.kernels.dc_mha import warm_kernels
+    out["warm"] = [warm_kernels(2, 16, 5, torch.float32, "cpu"), warm_kernels(2, 24, 5, torch.float32, "cpu")]
     print("RESULT " + json.dumps(out))
     """
 )
@@ -188,6 +191,16 @@ def test_triton_interpreter_broadcast_weights_and_opcheck(interpreted):
     b = interpreted["broadcast"]
     assert b["shape"] == [1, 2] and b["dw1"] < 1e-5 and b["dw2"] < 1e-5
     assert interpreted["opcheck"]
+
+
+def test_warm_kernels_runs_them_only_where_they_can_run(interpreted):
+    """warm_kernels (the warm-up helper's JIT compile): runs both kernels in the interpreter (its
+    CUDA effect, a Triton cache hit in the next process, is in docs/benchmarks.md); a head width
+    the kernels do not take, or a CPU without the interpreter, runs nothing."""
+    from speedrun.kernels.dc_mha import warm_kernels
+    assert interpreted["warm"] == [True, False]
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        assert warm_kernels(2, 16, 5, torch.float32, "cpu") is False
 
 
 # ------------------------------------------------------------------------------------------------

@@ -51,6 +51,26 @@ def r89_run(shards, tmp_path_factory):
     return str(run_dir), summary
 
 
+@pytest.mark.parametrize("fused_dc", [True, False])
+def test_warmup_helper_compiles_the_dc_kernels_of_the_run(shards, tmp_path, monkeypatch, fused_dc):
+    """The parallel warm-up helper JIT-compiles the DC-MHA kernels first, at the run's heads, head
+    width, DC window and model dtype (the trainer's first DC call then loads them); not when the
+    run takes DC's plain twin."""
+    from speedrun.kernels import dc_mha
+    from speedrun.train import precompile_worker
+    calls = []
+    monkeypatch.setattr(dc_mha, "warm_kernels", lambda *a: calls.append(a) or True)
+    cfg = r89_config(*shards, tmp_path)
+    cfg.model.fused_dc = fused_dc
+    cfg.train.compile = False
+    path = str(tmp_path / "config.json")
+    cfg.save(path)
+    assert 0 < precompile_worker.run(path, "cpu") < 7.0     # it still evaluates (untrained: ~ln vocab)
+    m = cfg.model
+    assert calls == ([(m.num_heads, m.head_dim, m.dc_window, torch.float32, torch.device("cpu"))]
+                     if fused_dc else [])
+
+
 def _weights(ckpt):
     from safetensors.torch import load_file
     return load_file(os.path.join(ckpt, "model.safetensors"))

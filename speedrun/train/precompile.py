@@ -1,5 +1,5 @@
-"""Parallel warm-up: a helper process compiles the evaluation graphs (and JIT-compiles the
-optimizer's Triton kernels) while the trainer compiles the training graphs.
+"""Parallel warm-up: a helper process compiles the evaluation graphs (and JIT-compiles the DC-MHA
+and optimizer Triton kernels) while the trainer compiles the training graphs.
 
 Why: torch.compile runs one graph at a time in a process, and the no-grad evaluation graphs at the
 validation length are separate graphs from the training ones (about a fifth of a cold start on an

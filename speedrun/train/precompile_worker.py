@@ -1,6 +1,6 @@
 """The parallel warm-up helper's work (train/precompile.py explains why it exists): build the run's
-trainer from its saved config, JIT-compile the optimizers' Triton kernels and compile the evaluation
-graphs into the shared on-disk caches, then exit.
+trainer from its saved config, JIT-compile the DC-MHA kernels (record 89) and the optimizers' Triton
+kernels and compile the evaluation graphs into the shared on-disk caches, then exit.
 
 Run as ``python -m speedrun.train.precompile_worker CONFIG_JSON DEVICE`` by ``Precompile``.
 """
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
 from speedrun.config import Config
 from speedrun.distributed import World
+from speedrun.kernels import dc_mha
 from speedrun.train.trainer import Trainer
 
 
@@ -27,6 +29,12 @@ def run(config_path: str, device: str) -> float:
     trainer = Trainer(cfg, world, os.path.dirname(config_path))
     trainer.close()
     model = trainer.model
+    m = cfg.model
+    if m.dc_layers and m.fused_dc:
+        # first: the trainer's own first DC call comes within its first region traces
+        t0 = time.perf_counter()
+        if dc_mha.warm_kernels(m.num_heads, m.head_dim, m.dc_window, model.dtype, world.device):
+            print(f"DC-MHA kernels compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     if cfg.train.compile:
         model.compile_regions(dynamic=cfg.compile_dynamic())   # the trainer's graphs exactly
     # one optimizer step of each kind on random gradients: the Triton kernels of Polar Express and
