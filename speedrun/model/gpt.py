@@ -368,7 +368,11 @@ class GPT(nn.Module):
         (parameters stay static), so only the token count (and the per-batch document and block
         counts) stays symbolic: one set of graphs serves every micro-batch length of a stage table
         (record 89: 16K, 32K and 48K tokens) instead of compiling everything again per length
-        (H200: the 32K and 48K warm-ups took 1.3 s and 0.9 s instead of > 50 s each)."""
+        (H200: the 32K and 48K warm-ups took 1.3 s and 0.9 s instead of > 50 s each).
+
+        Process-wide side effects (torch keeps these settings globally, so other code compiled in
+        the same process inherits them): dynamo's recompile limit raised to at least 64, Python
+        floats specialised, duck shaping off (the comments below say why)."""
         kw = {"dynamic": bool(dynamic), "fullgraph": True}
         # Block.forward legitimately has several graphs: each variant x (train, no-grad eval) x each
         # sequence length used (train, val, HellaSwag...). Room for them (the reference used 64).
