@@ -1,7 +1,8 @@
 """What symbolic sizes cost in tracing: dynamo + AOTAutograd time of the regionally compiled model,
 with every input size symbolic (``compile_regions(dynamic=True)``, what the trainer uses when the
-stage table has several micro-batch lengths) against torch's automatic dynamic (a first static
-compile; at the next length only the sizes that changed become symbols).
+stage table has several micro-batch lengths) against static graphs and torch's automatic dynamic (a
+first static compile; at the next length only the sizes that changed become symbols). Compare the
+first lengths (both cold); the automatic mode's second compile runs with the first's caches warm.
 
 Each mode runs in its own child process (fresh dynamo state): the model of --config, compiled with
 --backend (aot_eager by default: tracing only, no code generation, so the figure is the tracing
