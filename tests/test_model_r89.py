@@ -513,17 +513,24 @@ def test_compiled_regions_no_recompiles_across_windows_and_untie():
     torch._dynamo.reset()
 
 
-def test_dynamic_compile_serves_every_length_with_the_first_graphs():
+@pytest.mark.parametrize("lengths", [(128, 256, 384, 128), (64, 128, 192)])
+def test_dynamic_compile_serves_every_length_with_the_first_graphs(lengths):
     """compile_regions(dynamic=True): micro-batches of 128, 256 and 384 tokens (the paired layers at
-    twice that) run the graphs traced at the first length, with the eager model's loss and grads."""
+    twice that) run the graphs traced at the first length, with the eager model's loss and grads.
+    A first length of 64 tokens equals the width: with dynamo's duck shaping the token count took
+    the width's symbol, the width specialised and every later length recompiled each block (the
+    GPU's paired layers hit the same with 64 mask blocks = 64 rotary columns); compile_regions
+    turns duck shaping off."""
     torch._dynamo.reset()
     counting_backend, graphs = graph_counter()
     torch.manual_seed(0)
-    eager = randomized89(GPT(small_r89()))
+    eager = randomized89(GPT(small_r89(paired_head_layers=[0, 2], key_offset=True)))
+    assert eager.cfg.model_dim == 64
     compiled = copy.deepcopy(eager).compile_regions(dynamic=True, backend=counting_backend)
     counts = []
-    for T in (128, 256, 384, 128):
-        ids, targets, cu = batch(T, seed=T)
+    for T in lengths:
+        ids, targets, _ = batch(T, seed=T)
+        cu = torch.tensor([0, T // 5, T // 3, T // 3 + 1, T // 2, T, T, T], dtype=torch.int32)
         losses = []
         for m in (eager, compiled):
             m.zero_grad(set_to_none=True)
@@ -535,7 +542,7 @@ def test_dynamic_compile_serves_every_length_with_the_first_graphs():
             if a.grad is not None:
                 torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
         counts.append(len(graphs))
-    assert counts == [counts[0]] * 4, counts
+    assert counts == [counts[0]] * len(lengths), counts
     # the token count stayed a symbol; the width did not (it meets the parameters' static shapes)
     placeholders = [n.meta.get("example_value") for gm in graphs for n in gm.graph.nodes if n.op == "placeholder"]
     shapes = [tuple(t.shape) for t in placeholders if isinstance(t, torch.Tensor)]
@@ -547,27 +554,6 @@ def test_dynamic_compile_serves_every_length_with_the_first_graphs():
     # read back with .item() (compile_regions specialises floats)
     items = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_method" and n.target == "item"]
     assert not items, [n.format_node() for n in items]
-    torch._dynamo.reset()
-
-
-def test_dynamic_compile_keeps_a_length_equal_to_the_width_symbolic():
-    """A first micro-batch of 64 tokens in a 64-wide model: with dynamo's duck shaping the token
-    count took the width's symbol, the width specialised and every later length recompiled each
-    block (the GPU's paired layers hit the same with 64 mask blocks = 64 rotary columns).
-    compile_regions turns duck shaping off: 128 and 192 tokens reuse the first graphs."""
-    torch._dynamo.reset()
-    counting_backend, graphs = graph_counter()
-    torch.manual_seed(0)
-    model = randomized89(GPT(small_r89(paired_head_layers=[0, 2], key_offset=True))).train()
-    assert model.cfg.model_dim == 64
-    model.set_window(Window(1, 3))
-    model.compile_regions(dynamic=True, backend=counting_backend)
-    counts = []
-    for T in (64, 128, 192):
-        ids, targets, _ = batch(T, seed=T)
-        model(ids, targets, torch.tensor([0, T // 3, T, T], dtype=torch.int32)).backward()
-        counts.append(len(graphs))
-    assert counts == [counts[0]] * 3, counts
     torch._dynamo.reset()
 
 
