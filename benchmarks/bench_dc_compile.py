@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import fresh_process
 
 
 def first_calls(dtype_name: str, tokens: int, fused_views: bool) -> dict:
@@ -53,10 +51,12 @@ def first_calls(dtype_name: str, tokens: int, fused_views: bool) -> dict:
     return out
 
 
-def child(code: str, cache: str) -> str:
-    env = dict(os.environ, TRITON_CACHE_DIR=cache, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
-                          text=True).stdout.strip().splitlines()[-1]
+def warm_here() -> bool:
+    """What the warm-up helper does for record 89's DC layer (bf16, 6 heads of 128, window 112)."""
+    import torch
+
+    from speedrun.kernels.dc_mha import warm_kernels
+    return warm_kernels(6, 128, 112, torch.bfloat16, "cuda")
 
 
 def main() -> None:
@@ -65,25 +65,23 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bfloat16,float32", help="dtypes of part 1, comma-separated")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    here = f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); " \
-           "from bench_dc_compile import first_calls; "
     result = {"tokens": args.tokens, "cold": {}}
     for dtype in args.dtypes.split(","):
-        cache = tempfile.mkdtemp(prefix="dc-cold-")
-        result["cold"][dtype] = json.loads(child(here + f"print(json.dumps(first_calls({dtype!r}, "
-                                                        f"{args.tokens}, False)))", cache))
+        cold = {"TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="dc-cold-")}
+        result["cold"][dtype] = fresh_process.call("bench_dc_compile", "first_calls", dtype, args.tokens, False,
+                                                   env=cold)
         print(dtype, "cold:", result["cold"][dtype], flush=True)
-    cache = tempfile.mkdtemp(prefix="dc-warmed-")
+    warmed = {"TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="dc-warmed-")}
     t0 = time.perf_counter()
-    child("import torch; from speedrun.kernels.dc_mha import warm_kernels; "
-          "print(warm_kernels(6, 128, 112, torch.bfloat16, 'cuda'))", cache)
+    if not fresh_process.call("bench_dc_compile", "warm_here", env=warmed):
+        raise SystemExit("bench_dc_compile: warm_kernels ran nothing (no CUDA or Triton in the child)")
     result["helper_process_s"] = round(time.perf_counter() - t0, 1)
-    result["after_helper"] = json.loads(child(here + f"print(json.dumps(first_calls('bfloat16', "
-                                                     f"{args.tokens}, True)))", cache))
+    result["after_helper"] = fresh_process.call("bench_dc_compile", "first_calls", "bfloat16", args.tokens, True,
+                                                env=warmed)
     print("helper process (imports + warm_kernels):", result["helper_process_s"], "s; then bf16 with fused "
           "q/k/v views:", result["after_helper"], flush=True)
     if args.out:
-        sys.path.insert(0, ROOT)
+        sys.path.insert(0, fresh_process.ROOT)
         from speedrun.utils import atomic_write_text
         atomic_write_text(args.out, json.dumps(result, indent=1))
 

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import fresh_process
 
 
 def run_mode(config: str, mode: str, tokens: list[int], device: str, backend: str) -> list[dict]:
@@ -68,17 +66,12 @@ def main() -> None:
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"config": args.config, "device": args.device, "backend": args.backend}
-    here = os.path.dirname(os.path.abspath(__file__))
     for mode in ("dynamic", "automatic"):
-        code = (f"import json, sys; sys.path.insert(0, {here!r}); from bench_trace_dynamic import run_mode; "
-                f"print(json.dumps(run_mode({args.config!r}, {mode!r}, {tokens!r}, {args.device!r}, "
-                f"{args.backend!r})))")
-        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT), check=True,
-                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        result[mode] = json.loads(out)
+        result[mode] = fresh_process.call("bench_trace_dynamic", "run_mode", args.config, mode, tokens,
+                                          args.device, args.backend)
         print(mode, result[mode], flush=True)
     if args.out:
-        sys.path.insert(0, ROOT)
+        sys.path.insert(0, fresh_process.ROOT)
         from speedrun.utils import atomic_write_text
         atomic_write_text(args.out, json.dumps(result, indent=1))
 
